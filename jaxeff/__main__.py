@@ -1,0 +1,5 @@
+import sys
+
+from jaxeff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""The `jaxeff` command: train, export, generate.
+
+User errors (bad config, missing files) print one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxeff", description="Train efficient sequence models with JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config (resumes if the workdir has checkpoints)")
+    t.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
+    t.add_argument("--workdir", default=None, help="output directory (default: runs/<config name>)")
+    t.add_argument("--debug", action="store_true",
+                   help="one device, jax_debug_nans, small batch/sequence; add train.jit=false to step eagerly")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=50")
+
+    e = sub.add_parser("export", help="write an inference checkpoint readable with plain orbax")
+    e.add_argument("--workdir", required=True, help="a training workdir")
+    e.add_argument("--out", required=True, help="new output directory")
+
+    g = sub.add_parser("generate", help="sample text from a workdir or an export")
+    g.add_argument("--workdir", required=True, help="a training workdir or an export directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from jaxeff.config import load_config
+    from jaxeff.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    return train(cfg, workdir, debug=args.debug).exit_code
+
+
+def _export(args) -> int:
+    from jaxeff.infer import export_checkpoint
+
+    out = export_checkpoint(args.workdir, args.out)
+    print(f"exported to {out} (params/ is a plain orbax checkpoint; config.json describes the model)")
+    return 0
+
+
+def _generate(args) -> int:
+    from jaxeff.config import ConfigError
+    from jaxeff.infer import generate_text, load_inference_model
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    loaded = load_inference_model(args.workdir)
+    text = generate_text(loaded.model, loaded.params, loaded.tokenizer, args.prompt, args.max_new_tokens,
+                         args.temperature, args.top_k, args.seed)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("JAXEFF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    # Imported late so that `jaxeff --help` is instant and argument errors come before JAX starts.
+    from jaxeff.config import ConfigError
+    from jaxeff.train import TrainingStopped
+
+    try:
+        return {"train": _train, "export": _export, "generate": _generate}[args.command](args)
+    except ConfigError as e:
+        print(f"jaxeff: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingStopped as e:
+        print(f"jaxeff: training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

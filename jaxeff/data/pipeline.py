@@ -1,0 +1,112 @@
+"""Grain input pipeline: tokenize, split by document, pack into windows, shuffle, shard, batch.
+
+Packing concatenates documents as BOS doc EOS BOS doc EOS ... and cuts the stream into windows of
+seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len). Documents are split
+into train and validation before packing, so no text is in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from jaxeff.config import ConfigError, DataConfig
+from jaxeff.data.sources import load_documents
+from jaxeff.data.tokenizer import Tokenizer
+
+
+class PackedWindows:
+    """Random-access grain source over one token stream: item i is tokens[i*S : i*S + S + 1]."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str):
+        self.tokens, self.seq_len, self.name = tokens, seq_len, name
+        self._len = (len(tokens) - 1) // seq_len
+        # Stable identity for grain's state checks: a digest of the content, not an object address.
+        self._digest = hashlib.sha1(tokens.tobytes()).hexdigest()[:12]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(i) * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def __repr__(self) -> str:
+        return f"PackedWindows(name={self.name}, seq_len={self.seq_len}, windows={self._len}, digest={self._digest})"
+
+
+def _to_example(window_T: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": window_T[:-1], "targets": window_T[1:]}
+
+
+def pack(docs_tokens: list[np.ndarray], tok: Tokenizer) -> np.ndarray:
+    pieces = []
+    for ids in docs_tokens:
+        pieces += [np.array([tok.bos_id], np.int32), ids.astype(np.int32), np.array([tok.eos_id], np.int32)]
+    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+
+
+def split_documents(n_docs: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out documents: a seeded random subset, at least one doc on each side."""
+    rng = np.random.default_rng(seed)
+    held_out = rng.random(n_docs) < fraction
+    if not held_out.any():
+        held_out[rng.integers(n_docs)] = True
+    if held_out.all():
+        held_out[0] = False
+    return held_out
+
+
+@dataclasses.dataclass
+class Corpus:
+    train: PackedWindows
+    validation: PackedWindows
+    n_documents: int
+    n_tokens: int
+
+
+def build_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
+    docs = load_documents(cfg)
+    held_out = split_documents(len(docs), cfg.validation_fraction, cfg.split_seed)
+    tokens = tok.encode_batch(docs)
+    train = pack([t for t, h in zip(tokens, held_out) if not h], tok)
+    val = pack([t for t, h in zip(tokens, held_out) if h], tok)
+    for name, stream in (("training", train), ("validation", val)):
+        if len(stream) < cfg.seq_len + 1:
+            raise ConfigError(
+                f"data: the {name} split has {len(stream)} tokens, fewer than data.seq_len+1={cfg.seq_len + 1}; "
+                "add documents, lower data.seq_len or change data.validation_fraction"
+            )
+    return Corpus(PackedWindows(train, cfg.seq_len, "train"), PackedWindows(val, cfg.seq_len, "validation"),
+                  len(docs), sum(len(t) for t in tokens))
+
+
+def process_shard() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+def train_dataset(corpus: Corpus, cfg: DataConfig, per_process_batch: int) -> grain.IterDataset:
+    """Endless, reshuffled every epoch, this process's slice of every global batch."""
+    index, count = process_shard()
+    ds = grain.MapDataset.source(corpus.train).shuffle(seed=cfg.shuffle_seed).repeat(None)
+    ds = ds[index::count].map(_to_example).to_iter_dataset()
+    if cfg.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    # Batch after prefetching so the batch order does not depend on the worker count.
+    return ds.batch(per_process_batch, drop_remainder=True)
+
+
+def eval_batches(corpus: Corpus, per_process_batch: int, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """The same first `n_batches` validation batches every time (wrapping around a small split)."""
+    index, count = process_shard()
+    ds = grain.MapDataset.source(corpus.validation).repeat(None)[index::count].map(_to_example)
+    it = iter(ds.batch(per_process_batch, drop_remainder=True))
+    for _ in range(n_batches):
+        yield next(it)
+
+

@@ -1,0 +1,52 @@
+"""`jaxeff export`: an inference checkpoint that plain Orbax can read without jaxeff installed.
+
+<out>/params/        orbax StandardCheckpointer directory (a nested dict of float32 arrays)
+<out>/config.json    model hyper-parameters, vocabulary and tokenizer, training step
+<out>/tokenizer.json copied when training used a Hugging Face tokenizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxeff.config import ConfigError
+from jaxeff.infer.load import load_inference_model
+from jaxeff.train.state import count_params
+
+EXPORT_FORMAT = "jaxeff-export-v1"
+
+
+def export_checkpoint(workdir: str | Path, out: str | Path) -> Path:
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
+    loaded = load_inference_model(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_spec = loaded.tokenizer.spec
+    if tokenizer_spec != "byte":
+        shutil.copyfile(tokenizer_spec, out / "tokenizer.json")
+        tokenizer_spec = "tokenizer.json"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / "params", jax.device_get(loaded.params))
+    checkpointer.wait_until_finished()
+    meta = {
+        "format": EXPORT_FORMAT,
+        "architecture": "DecoderLM",
+        "model": dataclasses.asdict(loaded.model_config),
+        "vocab_size": loaded.tokenizer.vocab_size,
+        "padded_vocab_size": loaded.model.vocab_size,
+        "tokenizer": tokenizer_spec,
+        "special_tokens": {"bos": loaded.tokenizer.bos_id, "eos": loaded.tokenizer.eos_id,
+                           "pad": loaded.tokenizer.pad_id},
+        "param_dtype": "float32",
+        "param_count": count_params(loaded.params),
+        "step": loaded.step,
+    }
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return out

@@ -1,0 +1,69 @@
+"""Autoregressive decoding with per-layer caches: one prefill over the prompt, then one token a step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxeff.models.lm import init_caches
+
+
+def sample_next(logits_BV, key, temperature: float, top_k: int, vocab_size: int):
+    """Greedy when temperature == 0; otherwise temperature + optional top-k sampling.
+
+    Ids past the tokenizer's vocabulary (padding of the embedding table) are never produced.
+    """
+    logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_size, logits_BV, -jnp.inf)
+    if temperature <= 0:
+        return jnp.argmax(logits_BV, axis=-1)
+    logits_BV = logits_BV / temperature
+    if top_k > 0:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1)
+
+
+def make_forward(model):
+    """Jitted (params, tokens_BS, positions_BS, caches) -> (last-position logits_BV, caches)."""
+
+    @jax.jit
+    def forward(params, tokens_BS, positions_BS, caches):
+        logits_BSV, caches, _ = model.apply({"params": params}, tokens_BS, positions_BS, caches)
+        return logits_BSV[:, -1], caches
+
+    return forward
+
+
+def generate_ids(model, params, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, seed: int = 0, vocab_size: int | None = None, stop_id: int | None = None,
+                 max_len: int | None = None) -> list[int]:
+    """Return the generated ids (prompt excluded). `max_len` bounds the cache (default: exactly enough)."""
+    cfg = model.cfg
+    vocab_size = vocab_size or model.vocab_size
+    max_len = max_len or len(prompt_ids) + max_new_tokens
+    caches = init_caches(cfg, 1, max_len, model.dtype)
+    forward = make_forward(model)
+    prompt_1P = jnp.asarray([prompt_ids], jnp.int32)
+    logits_1V, caches = forward(params, prompt_1P, jnp.arange(len(prompt_ids))[None], caches)
+    key = jax.random.key(seed)
+    out = []
+    for i in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        token = int(sample_next(logits_1V, sub, temperature, top_k, vocab_size)[0])
+        if stop_id is not None and token == stop_id:
+            break
+        out.append(token)
+        if i + 1 == max_new_tokens:
+            break
+        pos = len(prompt_ids) + i
+        logits_1V, caches = forward(params, jnp.asarray([[token]], jnp.int32), jnp.asarray([[pos]]), caches)
+    return out
+
+
+def generate_text(model, params, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+                  seed: int) -> str:
+    prompt_ids = [tokenizer.bos_id, *np.asarray(tokenizer.encode(prompt)).tolist()]
+    ids = generate_ids(model, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       vocab_size=tokenizer.vocab_size, stop_id=tokenizer.eos_id)
+    return prompt + tokenizer.decode(ids)

@@ -1,0 +1,72 @@
+"""Softmax attention: causal, rotary positions, grouped-query heads, with a KV cache for decoding."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxeff.config import ModelConfig
+from jaxeff.layers.common import output_std, projection
+from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from jaxeff.layers.rope import apply_rope
+
+
+def head_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim)."""
+    return cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+class SoftmaxAttention(nn.Module):
+    cfg: ModelConfig
+    layer_index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BSD, positions_BS, cache=None):
+        cfg = self.cfg
+        h, kv, dh = head_dims(cfg)
+        q_BSHK = projection((h, dh), -1, ("embed", "heads", "head_dim"), cfg.init_std, self.dtype, "q")(x_BSD)
+        k_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "k")(x_BSD)
+        v_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "v")(x_BSD)
+        q_BSHK = apply_rope(q_BSHK, positions_BS, cfg.rope_theta)
+        k_BSGK = apply_rope(k_BSGK, positions_BS, cfg.rope_theta)
+
+        if cache is None:
+            out_BSHK = jax.nn.dot_product_attention(q_BSHK, k_BSGK, v_BSGK, is_causal=True)
+            new_cache = None
+        else:
+            out_BSHK, new_cache = _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache)
+
+        out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
+        return out(out_BSHK), new_cache
+
+
+def _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache):
+    """Write this chunk's keys/values at cache["index"], then attend over everything written so far."""
+    start = cache["index"]
+    k_BTGK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BSGK.astype(cache["k"].dtype), start, axis=1)
+    v_BTGK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BSGK.astype(cache["v"].dtype), start, axis=1)
+    s, t = q_BSHK.shape[1], k_BTGK.shape[1]
+    query_pos_S = start + jnp.arange(s)
+    mask_1ST = (jnp.arange(t)[None, :] <= query_pos_S[:, None])[None, None]
+    out = jax.nn.dot_product_attention(q_BSHK, k_BTGK.astype(q_BSHK.dtype), v_BTGK.astype(q_BSHK.dtype),
+                                       mask=mask_1ST)
+    return out, {"k": k_BTGK, "v": v_BTGK, "index": start + s}
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype):
+    _, kv, dh = head_dims(cfg)
+    zeros = jnp.zeros((batch, max_len, kv, dh), dtype)
+    return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Projections plus QK^T and AV; causal, so a token attends to (seq_len + 1) / 2 keys on average."""
+    h, kv, dh = head_dims(cfg)
+    projections = 2 * cfg.d_model * dh * (2 * h + 2 * kv)
+    scores_and_values = 2 * 2 * h * dh * (seq_len + 1) / 2
+    return projections + scores_and_values
+
+
+register_token_mixer(TokenMixerSpec("attention", SoftmaxAttention, attention_flops_per_token, init_kv_cache))

@@ -1,0 +1,19 @@
+"""Parameter helpers shared by mixers: initializers and projections that carry logical axis names."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def normal_init(std: float, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def projection(features, axis, axes: tuple[str, ...], std: float, dtype, name: str) -> nn.DenseGeneral:
+    """A bias-free DenseGeneral with float32 parameters, computing in `dtype`."""
+    return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                           kernel_init=normal_init(std, axes), name=name)
+
+
+def output_std(cfg) -> float:
+    """Residual-branch output projections start smaller so the residual stream does not grow with depth."""
+    return cfg.init_std / (2 * cfg.n_layers) ** 0.5

@@ -1,0 +1,102 @@
+"""Decoder-only language model: embed -> [norm, token mixer, norm, channel mixer] x L -> norm -> logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import jaxeff.layers  # noqa: F401  (registers the built-in mixers)
+from jaxeff.config import ModelConfig
+from jaxeff.layers.common import normal_init
+from jaxeff.layers.norms import RMSNorm
+from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def compute_dtype(cfg: ModelConfig, platform: str | None = None) -> jnp.dtype:
+    """'auto' is bfloat16 on accelerators and float32 on CPU (bf16 is not faster there)."""
+    if cfg.compute_dtype == "auto":
+        platform = platform or jax.default_backend()
+        return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    return -(-vocab_size // multiple) * multiple
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    layer_index: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BSD, positions_BS, cache):
+        cfg, i = self.cfg, self.layer_index
+        mixer = token_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="mixer")
+        channel = channel_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="channel")
+        y_BSD, cache = mixer(RMSNorm(cfg.norm_eps, self.dtype, name="mixer_norm")(x_BSD), positions_BS, cache)
+        x_BSD = x_BSD + y_BSD
+        y_BSD, aux = channel(RMSNorm(cfg.norm_eps, self.dtype, name="channel_norm")(x_BSD))
+        return x_BSD + y_BSD, cache, aux
+
+
+class DecoderLM(nn.Module):
+    """Returns (logits_BSV in float32, new caches or None, aux dict of scalars summed over layers)."""
+
+    cfg: ModelConfig
+    vocab_size: int  # already padded
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BS, positions_BS=None, caches=None):
+        cfg = self.cfg
+        if positions_BS is None:
+            positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
+        embed = nn.Embed(self.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
+                         embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="embed")
+        x_BSD = embed(tokens_BS)
+
+        block_cls = Block
+        if cfg.remat != "none":
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+        new_caches, aux_total = [], {}
+        for i in range(cfg.n_layers):
+            cache = None if caches is None else caches[i]
+            x_BSD, cache, aux = block_cls(cfg, i, self.dtype, name=f"layer_{i}")(x_BSD, positions_BS, cache)
+            new_caches.append(cache)
+            for k, v in aux.items():
+                aux_total[k] = aux_total.get(k, 0.0) + v
+
+        x_BSD = RMSNorm(cfg.norm_eps, self.dtype, name="final_norm")(x_BSD)
+        if cfg.tie_embeddings:
+            logits_BSV = embed.attend(x_BSD)
+        else:
+            head = nn.DenseGeneral(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                   kernel_init=normal_init(cfg.init_std, ("embed", "vocab")), name="head")
+            logits_BSV = head(x_BSD)
+        return logits_BSV.astype(jnp.float32), (None if caches is None else new_caches), aux_total
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) -> DecoderLM:
+    return DecoderLM(cfg, padded_vocab_size(vocab_size, cfg.vocab_multiple), compute_dtype(cfg, platform))
+
+
+def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
+    return [token_mixer_for_layer(cfg, i).init_cache(cfg, batch, max_len, dtype) for i in range(cfg.n_layers)]
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
+    """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
+    layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg)
+                 for i in range(cfg.n_layers))
+    return layers + 2 * cfg.d_model * padded_vocab_size(vocab_size, cfg.vocab_multiple)
+
+

@@ -1,0 +1,45 @@
+"""One table maps the logical axis names that parameters and activations carry to mesh axes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Batch rows are split over both data-parallel axes; FSDP shards parameters over "fsdp" as well.
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("head_dim", None),
+    ("length", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def logical_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
+    """NamedShardings for a tree of (possibly `nn.LogicallyPartitioned`) abstract arrays."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Activation sharding hint by logical names; a no-op outside a mesh context."""
+    return nn.with_logical_constraint(x, axes, rules=LOGICAL_AXIS_RULES)

@@ -1,0 +1,43 @@
+"""Train state as a plain dict pytree, its shardings, and sharded initialisation.
+
+state = {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}. A plain dict keeps
+Orbax checkpoints readable without jaxeff.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxeff.parallel.sharding import logical_shardings
+
+
+def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int):
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(train_key)}
+
+
+def abstract_state_and_shardings(model, tx, mesh: Mesh, seed: int, seq_len: int) -> tuple[Any, Any]:
+    """Shapes (unboxed ShapeDtypeStructs) and NamedShardings of the train state, without allocating it."""
+    boxed = jax.eval_shape(lambda: _boxed_state(model, tx, seed, seq_len))
+    shardings = logical_shardings(mesh, boxed)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    return abstract, shardings
+
+
+def init_state(model, tx, shardings, seed: int, seq_len: int):
+    """Create the state directly in its sharded layout (no full copy on one device first)."""
+    init = jax.jit(lambda: nn.meta.unbox(_boxed_state(model, tx, seed, seq_len)), out_shardings=shardings)
+    return init()
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -73,6 +73,9 @@ def _generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("JAXEFF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs routine INFO/WARNING lines through absl
     # Imported late so that `jaxeff --help` is instant and argument errors come before JAX starts.
     from jaxeff.config import ConfigError
     from jaxeff.train import TrainingStopped

@@ -36,15 +36,15 @@ def remove_partial_saves(directory: Path) -> list[Path]:
 class CheckpointStore:
     """A thin wrapper over `ocp.CheckpointManager` that knows jaxeff's item names."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, save_every: int = 1, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
         if not read_only:
             for path in remove_partial_saves(self.directory):
                 log.warning("removed incomplete checkpoint %s (a save was interrupted)", path.name)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
-            create=not read_only, read_only=read_only)
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, max_to_keep=None, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save)
         handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -52,12 +52,20 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict[str, Any], data_iterator, force: bool = False) -> bool:
+    def save(self, step: int, state: dict[str, Any], data_iterator) -> None:
+        """Start saving `step` (in the background when async); the trainer decides when to call this."""
         rest = {k: v for k, v in state.items() if k != "params"}
         args = ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
                                   train_state=ocp.args.StandardSave(rest),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))
-        return self.manager.save(step, args=args, force=force)
+        self.manager.save(step, args=args, force=True)
+
+    def save_final(self, step: int, state: dict[str, Any], data_iterator) -> None:
+        """Make sure `step` is on disk (saving it unless the periodic save already did), then close."""
+        self.wait()
+        if self.latest_step() != step:
+            self.save(step, state, data_iterator)
+        self.close()
 
     def restore(self, step: int, abstract_state: dict[str, Any], data_iterator) -> dict[str, Any]:
         """Restore into the shardings carried by `abstract_state`; `data_iterator` is advanced in place."""

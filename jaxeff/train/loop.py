@@ -120,8 +120,7 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
 
     per_process_batch = tcfg.global_batch_size // jax.process_count()
     data_iter = iter(train_dataset(corpus, cfg.data, per_process_batch))
-    store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, save_every=cfg.checkpoint.every,
-                            async_save=cfg.checkpoint.async_save)
+    store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start_step = store.latest_step()
     if start_step is not None:
         state = store.restore(start_step, abstract, data_iter)
@@ -210,22 +209,19 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
                     eval_losses[step] = run_eval(state["params"])
                     writer.scalars(step, {"eval_loss": eval_losses[step]})
                     progress.print(f"step {step}: eval loss {eval_losses[step]:.4f}")
-                store.save(step, state, data_iter)
+                if step % cfg.checkpoint.every == 0 or guard.requested:
+                    store.save(step, state, data_iter)
                 if guard.requested:
                     exit_code = guard.exit_code
                     break
             if pending is not None:
                 drain(pending)
         except TrainingStopped:
-            store.save(step, state, data_iter, force=True)
-            store.close()
+            store.save_final(step, state, data_iter)
             writer.close()
             progress.close()
             raise
-        store.wait()
-        if store.latest_step() != step:
-            store.save(step, state, data_iter, force=True)
-        store.close()
+        store.save_final(step, state, data_iter)
 
     writer.close()
     progress.close()

@@ -48,7 +48,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"]),
                    "nonfinite_streak": opt_state.notfinite_count, "nonfinite_total": opt_state.total_notfinite,
                    **aux}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}

@@ -1,0 +1,29 @@
+# Two commands for a fresh machine with Python 3.11 and pip:
+#   make train   set up .venv, install jaxeff, train the default debug model on CPU
+#   make test    set up .venv with the dev extra and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/debug.yaml
+WORKDIR ?= runs/debug
+
+.PHONY: train test setup setup-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+
+setup-dev: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+
+train: setup
+	$(BIN)/jaxeff train --config $(CONFIG) --workdir $(WORKDIR)
+
+test: setup-dev
+	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs

@@ -90,12 +90,21 @@ def process_shard() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def _allow_grain_workers() -> None:
+    """grain's worker processes read absl flags, which raise unless parsed; jaxeff has no absl main."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_dataset(corpus: Corpus, cfg: DataConfig, per_process_batch: int) -> grain.IterDataset:
     """Endless, reshuffled every epoch, this process's slice of every global batch."""
     index, count = process_shard()
     ds = grain.MapDataset.source(corpus.train).shuffle(seed=cfg.shuffle_seed).repeat(None)
     ds = ds[index::count].map(_to_example).to_iter_dataset()
     if cfg.num_workers > 0:
+        _allow_grain_workers()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     # Batch after prefetching so the batch order does not depend on the worker count.
     return ds.batch(per_process_batch, drop_remainder=True)

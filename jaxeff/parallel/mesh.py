@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxeff.config import Config, resolve_mesh_shape
@@ -22,7 +23,7 @@ def build_mesh(cfg: Config, devices: list | None = None) -> Mesh:
     shape = tuple(sizes[a] for a in MESH_AXES)
     n = int(np.prod(shape))
     try:
-        device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices[:n])
+        device_grid = mesh_utils.create_device_mesh(shape, devices[:n])
     except Exception:  # non-physical device sets (e.g. a CPU subset): plain row-major order
         device_grid = np.asarray(devices[:n]).reshape(shape)
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -54,7 +54,8 @@ def build(overrides: list[str]):
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)
     batch = {k: jax.device_put(rng.integers(0, 256, shape, dtype=np.int32), batch_sharding(mesh))
              for k in ("inputs", "targets")}
-    state, _ = step(state, batch)  # compile
+    with jax.set_mesh(mesh):
+        state, _ = step(state, batch)  # compile
     jax.block_until_ready(state)
     return {"step": step, "state": state, "batch": batch, "tokens": shape[0] * shape[1]}
 

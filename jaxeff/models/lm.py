@@ -13,6 +13,11 @@ from jaxeff.config import ModelConfig
 from jaxeff.layers.common import normal_init
 from jaxeff.layers.norms import RMSNorm
 from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
+from jaxeff.parallel.sharding import with_logical_constraint
+
+# The residual stream stays split by batch rows only; without this hint GSPMD may shard its width
+# over "fsdp" and then reshard it for every tensor-parallel matmul.
+RESIDUAL_AXES = ("batch", "length", "activation_embed")
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -30,6 +35,32 @@ def compute_dtype(cfg: ModelConfig, platform: str | None = None) -> jnp.dtype:
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
+
+
+class Embedding(nn.Module):
+    """Token embedding whose table is gathered over "fsdp" before the lookup.
+
+    With the table's width sharded (FSDP), a plain gather would leave the activations sharded by
+    width, and moving them to batch sharding costs GSPMD a full rematerialisation.
+    """
+
+    vocab_size: int
+    features: int
+    init_std: float
+    dtype: Any
+
+    def setup(self):
+        self.embedding = self.param("embedding", normal_init(self.init_std, ("vocab", "embed")),
+                                    (self.vocab_size, self.features), jnp.float32)
+
+    def _table_VD(self):
+        return with_logical_constraint(self.embedding, ("vocab", "activation_embed")).astype(self.dtype)
+
+    def __call__(self, tokens_BS):
+        return jnp.take(self._table_VD(), tokens_BS, axis=0)
+
+    def attend(self, x_BSD):
+        return jnp.einsum("bsd,vd->bsv", x_BSD, self._table_VD())
 
 
 class Block(nn.Module):
@@ -60,9 +91,8 @@ class DecoderLM(nn.Module):
         cfg = self.cfg
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
-        embed = nn.Embed(self.vocab_size, cfg.d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                         embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="embed")
-        x_BSD = embed(tokens_BS)
+        embed = Embedding(self.vocab_size, cfg.d_model, cfg.init_std, self.dtype, name="embed")
+        x_BSD = with_logical_constraint(embed(tokens_BS), RESIDUAL_AXES)
 
         block_cls = Block
         if cfg.remat != "none":
@@ -71,6 +101,7 @@ class DecoderLM(nn.Module):
         for i in range(cfg.n_layers):
             cache = None if caches is None else caches[i]
             x_BSD, cache, aux = block_cls(cfg, i, self.dtype, name=f"layer_{i}")(x_BSD, positions_BS, cache)
+            x_BSD = with_logical_constraint(x_BSD, RESIDUAL_AXES)
             new_caches.append(cache)
             for k, v in aux.items():
                 aux_total[k] = aux_total.get(k, 0.0) + v

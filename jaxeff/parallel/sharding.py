@@ -19,6 +19,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("expert", "expert"),
+    ("activation_embed", None),
     ("head_dim", None),
     ("length", None),
     ("layers", None),
@@ -41,5 +42,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Activation sharding hint by logical names; a no-op outside a mesh context."""
+    """Activation sharding hint by logical names; a no-op unless traced under `jax.set_mesh(mesh)`."""
     return nn.with_logical_constraint(x, axes, rules=LOGICAL_AXIS_RULES)

@@ -192,7 +192,8 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
             progress.update(done_step, losses[done_step], tokens_per_s)
             interval_start, interval_steps = time.perf_counter(), 0
 
-    with PreemptionGuard() as guard:
+    # The mesh context lets the models' activation sharding hints apply while the steps are traced.
+    with jax.set_mesh(mesh), PreemptionGuard() as guard:
         try:
             while step < tcfg.steps:
                 batch = _global_batch(mesh, next(data_iter), tcfg.global_batch_size)

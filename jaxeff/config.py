@@ -309,6 +309,9 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
         raise ConfigError(f"train.learning_rate={t.learning_rate}: must be positive")
     if t.warmup_steps < 0 or t.eval_batches < 0 or d.num_workers < 0:
         raise ConfigError("train.warmup_steps, train.eval_batches and data.num_workers must be >= 0")
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be smaller than train.steps={t.steps}; "
+                          f"also set e.g. train.warmup_steps={t.steps // 10}")
     if not 0.0 < d.validation_fraction < 1.0:
         raise ConfigError(f"data.validation_fraction={d.validation_fraction}: must be between 0 and 1 (exclusive)")
     if not m.mixer_pattern or not m.channel_mixer_pattern:

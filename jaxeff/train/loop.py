@@ -97,8 +97,6 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
     validate(cfg, len(devices))
     check_mixer_names(cfg.model)
     tcfg = cfg.train
-    if tcfg.warmup_steps >= tcfg.steps:
-        raise ConfigError(f"train.warmup_steps={tcfg.warmup_steps} must be smaller than train.steps={tcfg.steps}")
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = build_corpus(cfg.data, tokenizer)

@@ -85,7 +85,7 @@ class Progress:
         if jax.process_index() != 0:
             return
         if self.live:
-            self._bar.console.print(text)
+            self._bar.console.print(text, markup=False, highlight=False)  # sample text is not markup
         else:
             print(text, flush=True)
 

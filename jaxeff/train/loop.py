@@ -165,7 +165,6 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
 
     def drain(pending_item) -> None:
         """Record a finished step's metrics; stop if the non-finite streak hit the limit."""
-        nonlocal interval_start, interval_steps
         done_step, metrics = pending_item
         metrics = jax.device_get(metrics)
         losses[done_step] = float(metrics["loss"])
@@ -174,21 +173,31 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
                 f"{int(metrics['nonfinite_streak'])} steps in a row had non-finite gradients (step {done_step}); "
                 "those updates were skipped and parameters are the last finite ones. Lower train.learning_rate, "
                 "set train.grad_clip, or check the data; rerun with --debug to find the first NaN.")
-        if done_step % cfg.logging.every == 0 or done_step == tcfg.steps or done_step == start_step + 1:
-            elapsed = time.perf_counter() - interval_start
+        first = done_step == start_step + 1
+        if not (first or done_step % cfg.logging.every == 0 or done_step == tcfg.steps):
+            return
+        elapsed = time.perf_counter() - interval_start
+        scalars = {"loss": losses[done_step], "learning_rate": float(metrics["learning_rate"]),
+                   "grad_norm": float(metrics["grad_norm"]), "nonfinite_skipped_total": float(metrics["nonfinite_total"]),
+                   **{k: float(v) for k, v in metrics.items() if k.startswith(("loss/", "aux/"))},
+                   **device_memory_bytes()}
+        if first:  # includes tracing and compilation: reported on its own, kept out of throughput
+            scalars["first_step_with_compile_s"] = elapsed
+            tokens_per_s = 0.0
+        else:
             step_time = elapsed / max(interval_steps, 1)
             tokens_per_s = tokens_per_step / step_time
-            scalars = {"loss": losses[done_step], "learning_rate": float(metrics["learning_rate"]),
-                       "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens_per_s,
-                       "step_time_s": step_time, "nonfinite_skipped_total": float(metrics["nonfinite_total"]),
-                       "model_tflops_per_s_per_device": train_flops_per_step / step_time / len(devices) / 1e12,
-                       **{k: float(v) for k, v in metrics.items() if k.startswith(("loss/", "aux/"))},
-                       **device_memory_bytes()}
+            scalars.update({"tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                            "model_tflops_per_s_per_device": train_flops_per_step / step_time / len(devices) / 1e12})
             if peak:
                 scalars["mfu"] = train_flops_per_step / step_time / (peak * len(devices))
-            writer.scalars(done_step, scalars)
-            progress.update(done_step, losses[done_step], tokens_per_s)
-            interval_start, interval_steps = time.perf_counter(), 0
+        writer.scalars(done_step, scalars)
+        progress.update(done_step, losses[done_step], tokens_per_s)
+        restart_interval()
+
+    def restart_interval() -> None:
+        nonlocal interval_start, interval_steps
+        interval_start, interval_steps = time.perf_counter(), 0
 
     # The mesh context lets the models' activation sharding hints apply while the steps are traced.
     with jax.set_mesh(mesh), PreemptionGuard() as guard:
@@ -208,6 +217,7 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
                     eval_losses[step] = run_eval(state["params"])
                     writer.scalars(step, {"eval_loss": eval_losses[step]})
                     progress.print(f"step {step}: eval loss {eval_losses[step]:.4f}")
+                    restart_interval()  # keep evaluation time out of the step time
                 if step % cfg.checkpoint.every == 0 or guard.requested:
                     store.save(step, state, data_iter)
                 if guard.requested:

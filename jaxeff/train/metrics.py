@@ -73,7 +73,7 @@ class Progress:
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
-        status = f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
+        status = f"loss {loss:.4f}  " + (f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "(compiled)")
         if self.live:
             self._bar.update(self._task, completed=step, status=status)
         else:

@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", default=None, help="output directory (default: runs/<config name>)")
     t.add_argument("--debug", action="store_true",
                    help="one device, jax_debug_nans, small batch/sequence; add train.jit=false to step eagerly")
+    dist = t.add_argument_group("multi-process (usually set by a launcher; see docs/launch.md)")
+    dist.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    dist.add_argument("--num-processes", type=int, default=None)
+    dist.add_argument("--process-id", type=int, default=None)
+    dist.add_argument("--failure-timeout", type=int, default=int(os.environ.get("JAXEFF_FAILURE_TIMEOUT", 100)),
+                      metavar="SECONDS", help="stop all processes when one has been silent this long (default 100)")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.steps=50")
 
     e = sub.add_parser("export", help="write an inference checkpoint readable with plain orbax")
@@ -42,9 +48,13 @@ def _train(args) -> int:
     from pathlib import Path
 
     from jaxeff.config import load_config
+    from jaxeff.parallel import distributed
     from jaxeff.train import train
 
     cfg = load_config(args.config, args.overrides)
+    # Before anything touches a JAX backend: jax.distributed must start first.
+    distributed.initialize(distributed.detect(args.coordinator, args.num_processes, args.process_id),
+                           args.failure_timeout)
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     return train(cfg, workdir, debug=args.debug).exit_code
 

@@ -290,7 +290,7 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def validate(cfg: Config, num_devices: int) -> dict[str, int]:
+def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """Check cross-field consistency; return the resolved mesh shape. Raises ConfigError."""
     m, d, t = cfg.model, cfg.data, cfg.train
     positive = {
@@ -346,6 +346,9 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
             f"per microbatch is not divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}; "
             f"use a global batch that is a multiple of {batch_shards * t.microbatches}"
         )
+    if t.global_batch_size % num_processes:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
+                          f"{num_processes} processes; each process loads an equal share of every batch")
     tp = mesh["tensor"]
     for key, value in {"model.n_heads": m.n_heads, "model.n_kv_heads": n_kv, "model.mlp_dim": m.mlp_dim}.items():
         if value % tp:

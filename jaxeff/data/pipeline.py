@@ -98,11 +98,15 @@ def _allow_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def train_dataset(corpus: Corpus, cfg: DataConfig, per_process_batch: int) -> grain.IterDataset:
-    """Endless, reshuffled every epoch, this process's slice of every global batch."""
+def train_dataset(corpus: Corpus, cfg: DataConfig, per_process_batch: int, start_row: int = 0) -> grain.IterDataset:
+    """Endless, reshuffled every epoch, this process's slice of every global batch.
+
+    Process p of n reads global rows start_row + p, start_row + p + n, ...: the global order does not
+    depend on n, so `start_row = step * global_batch_size` resumes any topology exactly.
+    """
     index, count = process_shard()
     ds = grain.MapDataset.source(corpus.train).shuffle(seed=cfg.shuffle_seed).repeat(None)
-    ds = ds[index::count].map(_to_example).to_iter_dataset()
+    ds = ds[start_row + index :: count].map(_to_example).to_iter_dataset()
     if cfg.num_workers > 0:
         _allow_grain_workers()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))

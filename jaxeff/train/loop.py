@@ -19,12 +19,14 @@ from jaxeff.infer.generate import generate_text
 from jaxeff.layers.registry import check_mixer_names
 from jaxeff.models.lm import build_model, flops_per_token
 from jaxeff.parallel.mesh import build_mesh
+from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
 from jaxeff.train.checkpoint import CheckpointStore
 from jaxeff.train.metrics import Progress, TensorBoardWriter, device_memory_bytes, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
-from jaxeff.train.state import abstract_state_and_shardings, count_params, init_state
+from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, count_params, init_state,
+                                logical_axes)
 from jaxeff.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxeff")
@@ -92,9 +94,11 @@ def _global_batch(mesh, local_batch: dict[str, np.ndarray], global_batch_size: i
 
 def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: bool = True) -> TrainResult:
     workdir = Path(workdir)
+    if debug and jax.process_count() > 1:
+        raise ConfigError("--debug runs on one device of one process; start it without a launcher")
     notes = apply_debug_mode(cfg) if debug else []
     devices = jax.devices()[:1] if debug else jax.devices()
-    validate(cfg, len(devices))
+    validate(cfg, len(devices), jax.process_count())
     check_mixer_names(cfg.model)
     tcfg = cfg.train
 
@@ -118,11 +122,17 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
 
     per_process_batch = tcfg.global_batch_size // jax.process_count()
     data_iter = iter(train_dataset(corpus, cfg.data, per_process_batch))
+    # What the saved iterator states depend on besides the process count.
+    data_meta = {"global_batch_size": tcfg.global_batch_size, "num_workers": cfg.data.num_workers}
     store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     start_step = store.latest_step()
     if start_step is not None:
-        state = store.restore(start_step, abstract, data_iter)
-        notes.append(f"resumed from checkpoint step {start_step}")
+        state, iterator_restored = store.restore(start_step, abstract, data_iter, data_meta)
+        if not iterator_restored:  # another topology wrote it: continue the same global order
+            data_iter = iter(train_dataset(corpus, cfg.data, per_process_batch,
+                                           start_row=start_step * tcfg.global_batch_size))
+        notes.append(f"resumed from checkpoint step {start_step}"
+                     + ("" if iterator_restored else " (data position rebuilt for this topology)"))
     else:
         state = init_state(model, tx, shardings, tcfg.seed, cfg.data.seq_len)
         start_step = 0
@@ -130,9 +140,15 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
     train_step = make_train_step(model, tx, schedule, tcfg.microbatches)
     eval_step = make_eval_step(model)
     run_eagerly = not tcfg.jit
+    compiled = None
     if not run_eagerly:
-        train_step = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
-                             out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+        batch_shape = jax.ShapeDtypeStruct((tcfg.global_batch_size, cfg.data.seq_len), jax.numpy.int32,
+                                           sharding=batch_sharding(mesh))
+        with jax.set_mesh(mesh):  # compile ahead of time: the memory report needs the executable
+            compiled = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
+                               out_shardings=(shardings, replicated(mesh)), donate_argnums=0).lower(
+                abstract, {"inputs": batch_shape, "targets": batch_shape}).compile()
+        train_step = compiled
         eval_step = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sharding(mesh)),
                             out_shardings=replicated(mesh))
 
@@ -145,6 +161,11 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
     progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)} on {len(devices)} "
                    f"{devices[0].platform} device(s), {corpus.n_documents} documents / {corpus.n_tokens:,} tokens, "
                    f"workdir {workdir}")
+    if len(devices) > 1:
+        boxed = abstract_boxed_state(model, tx, tcfg.seed, cfg.data.seq_len)
+        for row in parameter_table(abstract["params"], logical_axes(boxed["params"]), shardings["params"]):
+            progress.print("  " + row)
+    progress.print(f"jaxeff: {memory_summary(abstract, shardings, compiled)}")
     for note in notes:
         progress.print(f"jaxeff: {note}")
     writer = TensorBoardWriter(workdir / "tb")
@@ -218,19 +239,20 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
                     writer.scalars(step, {"eval_loss": eval_losses[step]})
                     progress.print(f"step {step}: eval loss {eval_losses[step]:.4f}")
                     restart_interval()  # keep evaluation time out of the step time
-                if step % cfg.checkpoint.every == 0 or guard.requested:
-                    store.save(step, state, data_iter)
-                if guard.requested:
+                stop = guard.should_stop(step)
+                if step % cfg.checkpoint.every == 0 or stop:
+                    store.save(step, state, data_iter, data_meta)
+                if stop:
                     exit_code = guard.exit_code
                     break
             if pending is not None:
                 drain(pending)
         except TrainingStopped:
-            store.save_final(step, state, data_iter)
+            store.save_final(step, state, data_iter, data_meta)
             writer.close()
             progress.close()
             raise
-        store.save_final(step, state, data_iter)
+        store.save_final(step, state, data_iter, data_meta)
 
     writer.close()
     progress.close()
@@ -239,7 +261,8 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
         progress.print(f"jaxeff: stopped by signal {exit_code - 128} at step {step}; checkpoint saved in {ckpt_dir}. "
                        "Run the same command again to resume.")
     else:
-        params = jax.device_get(state["params"])
+        # Every process joins the gather (parameters may live on other hosts); process 0 samples.
+        params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(state["params"]))
         if cfg.sample.max_new_tokens > 0 and jax.process_index() == 0:
             s = cfg.sample
             sample = generate_text(model, params, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k,

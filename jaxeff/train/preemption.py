@@ -1,26 +1,35 @@
-"""Turn SIGTERM / SIGINT into a request to checkpoint and stop at the next step boundary."""
+"""Turn SIGTERM / SIGINT into a checkpoint and a clean stop at a step boundary.
+
+One process: the first SIGTERM or SIGINT sets a flag that the loop reads after each step.
+Several processes: every process must stop at the *same* step, so SIGTERM goes to JAX's own
+preemption notifier (installed by `jax.distributed.initialize`) and the loop asks
+`multihost_utils.reached_preemption_sync_point(step)`, which all processes answer alike. A SIGINT is
+forwarded to that mechanism as a SIGTERM to ourselves.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
+import jax
+from jax.experimental import multihost_utils
+
 
 class PreemptionGuard:
-    """While active, the first SIGTERM or SIGINT is recorded instead of killing the process.
-
-    A second SIGINT (Ctrl-C twice) falls through to Python's default and interrupts at once.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    """A second SIGINT (Ctrl-C twice) falls through to Python's default and interrupts at once."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._multi_process = jax.process_count() > 1
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            # Leave SIGTERM to JAX's notifier when it exists; Python's handler would replace it.
+            signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -28,9 +37,16 @@ class PreemptionGuard:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
+        if self._multi_process:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    @property
-    def requested(self) -> bool:
+    def should_stop(self, step: int) -> bool:
+        """Call once per step on every process, with the same step."""
+        if self._multi_process:
+            stop = multihost_utils.reached_preemption_sync_point(step)
+            if stop and self.received is None:
+                self.received = signal.SIGTERM
+            return stop
         return self.received is not None
 
     @property

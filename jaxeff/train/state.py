@@ -26,11 +26,21 @@ def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, 
 
 def abstract_state_and_shardings(model, tx, mesh: Mesh, seed: int, seq_len: int) -> tuple[Any, Any]:
     """Shapes (unboxed ShapeDtypeStructs) and NamedShardings of the train state, without allocating it."""
-    boxed = jax.eval_shape(lambda: _boxed_state(model, tx, seed, seq_len))
+    boxed = abstract_boxed_state(model, tx, seed, seq_len)
     shardings = logical_shardings(mesh, boxed)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.meta.unbox(boxed), shardings)
     return abstract, shardings
+
+
+def abstract_boxed_state(model, tx, seed: int, seq_len: int):
+    """The state's shapes with parameters still boxed in their logical axis names."""
+    return jax.eval_shape(lambda: _boxed_state(model, tx, seed, seq_len))
+
+
+def logical_axes(boxed_params) -> Any:
+    """Tree of logical axis-name tuples, one per parameter."""
+    return jax.tree.map(lambda b: tuple(b.names), boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def init_state(model, tx, shardings, seed: int, seq_len: int):

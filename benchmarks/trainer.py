@@ -15,21 +15,13 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxeff.config import load_config  # noqa: E402
-from jaxeff.models.lm import build_model  # noqa: E402
-from jaxeff.parallel.mesh import build_mesh  # noqa: E402
-from jaxeff.parallel.sharding import batch_sharding, replicated  # noqa: E402
-from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from jaxeff.train.state import abstract_state_and_shardings, init_state  # noqa: E402
-from jaxeff.train.step import make_train_step  # noqa: E402
+from common import build_step, time_steps, write_section  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "baseline (1 device, jit)": [],
     "remat=full": ["model.remat=full"],
@@ -40,43 +32,13 @@ VARIANTS = {
 }
 
 
-def build(overrides: list[str]):
-    cfg = load_config(REPO / "configs/debug.yaml", ["mesh.data=1", *overrides])
-    model = build_model(cfg.model, 259)
-    tx = make_optimizer(cfg.train)
-    mesh = build_mesh(cfg)
-    _, shardings = abstract_state_and_shardings(model, tx, mesh, 0, cfg.data.seq_len)
-    state = init_state(model, tx, shardings, 0, cfg.data.seq_len)
-    step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg.train), cfg.train.microbatches),
-                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=0)
-    rng = np.random.default_rng(0)
-    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
-    batch = {k: jax.device_put(rng.integers(0, 256, shape, dtype=np.int32), batch_sharding(mesh))
-             for k in ("inputs", "targets")}
-    with jax.set_mesh(mesh):
-        state, _ = step(state, batch)  # compile
-    jax.block_until_ready(state)
-    return {"step": step, "state": state, "batch": batch, "tokens": shape[0] * shape[1]}
-
-
-def time_steps(v, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        v["state"], metrics = v["step"](v["state"], v["batch"])
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", type=Path, default=None, help="markdown file to (re)write the table into")
     args = parser.parse_args()
-    variants = {name: build(o) for name, o in VARIANTS.items()}
+    variants = {name: build_step(["mesh.data=1", *o]) for name, o in VARIANTS.items()}
     times = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleave so machine noise hits every variant alike
         for name, v in variants.items():
@@ -91,16 +53,9 @@ def main() -> None:
     table = "\n".join([header, *rows])
     print(f"debug model (configs/debug.yaml, batch 16 x 128), {machine}\n{table}")
     if args.write:
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        start, end = "<!-- trainer:start -->", "<!-- trainer:end -->"
-        block = (f"{start}\nMeasured by `python benchmarks/trainer.py` on {machine} "
-                 f"({args.rounds} rounds x {args.steps} steps per variant, interleaved).\n\n{table}\n{end}")
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-        else:
-            text += "\n## Trainer step (CPU)\n\n" + block + "\n"
-        args.write.write_text(text)
-
+        write_section(args.write, "trainer", "Trainer step (CPU)",
+                      f"Measured by `python benchmarks/trainer.py` on {machine} "
+                      f"({args.rounds} rounds x {args.steps} steps per variant, interleaved).\n\n{table}")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,71 @@
+"""Shared benchmark helpers: build a compiled train step of a config on a mesh, time it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxeff.config import load_config
+from jaxeff.models.lm import build_model
+from jaxeff.parallel.mesh import build_mesh
+from jaxeff.parallel.report import tree_bytes_per_device
+from jaxeff.parallel.sharding import batch_sharding, replicated
+from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxeff.train.state import abstract_state_and_shardings, init_state
+from jaxeff.train.step import make_train_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_step(overrides: list[str], config: str = "configs/debug.yaml") -> dict:
+    """Compile the train step of `config` + overrides on all visible devices; one warm-up step."""
+    cfg = load_config(REPO / config, overrides)
+    model = build_model(cfg.model, 259)
+    tx = make_optimizer(cfg.train)
+    mesh = build_mesh(cfg)
+    abstract, shardings = abstract_state_and_shardings(model, tx, mesh, 0, cfg.data.seq_len)
+    state = init_state(model, tx, shardings, 0, cfg.data.seq_len)
+    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+    batch_abstract = jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg.train), cfg.train.microbatches),
+                       in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
+                       donate_argnums=0).lower(abstract, {"inputs": batch_abstract, "targets": batch_abstract}).compile()
+    # Each process supplies its rows of one fixed random batch.
+    rows = np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32)
+    local = rows[jax.process_index() :: jax.process_count()]
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), local, shape)
+             for k in ("inputs", "targets")}
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    memory = step.memory_analysis()
+    per_device_bytes = (tree_bytes_per_device(abstract["params"], shardings["params"])
+                        + tree_bytes_per_device(abstract["opt_state"], shardings["opt_state"])
+                        + (memory.temp_size_in_bytes if memory is not None else 0))
+    return {"step": step, "state": state, "batch": batch, "tokens": shape[0] * shape[1], "mesh": dict(mesh.shape),
+            "per_device_bytes": per_device_bytes}
+
+
+def time_steps(bench: dict, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        bench["state"], metrics = bench["step"](bench["state"], bench["batch"])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def write_section(path: Path, name: str, title: str, body: str) -> None:
+    """(Re)write the block between <!-- name:start --> and <!-- name:end --> in a markdown file."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f"\n## {title}\n\n{block}\n"
+    path.write_text(text)

@@ -40,6 +40,13 @@ class ModelConfig:
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     remat: Literal["none", "full", "dots_saveable"] = "none"
     vocab_multiple: int = 128  # vocab is padded up to a multiple of this (keeps tensor sharding even)
+    norm: Literal["rms", "srms"] = "rms"  # block norms: RMSNorm with a learned scale, or scale-free SRMSNorm
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (TransNormerLLM)
+    # Lightning attention (TransNormerLLM) mixers:
+    decay_convention: Literal["code", "paper"] = "code"  # per-head/layer decay rates, see docs/models/tnl.md
+    lrpe_layers: list[int] = field(default_factory=lambda: [0])  # layers with LRPE-d positions on q and k
+    lightning_impl: Literal["auto", "reference", "chunked", "pallas"] = "auto"
+    lightning_block_size: int = 64
 
 
 @dataclass
@@ -330,6 +337,11 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str,
         )
     if (m.head_dim or m.d_model // m.n_heads) % 2:
         raise ConfigError("the head dimension must be even for rotary embeddings; change model.n_heads or model.head_dim")
+    if m.lightning_block_size <= 0:
+        raise ConfigError(f"model.lightning_block_size={m.lightning_block_size}: must be positive")
+    bad_layers = [i for i in m.lrpe_layers if not 0 <= i < m.n_layers]
+    if bad_layers:
+        raise ConfigError(f"model.lrpe_layers={m.lrpe_layers}: layers {bad_layers} are outside 0..{m.n_layers - 1}")
     if d.source != "stdlib" and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (a list of files or glob patterns)")
 

@@ -55,13 +55,13 @@ def _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache):
     return out, {"k": k_BTGK, "v": v_BTGK, "index": start + s}
 
 
-def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype):
+def init_kv_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
     _, kv, dh = head_dims(cfg)
     zeros = jnp.zeros((batch, max_len, kv, dh), dtype)
     return {"k": zeros, "v": zeros, "index": jnp.zeros((), jnp.int32)}
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> float:
     """Projections plus QK^T and AV; causal, so a token attends to (seq_len + 1) / 2 keys on average."""
     h, kv, dh = head_dims(cfg)
     projections = 2 * cfg.d_model * dh * (2 * h + 2 * kv)

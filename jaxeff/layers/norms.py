@@ -15,3 +15,17 @@ class RMSNorm(nn.Module):
         x = x_BSD.astype(jnp.float32)
         x = x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps))
         return (x * scale_D).astype(self.dtype)
+
+
+class SRMSNorm(nn.Module):
+    """Scale-free RMSNorm (TransNormerLLM's SRMSNorm): x / sqrt(mean(x^2) + eps), no parameters."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, x_BSD):
+        x = x_BSD.astype(jnp.float32)
+        return (x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps))).astype(self.dtype)
+
+
+NORMS = {"rms": RMSNorm, "srms": SRMSNorm}

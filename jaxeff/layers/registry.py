@@ -23,10 +23,10 @@ from jaxeff.config import ConfigError, ModelConfig
 class TokenMixerSpec:
     name: str
     module: type
-    # Forward matmul FLOPs per token at a given context length (training multiplies by 3).
-    flops_per_token: Callable[[ModelConfig, int], float]
-    # (cfg, batch, max_len, dtype) -> cache pytree for decoding.
-    init_cache: Callable[[ModelConfig, int, int, Any], Any]
+    # (cfg, seq_len, layer) -> forward matmul FLOPs per token (training multiplies by 3).
+    flops_per_token: Callable[[ModelConfig, int, int], float]
+    # (cfg, layer, batch, max_len, dtype) -> cache pytree for decoding.
+    init_cache: Callable[[ModelConfig, int, int, int, Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)

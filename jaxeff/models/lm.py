@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jaxeff.layers  # noqa: F401  (registers the built-in mixers)
 from jaxeff.config import ModelConfig
 from jaxeff.layers.common import normal_init
-from jaxeff.layers.norms import RMSNorm
+from jaxeff.layers.norms import NORMS
 from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
 from jaxeff.parallel.sharding import with_logical_constraint
 
@@ -73,9 +73,10 @@ class Block(nn.Module):
         cfg, i = self.cfg, self.layer_index
         mixer = token_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="mixer")
         channel = channel_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="channel")
-        y_BSD, cache = mixer(RMSNorm(cfg.norm_eps, self.dtype, name="mixer_norm")(x_BSD), positions_BS, cache)
+        norm = NORMS[cfg.norm]
+        y_BSD, cache = mixer(norm(cfg.norm_eps, self.dtype, name="mixer_norm")(x_BSD), positions_BS, cache)
         x_BSD = x_BSD + y_BSD
-        y_BSD, aux = channel(RMSNorm(cfg.norm_eps, self.dtype, name="channel_norm")(x_BSD))
+        y_BSD, aux = channel(norm(cfg.norm_eps, self.dtype, name="channel_norm")(x_BSD))
         return x_BSD + y_BSD, cache, aux
 
 
@@ -92,7 +93,10 @@ class DecoderLM(nn.Module):
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
         embed = Embedding(self.vocab_size, cfg.d_model, cfg.init_std, self.dtype, name="embed")
-        x_BSD = with_logical_constraint(embed(tokens_BS), RESIDUAL_AXES)
+        x_BSD = embed(tokens_BS)
+        if cfg.scale_embeddings:
+            x_BSD = x_BSD * jnp.asarray(cfg.d_model**0.5, x_BSD.dtype)
+        x_BSD = with_logical_constraint(x_BSD, RESIDUAL_AXES)
 
         block_cls = Block
         if cfg.remat != "none":
@@ -106,7 +110,7 @@ class DecoderLM(nn.Module):
             for k, v in aux.items():
                 aux_total[k] = aux_total.get(k, 0.0) + v
 
-        x_BSD = RMSNorm(cfg.norm_eps, self.dtype, name="final_norm")(x_BSD)
+        x_BSD = NORMS[cfg.norm](cfg.norm_eps, self.dtype, name="final_norm")(x_BSD)
         if cfg.tie_embeddings:
             logits_BSV = embed.attend(x_BSD)
         else:
@@ -121,12 +125,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) 
 
 
 def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
-    return [token_mixer_for_layer(cfg, i).init_cache(cfg, batch, max_len, dtype) for i in range(cfg.n_layers)]
+    return [token_mixer_for_layer(cfg, i).init_cache(cfg, i, batch, max_len, dtype) for i in range(cfg.n_layers)]
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
-    layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg)
+    layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len, i) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg)
                  for i in range(cfg.n_layers))
     return layers + 2 * cfg.d_model * padded_vocab_size(vocab_size, cfg.vocab_multiple)
 

@@ -1,0 +1,164 @@
+"""TransNormerLLM's token mixer (gated linear attention with lightning attention) and its SGLU.
+
+Token mixer, per layer l of L, heads H of width d:
+
+    q, k = silu(x Wq), silu(x Wk);  v, u = x Wv, x Wu             (no activation on v and u)
+    q, k = LRPE-d(q, pos), LRPE-d(k, pos)                          (only on `model.lrpe_layers`)
+    a    = lightning_attention(q, k, v, rate_l)                   (per-head decay exp(-rate), no 1/sqrt(d))
+    y    = (SRMSNorm(concat_heads(a)) * u) Wo                      (norm over the whole hidden width)
+
+Decoding carries the [batch, heads, d_k, d_v] float32 state per layer: constant memory in the
+sequence length. LRPE uses the absolute positions the model passes in, so prefill and step
+decoding see the same phases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxeff.config import ModelConfig
+from jaxeff.layers.common import output_std, projection
+from jaxeff.layers.registry import (ChannelMixerSpec, TokenMixerSpec, register_channel_mixer,
+                                    register_token_mixer)
+from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """ALiBi's geometric slopes 2^(-8(h+1)/H); for H not a power of two, ALiBi's interleaving rule."""
+    def power_of_two(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return np.asarray(power_of_two(n_heads), np.float64)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+    return np.concatenate([power_of_two(closest), extra])
+
+
+def decay_rates(n_heads: int, n_layers: int, layer: int, convention: str = "code") -> np.ndarray:
+    """Per-head decay rates of one layer; the per-step decay is exp(-rate). Fixed, not learned.
+
+    "code" (default, what released TransNormerLLM checkpoints use):
+        rate[h] = alibi_slope[h] * (1 - layer / (n_layers - 1) + 1e-5)
+    "paper" (TransNormerLLM eq. 10, lambda = exp(-(8h/H)(1 - l/L))), with h counted from 1 so that
+    every head decays:
+        rate[h] = 8 (h + 1) / H * (1 - layer / n_layers)
+    """
+    if convention == "code":
+        temperature = 1.0 - (layer / (n_layers - 1) if n_layers > 1 else 0.0) + 1e-5
+        return alibi_slopes(n_heads) * temperature
+    if convention == "paper":
+        return 8.0 * np.arange(1, n_heads + 1) / n_heads * (1.0 - layer / n_layers)
+    raise ValueError(f"unknown decay convention {convention!r}; expected 'code' or 'paper'")
+
+
+def lrpe(x_BSHD, positions_BS, theta_HD):
+    """LRPE-d: [x cos(theta * pos), x sin(theta * pos)] on the last axis (doubles the head width).
+
+    <lrpe(q)_t, lrpe(k)_s> = sum_j q_j k_j cos(theta_j (t - s)): a relative phase per channel.
+    """
+    angle_BSHD = positions_BS[:, :, None, None].astype(jnp.float32) * theta_HD
+    x = x_BSHD.astype(jnp.float32)
+    return jnp.concatenate([x * jnp.cos(angle_BSHD), x * jnp.sin(angle_BSHD)], axis=-1).astype(x_BSHD.dtype)
+
+
+def lrpe_theta_init(key, shape, dtype=jnp.float32):
+    """theta_j = 10000^(-2j / (H d)) over the flattened (head, channel) index j: each head a slice."""
+    h, d = shape
+    return (10000.0 ** (-2.0 * jnp.arange(h * d, dtype=jnp.float32) / (h * d))).reshape(h, d).astype(dtype)
+
+
+def _uses_lrpe(cfg: ModelConfig, layer: int) -> bool:
+    return layer in cfg.lrpe_layers
+
+
+def _head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+class LightningMixer(nn.Module):
+    cfg: ModelConfig
+    layer_index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BSD, positions_BS, cache=None):
+        cfg, layer = self.cfg, self.layer_index
+        h, d = cfg.n_heads, _head_dim(cfg)
+        axes = ("embed", "heads", "head_dim")
+        q_BSHD = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "q")(x_BSD))
+        k_BSHD = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "k")(x_BSD))
+        v_BSHD = projection((h, d), -1, axes, cfg.init_std, self.dtype, "v")(x_BSD)
+        u_BSHD = projection((h, d), -1, axes, cfg.init_std, self.dtype, "u")(x_BSD)
+        if _uses_lrpe(cfg, layer):
+            theta_HD = self.param("lrpe_theta", nn.with_logical_partitioning(lrpe_theta_init, ("heads", "head_dim")),
+                                  (h, d), jnp.float32)
+            q_BSHD, k_BSHD = lrpe(q_BSHD, positions_BS, theta_HD), lrpe(k_BSHD, positions_BS, theta_HD)
+        rate_H = jnp.asarray(decay_rates(h, cfg.n_layers, layer, cfg.decay_convention), jnp.float32)
+
+        if cache is None:
+            a_BSHD = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, block_size=cfg.lightning_block_size,
+                                         impl=cfg.lightning_impl)
+            new_cache = None
+        elif x_BSD.shape[1] == 1:  # one decoding step: the recurrence, no blocks
+            a_BHD, state = lightning_attention_step(q_BSHD[:, 0], k_BSHD[:, 0], v_BSHD[:, 0], rate_H, cache["state"])
+            a_BSHD, new_cache = a_BHD[:, None], {"state": state}
+        else:  # prefill (or a chunk of it): continue from the cached state
+            a_BSHD, state = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, initial_state=cache["state"],
+                                                return_final_state=True, block_size=cfg.lightning_block_size,
+                                                impl=cfg.lightning_impl)
+            new_cache = {"state": state}
+
+        b, s = x_BSD.shape[:2]
+        a_BSF = a_BSHD.reshape(b, s, h * d).astype(jnp.float32)
+        # NormAttention: normalise over the whole hidden width (all heads), then gate with u.
+        a_BSF = a_BSF * jax.lax.rsqrt(jnp.mean(a_BSF * a_BSF, axis=-1, keepdims=True) + cfg.norm_eps)
+        gated_BSHD = (a_BSF.reshape(b, s, h, d) * u_BSHD.astype(jnp.float32)).astype(self.dtype)
+        out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
+        return out(gated_BSHD), new_cache
+
+
+def init_lightning_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
+    """A zero state; `max_len` does not matter: memory is constant in the sequence length."""
+    d = _head_dim(cfg)
+    d_k = 2 * d if _uses_lrpe(cfg, layer) else d
+    return {"state": jnp.zeros((batch, cfg.n_heads, d_k, d), jnp.float32)}
+
+
+def lightning_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> float:
+    """Projections (q, k, v, u, o) plus the block algorithm: the quadratic part inside a block
+    (a token attends to (B + 1) / 2 earlier block rows on average, for q k^T and for (.)v) and the
+    state product q KV plus the state update k^T v, each d_k x d_v per head."""
+    h, d = cfg.n_heads, _head_dim(cfg)
+    d_k = 2 * d if _uses_lrpe(cfg, layer) else d
+    block = min(cfg.lightning_block_size, seq_len)
+    projections = 2 * cfg.d_model * h * d * 5
+    intra = 2 * h * (d_k + d) * (block + 1) / 2
+    inter_and_state = 2 * 2 * h * d_k * d
+    return projections + intra + inter_and_state
+
+
+class SGLU(nn.Module):
+    """TransNormerLLM's channel mixer: ((x W1) * (x W2)) W3, no activation."""
+
+    cfg: ModelConfig
+    layer_index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BSD):
+        cfg = self.cfg
+        a_BSM = projection(cfg.mlp_dim, -1, ("embed", "mlp"), cfg.init_std, self.dtype, "w1")(x_BSD)
+        b_BSM = projection(cfg.mlp_dim, -1, ("embed", "mlp"), cfg.init_std, self.dtype, "w2")(x_BSD)
+        down = projection(cfg.d_model, -1, ("mlp", "embed"), output_std(cfg), self.dtype, "w3")
+        return down(a_BSM * b_BSM), {}
+
+
+register_token_mixer(TokenMixerSpec("lightning", LightningMixer, lightning_flops_per_token, init_lightning_cache))
+register_channel_mixer(ChannelMixerSpec("sglu", SGLU, lambda cfg: 2 * 3 * cfg.d_model * cfg.mlp_dim))

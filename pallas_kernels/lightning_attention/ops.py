@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ def _shape_error(name: str, got, expected: str) -> ValueError:
 def _check_inputs(q, k, v, rate, initial_state, block_size, impl):
     if impl not in IMPLS:
         raise ValueError(f"lightning_attention: unknown impl={impl!r}; expected one of {IMPLS}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
         raise ValueError(f"lightning_attention: block_size must be a positive int, got {block_size!r}")
     if q.ndim != 4:
         raise _shape_error("q", q.shape, "[batch, seq, heads, d_k] (rank 4)")
@@ -134,12 +135,13 @@ def _platform_branches(fn, cpu_fn, pallas_variant):
 
 
 def _dispatch_fwd(impl, block_size, pallas_variant, q, k, v, rate, s0):
-    chunked = functools.partial(_ref.chunked_attention_fwd, block_size=block_size)
-    chunked_fn = lambda q, k, v, rate, s0: chunked(q, k, v, rate, s0)  # noqa: E731
+    def chunked_fn(q, k, v, rate, s0):
+        return _ref.chunked_attention_fwd(q, k, v, rate, s0, block_size)
+
     if impl == "chunked":
         return chunked_fn(q, k, v, rate, s0)
     interp = functools.partial(_pallas_fwd, block_size=block_size, variant=pallas_variant or "triton", interpret=True)
-    cpu_fn = interp if impl == "pallas" else chunked_fn
+    cpu_fn = interp if impl == "pallas" else chunked_fn  # "auto": chunked jnp on CPU
     branches = _platform_branches(functools.partial(_pallas_fwd, block_size=block_size), cpu_fn, pallas_variant)
     return lax.platform_dependent(q, k, v, rate, s0, **branches)
 
@@ -151,7 +153,7 @@ def _dispatch_bwd(impl, block_size, pallas_variant, q, k, v, rate, s0, do, dst):
     if impl == "chunked":
         return chunked_fn(q, k, v, rate, s0, do, dst)
     interp = functools.partial(_pallas_bwd, block_size=block_size, variant=pallas_variant or "triton", interpret=True)
-    cpu_fn = interp if impl == "pallas" else chunked_fn
+    cpu_fn = interp if impl == "pallas" else chunked_fn  # "auto": chunked jnp on CPU
     branches = _platform_branches(functools.partial(_pallas_bwd, block_size=block_size), cpu_fn, pallas_variant)
     return lax.platform_dependent(q, k, v, rate, s0, do, dst, **branches)
 

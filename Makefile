@@ -23,7 +23,7 @@ train: setup
 	$(BIN)/jaxeff train --config $(CONFIG) --workdir $(WORKDIR)
 
 test: setup-dev
-	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,5 +1,6 @@
 """Trainer: optimizer, sharded state, jit-compiled steps, checkpoints, telemetry and the loop."""
 
-from jaxeff.train.loop import TrainingStopped, TrainResult, train, train_from_files
+from jaxeff.train.loop import TrainResult, train
+from jaxeff.train.telemetry import TrainingStopped
 
-__all__ = ["TrainResult", "TrainingStopped", "train", "train_from_files"]
+__all__ = ["TrainResult", "TrainingStopped", "train"]

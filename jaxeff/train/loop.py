@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import yaml
 
-from jaxeff.config import Config, ConfigError, dump_config, load_config, validate
+from jaxeff.config import Config, ConfigError, dump_config, validate
 from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
 from jaxeff.infer.generate import generate_text
 from jaxeff.layers.registry import check_mixer_names
@@ -22,22 +22,19 @@ from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
 from jaxeff.train.checkpoint import CheckpointStore
-from jaxeff.train.metrics import Progress, TensorBoardWriter, device_memory_bytes, peak_flops_per_device
+from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
 from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, count_params, init_state,
                                 logical_axes)
 from jaxeff.train.step import make_eval_step, make_train_step
+from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 
 log = logging.getLogger("jaxeff")
 
 # Keys that may change between a run and its resumption without breaking the restore.
 RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.jit", "checkpoint.",
                      "logging.", "sample.", "data.num_workers", "train.max_consecutive_nonfinite")
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. non-finite losses); the message says why and what to change."""
 
 
 @dataclasses.dataclass
@@ -92,190 +89,191 @@ def _global_batch(mesh, local_batch: dict[str, np.ndarray], global_batch_size: i
             for k, v in local_batch.items()}
 
 
-def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: bool = True) -> TrainResult:
-    workdir = Path(workdir)
+@dataclasses.dataclass
+class _Run:
+    """Everything built from the config before the first step."""
+
+    cfg: Config
+    workdir: Path
+    devices: list
+    notes: list[str]
+    tokenizer: Any
+    corpus: Any
+    model: Any
+    tx: Any
+    mesh: Any
+    abstract: Any  # ShapeDtypeStructs of the train state, carrying their shardings
+    shardings: Any
+    store: CheckpointStore
+    data_meta: dict[str, Any]  # what the saved iterator states depend on besides the process count
+    data_iter: Any = None
+    state: Any = None
+    start_step: int = 0
+
+    @property
+    def per_process_batch(self) -> int:
+        return self.cfg.train.global_batch_size // jax.process_count()
+
+    def global_batch(self, local_batch) -> dict[str, jax.Array]:
+        return _global_batch(self.mesh, local_batch, self.cfg.train.global_batch_size)
+
+
+def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     if debug and jax.process_count() > 1:
         raise ConfigError("--debug runs on one device of one process; start it without a launcher")
     notes = apply_debug_mode(cfg) if debug else []
     devices = jax.devices()[:1] if debug else jax.devices()
     validate(cfg, len(devices), jax.process_count())
     check_mixer_names(cfg.model)
-    tcfg = cfg.train
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = build_corpus(cfg.data, tokenizer)
-
     ckpt_dir = workdir / "checkpoints"
-    resuming = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if resuming and (workdir / "config.yaml").is_file():
-        for key in check_resume_compatible(workdir / "config.yaml", cfg):
-            notes.append(f"resuming with a changed setting: {key}")
+    if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()) and (workdir / "config.yaml").is_file():
+        notes += [f"resuming with a changed setting: {k}" for k in check_resume_compatible(workdir / "config.yaml", cfg)]
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(cfg, workdir / "config.yaml")
 
     model = build_model(cfg.model, tokenizer.vocab_size)
-    tx = make_optimizer(tcfg)
-    schedule = learning_rate_schedule(tcfg)
+    tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)
-    abstract, shardings = abstract_state_and_shardings(model, tx, mesh, tcfg.seed, cfg.data.seq_len)
-
-    per_process_batch = tcfg.global_batch_size // jax.process_count()
-    data_iter = iter(train_dataset(corpus, cfg.data, per_process_batch))
-    # What the saved iterator states depend on besides the process count.
-    data_meta = {"global_batch_size": tcfg.global_batch_size, "num_workers": cfg.data.num_workers}
+    abstract, shardings = abstract_state_and_shardings(model, tx, mesh, cfg.train.seed, cfg.data.seq_len)
     store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start_step = store.latest_step()
-    if start_step is not None:
-        state, iterator_restored = store.restore(start_step, abstract, data_iter, data_meta)
-        if not iterator_restored:  # another topology wrote it: continue the same global order
-            data_iter = iter(train_dataset(corpus, cfg.data, per_process_batch,
-                                           start_row=start_step * tcfg.global_batch_size))
-        notes.append(f"resumed from checkpoint step {start_step}"
+    data_meta = {"global_batch_size": cfg.train.global_batch_size, "num_workers": cfg.data.num_workers}
+    run = _Run(cfg, workdir, devices, notes, tokenizer, corpus, model, tx, mesh, abstract, shardings, store, data_meta)
+    _restore_or_init(run)
+    return run
+
+
+def _restore_or_init(run: _Run) -> None:
+    cfg = run.cfg
+    run.data_iter = iter(train_dataset(run.corpus, cfg.data, run.per_process_batch))
+    step = run.store.latest_step()
+    if step is None:
+        run.state = init_state(run.model, run.tx, run.shardings, cfg.train.seed, cfg.data.seq_len)
+        return
+    run.state, iterator_restored = run.store.restore(step, run.abstract, run.data_iter, run.data_meta)
+    if not iterator_restored:  # another topology wrote it: continue the same global order
+        run.data_iter = iter(train_dataset(run.corpus, cfg.data, run.per_process_batch,
+                                           start_row=step * cfg.train.global_batch_size))
+    run.start_step = step
+    run.notes.append(f"resumed from checkpoint step {step}"
                      + ("" if iterator_restored else " (data position rebuilt for this topology)"))
-    else:
-        state = init_state(model, tx, shardings, tcfg.seed, cfg.data.seq_len)
-        start_step = 0
 
-    train_step = make_train_step(model, tx, schedule, tcfg.microbatches)
-    eval_step = make_eval_step(model)
-    run_eagerly = not tcfg.jit
-    compiled = None
-    if not run_eagerly:
-        batch_shape = jax.ShapeDtypeStruct((tcfg.global_batch_size, cfg.data.seq_len), jax.numpy.int32,
-                                           sharding=batch_sharding(mesh))
-        with jax.set_mesh(mesh):  # compile ahead of time: the memory report needs the executable
-            compiled = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
-                               out_shardings=(shardings, replicated(mesh)), donate_argnums=0).lower(
-                abstract, {"inputs": batch_shape, "targets": batch_shape}).compile()
-        train_step = compiled
-        eval_step = jax.jit(eval_step, in_shardings=(shardings["params"], batch_sharding(mesh)),
-                            out_shardings=replicated(mesh))
 
-    n_params = count_params(state["params"])
-    tokens_per_step = tcfg.global_batch_size * cfg.data.seq_len
-    train_flops_per_step = 3 * flops_per_token(cfg.model, tokenizer.vocab_size, cfg.data.seq_len) * tokens_per_step
-    peak = peak_flops_per_device(cfg.logging.peak_tflops_per_device)
+def _compile_steps(run: _Run):
+    """(train_step, eval_step, compiled or None). Compiled ahead of time: the memory report needs it."""
+    cfg, mesh = run.cfg, run.mesh
+    train_step = make_train_step(run.model, run.tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
+    eval_step = make_eval_step(run.model)
+    if not cfg.train.jit:
+        return train_step, eval_step, None
+    batch = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), np.int32,
+                                 sharding=batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(train_step, in_shardings=(run.shardings, batch_sharding(mesh)),
+                           out_shardings=(run.shardings, replicated(mesh)), donate_argnums=0).lower(
+            run.abstract, {"inputs": batch, "targets": batch}).compile()
+    eval_step = jax.jit(eval_step, in_shardings=(run.shardings["params"], batch_sharding(mesh)),
+                        out_shardings=replicated(mesh))
+    return compiled, eval_step, compiled
 
-    progress = Progress(tcfg.steps, start_step, cfg.logging.progress_bar and console)
-    progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)} on {len(devices)} "
-                   f"{devices[0].platform} device(s), {corpus.n_documents} documents / {corpus.n_tokens:,} tokens, "
-                   f"workdir {workdir}")
-    if len(devices) > 1:
-        boxed = abstract_boxed_state(model, tx, tcfg.seed, cfg.data.seq_len)
-        for row in parameter_table(abstract["params"], logical_axes(boxed["params"]), shardings["params"]):
+
+def _print_header(run: _Run, progress: Progress, compiled) -> None:
+    n_params = count_params(run.abstract["params"])
+    progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} on {len(run.devices)} "
+                   f"{run.devices[0].platform} device(s), {run.corpus.n_documents} documents / "
+                   f"{run.corpus.n_tokens:,} tokens, workdir {run.workdir}")
+    if len(run.devices) > 1:
+        boxed = abstract_boxed_state(run.model, run.tx, run.cfg.train.seed, run.cfg.data.seq_len)
+        for row in parameter_table(run.abstract["params"], logical_axes(boxed["params"]), run.shardings["params"]):
             progress.print("  " + row)
-    progress.print(f"jaxeff: {memory_summary(abstract, shardings, compiled)}")
-    for note in notes:
+    progress.print(f"jaxeff: {memory_summary(run.abstract, run.shardings, compiled)}")
+    for note in run.notes:
         progress.print(f"jaxeff: {note}")
-    writer = TensorBoardWriter(workdir / "tb")
 
-    losses: dict[int, float] = {}
+
+def _evaluate(run: _Run, eval_step, params) -> float:
+    batches = eval_batches(run.corpus, run.per_process_batch, run.cfg.train.eval_batches)
+    with (contextlib.nullcontext() if run.cfg.train.jit else jax.disable_jit()):
+        values = [float(eval_step(params, run.global_batch(b))) for b in batches]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: bool = True) -> TrainResult:
+    """Train (or resume) the run configured by `cfg` in `workdir`. See docs/architecture.md."""
+    run = _setup(cfg, Path(workdir), debug)
+    tcfg = cfg.train
+    train_step, eval_step, compiled = _compile_steps(run)
+    progress = Progress(tcfg.steps, run.start_step, cfg.logging.progress_bar and console)
+    _print_header(run, progress, compiled)
+    writer = TensorBoardWriter(run.workdir / "tb")
+    tokens_per_step = tcfg.global_batch_size * cfg.data.seq_len
+    throughput = Throughput(tokens_per_step,
+                            3 * flops_per_token(cfg.model, run.tokenizer.vocab_size, cfg.data.seq_len) * tokens_per_step,
+                            len(run.devices), peak_flops_per_device(cfg.logging.peak_tflops_per_device))
+    telemetry = StepTelemetry(writer, progress, throughput, start_step=run.start_step, total_steps=tcfg.steps,
+                              log_every=cfg.logging.every, max_consecutive_nonfinite=tcfg.max_consecutive_nonfinite)
     eval_losses: dict[int, float] = {}
-    step = start_step
-    pending = None  # (step, metrics) of the step in flight: read one step late to keep the device busy
-    interval_start, interval_steps = time.perf_counter(), 0
-    run_start = time.perf_counter()
-    exit_code = 0
+    state, step, exit_code, run_start = run.state, run.start_step, 0, time.perf_counter()
+    step_context = contextlib.nullcontext if tcfg.jit else jax.disable_jit
 
-    def run_eval(params) -> float:
-        batches = eval_batches(corpus, per_process_batch, tcfg.eval_batches)
-        with (jax.disable_jit() if run_eagerly else contextlib.nullcontext()):
-            values = [float(eval_step(params, _global_batch(mesh, b, tcfg.global_batch_size))) for b in batches]
-        return float(np.mean(values)) if values else float("nan")
-
-    def drain(pending_item) -> None:
-        """Record a finished step's metrics; stop if the non-finite streak hit the limit."""
-        done_step, metrics = pending_item
-        metrics = jax.device_get(metrics)
-        losses[done_step] = float(metrics["loss"])
-        if int(metrics["nonfinite_streak"]) >= tcfg.max_consecutive_nonfinite:
-            raise TrainingStopped(
-                f"{int(metrics['nonfinite_streak'])} steps in a row had non-finite gradients (step {done_step}); "
-                "those updates were skipped and parameters are the last finite ones. Lower train.learning_rate, "
-                "set train.grad_clip, or check the data; rerun with --debug to find the first NaN.")
-        first = done_step == start_step + 1
-        if not (first or done_step % cfg.logging.every == 0 or done_step == tcfg.steps):
-            return
-        elapsed = time.perf_counter() - interval_start
-        scalars = {"loss": losses[done_step], "learning_rate": float(metrics["learning_rate"]),
-                   "grad_norm": float(metrics["grad_norm"]), "nonfinite_skipped_total": float(metrics["nonfinite_total"]),
-                   **{k: float(v) for k, v in metrics.items() if k.startswith(("loss/", "aux/"))},
-                   **device_memory_bytes()}
-        if first:  # includes tracing and compilation: reported on its own, kept out of throughput
-            scalars["first_step_with_compile_s"] = elapsed
-            tokens_per_s = 0.0
-        else:
-            step_time = elapsed / max(interval_steps, 1)
-            tokens_per_s = tokens_per_step / step_time
-            scalars.update({"tokens_per_s": tokens_per_s, "step_time_s": step_time,
-                            "model_tflops_per_s_per_device": train_flops_per_step / step_time / len(devices) / 1e12})
-            if peak:
-                scalars["mfu"] = train_flops_per_step / step_time / (peak * len(devices))
-        writer.scalars(done_step, scalars)
-        progress.update(done_step, losses[done_step], tokens_per_s)
-        restart_interval()
-
-    def restart_interval() -> None:
-        nonlocal interval_start, interval_steps
-        interval_start, interval_steps = time.perf_counter(), 0
-
-    # The mesh context lets the models' activation sharding hints apply while the steps are traced.
-    with jax.set_mesh(mesh), PreemptionGuard() as guard:
+    # The mesh context lets the models' activation sharding hints apply while steps are traced.
+    with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
         try:
             while step < tcfg.steps:
-                batch = _global_batch(mesh, next(data_iter), tcfg.global_batch_size)
-                with (jax.disable_jit() if run_eagerly else contextlib.nullcontext()):
+                batch = run.global_batch(next(run.data_iter))
+                with step_context():
                     state, metrics = train_step(state, batch)
                 step += 1
-                interval_steps += 1
-                if pending is not None:
-                    drain(pending)
-                pending = (step, metrics)
+                telemetry.dispatched(step, metrics)
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                    drain(pending)
-                    pending = None
-                    eval_losses[step] = run_eval(state["params"])
+                    telemetry.flush()
+                    eval_losses[step] = _evaluate(run, eval_step, state["params"])
                     writer.scalars(step, {"eval_loss": eval_losses[step]})
                     progress.print(f"step {step}: eval loss {eval_losses[step]:.4f}")
-                    restart_interval()  # keep evaluation time out of the step time
+                    telemetry.restart_interval()  # keep evaluation time out of the step time
                 stop = guard.should_stop(step)
                 if step % cfg.checkpoint.every == 0 or stop:
-                    store.save(step, state, data_iter, data_meta)
+                    run.store.save(step, state, run.data_iter, run.data_meta)
                 if stop:
                     exit_code = guard.exit_code
                     break
-            if pending is not None:
-                drain(pending)
-        except TrainingStopped:
-            store.save_final(step, state, data_iter, data_meta)
+            telemetry.flush()
+        except TrainingStopped:  # the state holds the last finite parameters: keep them
+            run.store.save_final(step, state, run.data_iter, run.data_meta)
+            raise
+        except BaseException:  # the state may be invalid (donated); finish the saves already under way
+            run.store.close()
+            raise
+        else:
+            run.store.save_final(step, state, run.data_iter, run.data_meta)
+        finally:
             writer.close()
             progress.close()
-            raise
-        store.save_final(step, state, data_iter, data_meta)
 
-    writer.close()
-    progress.close()
     sample = None
     if exit_code:
-        progress.print(f"jaxeff: stopped by signal {exit_code - 128} at step {step}; checkpoint saved in {ckpt_dir}. "
-                       "Run the same command again to resume.")
+        progress.print(f"jaxeff: stopped by signal {exit_code - 128} at step {step}; checkpoint saved in "
+                       f"{run.store.directory}. Run the same command again to resume.")
     else:
-        # Every process joins the gather (parameters may live on other hosts); process 0 samples.
-        params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(mesh))(state["params"]))
-        if cfg.sample.max_new_tokens > 0 and jax.process_index() == 0:
-            s = cfg.sample
-            sample = generate_text(model, params, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
-                                   s.seed)
-            progress.print(f"--- sample (prompt {s.prompt!r}) ---\n{sample}\n---")
-        last_loss = losses.get(step, float("nan"))
-        last_eval = eval_losses[max(eval_losses)] if eval_losses else float("nan")
+        sample = _sample(run, state["params"], progress)
         elapsed = time.perf_counter() - run_start
-        progress.print(f"jaxeff: done, step {step}, loss {last_loss:.4f}, eval loss {last_eval:.4f}, "
-                       f"{(step - start_step) * tokens_per_step / elapsed:,.0f} tok/s over {elapsed:.0f}s, "
-                       f"checkpoints in {ckpt_dir}, TensorBoard: tensorboard --logdir {workdir / 'tb'}")
-    return TrainResult(step, losses, eval_losses, sample, exit_code, state["params"])
+        last_eval = eval_losses[max(eval_losses)] if eval_losses else float("nan")
+        progress.print(f"jaxeff: done, step {step}, loss {telemetry.losses.get(step, float('nan')):.4f}, eval loss "
+                       f"{last_eval:.4f}, {(step - run.start_step) * tokens_per_step / elapsed:,.0f} tok/s over "
+                       f"{elapsed:.0f}s, checkpoints in {run.store.directory}, TensorBoard: tensorboard --logdir "
+                       f"{run.workdir / 'tb'}")
+    return TrainResult(step, telemetry.losses, eval_losses, sample, exit_code, state["params"])
 
 
-def train_from_files(config_path: str | None, overrides: list[str], workdir: str, debug: bool = False) -> TrainResult:
-    return train(load_config(config_path, overrides), workdir, debug=debug)
+def _sample(run: _Run, params, progress: Progress) -> str | None:
+    # Every process joins the gather (parameters may live on other hosts); process 0 samples.
+    params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(params))
+    s = run.cfg.sample
+    if s.max_new_tokens <= 0 or jax.process_index() != 0:
+        return None
+    text = generate_text(run.model, params, run.tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed)
+    progress.print(f"--- sample (prompt {s.prompt!r}) ---\n{text}\n---")
+    return text

@@ -1,4 +1,4 @@
-"""TransNormerLLM's token mixer (gated linear attention with lightning attention) and its SGLU.
+"""TransNormerLLM's token mixer: gated linear attention computed with lightning attention.
 
 Token mixer, per layer l of L, heads H of width d:
 
@@ -23,8 +23,7 @@ import numpy as np
 
 from jaxeff.config import ModelConfig
 from jaxeff.layers.common import output_std, projection
-from jaxeff.layers.registry import (ChannelMixerSpec, TokenMixerSpec, register_channel_mixer,
-                                    register_token_mixer)
+from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
 
 
@@ -144,21 +143,4 @@ def lightning_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     return projections + intra + inter_and_state
 
 
-class SGLU(nn.Module):
-    """TransNormerLLM's channel mixer: ((x W1) * (x W2)) W3, no activation."""
-
-    cfg: ModelConfig
-    layer_index: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BSD):
-        cfg = self.cfg
-        a_BSM = projection(cfg.mlp_dim, -1, ("embed", "mlp"), cfg.init_std, self.dtype, "w1")(x_BSD)
-        b_BSM = projection(cfg.mlp_dim, -1, ("embed", "mlp"), cfg.init_std, self.dtype, "w2")(x_BSD)
-        down = projection(cfg.d_model, -1, ("mlp", "embed"), output_std(cfg), self.dtype, "w3")
-        return down(a_BSM * b_BSM), {}
-
-
 register_token_mixer(TokenMixerSpec("lightning", LightningMixer, lightning_flops_per_token, init_lightning_cache))
-register_channel_mixer(ChannelMixerSpec("sglu", SGLU, lambda cfg: 2 * 3 * cfg.d_model * cfg.mlp_dim))

@@ -1,4 +1,6 @@
-"""SwiGLU channel mixer."""
+"""Gated MLP channel mixers: SwiGLU (silu gate) and TransNormerLLM's SGLU (no activation)."""
+
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -8,10 +10,17 @@ from jaxeff.layers.common import output_std, projection
 from jaxeff.layers.registry import ChannelMixerSpec, register_channel_mixer
 
 
-class SwiGLU(nn.Module):
+def identity(x):
+    return x
+
+
+class GatedMLP(nn.Module):
+    """down(activation(x W_gate) * (x W_up)), no biases."""
+
     cfg: ModelConfig
     layer_index: int
     dtype: jnp.dtype = jnp.float32
+    activation: Callable = nn.silu
 
     @nn.compact
     def __call__(self, x_BSD):
@@ -19,11 +28,22 @@ class SwiGLU(nn.Module):
         gate_BSM = projection(cfg.mlp_dim, -1, ("embed", "mlp"), cfg.init_std, self.dtype, "gate")(x_BSD)
         up_BSM = projection(cfg.mlp_dim, -1, ("embed", "mlp"), cfg.init_std, self.dtype, "up")(x_BSD)
         down = projection(cfg.d_model, -1, ("mlp", "embed"), output_std(cfg), self.dtype, "down")
-        return down(nn.silu(gate_BSM) * up_BSM), {}
+        return down(self.activation(gate_BSM) * up_BSM), {}
 
 
-def swiglu_flops_per_token(cfg: ModelConfig) -> float:
+class SwiGLU(GatedMLP):
+    activation: Callable = nn.silu
+
+
+class SGLU(GatedMLP):
+    """TransNormerLLM's channel mixer: ((x W1) * (x W2)) W3; its ablation found no loss without an activation."""
+
+    activation: Callable = identity
+
+
+def gated_mlp_flops_per_token(cfg: ModelConfig) -> float:
     return 2 * 3 * cfg.d_model * cfg.mlp_dim
 
 
-register_channel_mixer(ChannelMixerSpec("swiglu", SwiGLU, swiglu_flops_per_token))
+register_channel_mixer(ChannelMixerSpec("swiglu", SwiGLU, gated_mlp_flops_per_token))
+register_channel_mixer(ChannelMixerSpec("sglu", SGLU, gated_mlp_flops_per_token))

@@ -16,15 +16,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 KILL_GRACE_S = 30
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_executable(command: list[str]) -> list[str]:
+    """Find the program on PATH, else in this checkout's .venv (so `jaxeff` works without activating it)."""
+    if shutil.which(command[0]):
+        return command
+    in_venv = REPO / ".venv" / "bin" / command[0]
+    if in_venv.exists():
+        return [str(in_venv), *command[1:]]
+    sys.exit(f"[launch] '{command[0]}' is not on PATH and not in {REPO / '.venv/bin'}; run `make train` once "
+             "(it creates .venv) or `source .venv/bin/activate`")
 
 
 def free_port() -> int:
@@ -68,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the command after --, e.g. -- jaxeff train --config configs/debug.yaml")
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num-processes and --devices-per-process must be >= 1")
+    command = resolve_executable(command)
 
     port = args.port or free_port()
     procs = [subprocess.Popen(command, env=child_env(i, args, port), stdout=subprocess.PIPE,

@@ -231,3 +231,32 @@ def test_kernels_lower_for_gpu_and_tpu(platform, marker, impl):
     assert fwd_text.count(marker) == 1  # the forward kernel
     bwd_text = jax.jit(grad).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert bwd_text.count(marker) == 3  # intra-block, dq sweep, dk/dv sweep
+
+
+def _numpy_oracle(q, k, v, rate, s0):
+    """An independent oracle in float64 NumPy, written from the definition
+    o_t = sum_{j <= t} exp(-rate (t - j)) (q_t . k_j) v_j + exp(-rate (t + 1)) q_t S0
+    (the masked form of TransNormerLLM's reference `linear_attn`, plus the initial state), with a
+    plain loop over positions and no shared code with the op."""
+    q, k, v, s0 = (np.asarray(x, np.float64) for x in (q, k, v, s0))
+    rate = np.asarray(rate, np.float64)
+    b, n, h, _ = q.shape
+    out = np.zeros((b, n, h, v.shape[-1]))
+    for t in range(n):
+        for j in range(t + 1):
+            w = np.exp(-rate * (t - j))  # [h]
+            out[:, t] += (np.einsum("bhk,bhk->bh", q[:, t], k[:, j]) * w)[..., None] * v[:, j]
+        out[:, t] += np.einsum("bhk,bhkv->bhv", q[:, t], s0) * np.exp(-rate * (t + 1))[None, :, None]
+    final = np.einsum("h,bhkv->bhkv", np.exp(-rate * n), s0)
+    for j in range(n):
+        final += np.exp(-rate * (n - 1 - j))[None, :, None, None] * np.einsum("bhk,bhv->bhkv", k[:, j], v[:, j])
+    return out, final
+
+
+@pytest.mark.parametrize("impl, variant", [("reference", None), ("chunked", None), ("pallas", "triton")])
+def test_matches_an_independent_numpy_oracle(impl, variant):
+    q, k, v, rate, s0, _, _ = _inputs(seed=11, s=21)
+    o, st = _op(impl, variant)(q, k, v, rate, s0)
+    o_ref, st_ref = _numpy_oracle(q, k, v, rate, s0)
+    _close(o, o_ref)
+    _close(st, st_ref)

@@ -98,7 +98,9 @@ def _wait_for(proc, marker: str, timeout: float = 120) -> list[str]:
 
 
 def _jaxeff_children(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(launcher.pid).children() if "jaxeff" in " ".join(p.cmdline())]
+    """The launched processes, ordered by their JAXEFF_PROCESS_ID (process 0 hosts the coordinator)."""
+    children = [p for p in psutil.Process(launcher.pid).children() if "jaxeff" in " ".join(p.cmdline())]
+    return sorted(children, key=lambda p: int(p.environ()["JAXEFF_PROCESS_ID"]))
 
 
 def test_sigterm_on_one_process_checkpoints_all_and_exits_cleanly(tmp_path):

@@ -289,11 +289,8 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     if total > num_devices:
         raise ConfigError(
             f"mesh: data*fsdp*tensor*expert = {'*'.join(str(v) for v in sizes.values())} = {total} devices, "
-            f"but only {num_devices} are present; shrink the mesh (e.g. mesh.data=-1)"
+            f"but only {num_devices} {'is' if num_devices == 1 else 'are'} present; shrink the mesh (e.g. mesh.data=-1)"
         )
-    if total < num_devices and not free:
-        # A smaller mesh is allowed (the rest idle) but almost always a mistake worth saying out loud.
-        pass
     return sizes
 
 

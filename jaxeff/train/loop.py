@@ -138,6 +138,9 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     model = build_model(cfg.model, tokenizer.vocab_size)
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)
+    if mesh.size < len(devices):
+        notes.append(f"the mesh uses {mesh.size} of the {len(devices)} devices present; set one mesh axis to -1 "
+                     "to use them all")
     abstract, shardings = abstract_state_and_shardings(model, tx, mesh, cfg.train.seed, cfg.data.seq_len)
     store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     data_meta = {"global_batch_size": cfg.train.global_batch_size, "num_workers": cfg.data.num_workers}

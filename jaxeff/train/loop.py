@@ -185,10 +185,10 @@ def _compile_steps(run: _Run):
 
 def _print_header(run: _Run, progress: Progress, compiled) -> None:
     n_params = count_params(run.abstract["params"])
-    progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} on {len(run.devices)} "
+    progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} on {run.mesh.size} "
                    f"{run.devices[0].platform} device(s), {run.corpus.n_documents} documents / "
                    f"{run.corpus.n_tokens:,} tokens, workdir {run.workdir}")
-    if len(run.devices) > 1:
+    if run.mesh.size > 1:
         boxed = abstract_boxed_state(run.model, run.tx, run.cfg.train.seed, run.cfg.data.seq_len)
         for row in parameter_table(run.abstract["params"], logical_axes(boxed["params"]), run.shardings["params"]):
             progress.print("  " + row)
@@ -215,7 +215,7 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
     tokens_per_step = tcfg.global_batch_size * cfg.data.seq_len
     throughput = Throughput(tokens_per_step,
                             3 * flops_per_token(cfg.model, run.tokenizer.vocab_size, cfg.data.seq_len) * tokens_per_step,
-                            len(run.devices), peak_flops_per_device(cfg.logging.peak_tflops_per_device))
+                            run.mesh.size, peak_flops_per_device(cfg.logging.peak_tflops_per_device))
     telemetry = StepTelemetry(writer, progress, throughput, start_step=run.start_step, total_steps=tcfg.steps,
                               log_every=cfg.logging.every, max_consecutive_nonfinite=tcfg.max_consecutive_nonfinite)
     eval_losses: dict[int, float] = {}

@@ -246,7 +246,7 @@ def _v_tile(platform: str, vp: int) -> int:
     return min(vp, 32)  # Triton: keeps the f32 (Kp, tv) state of one program small enough for registers
 
 
-_PAR, _SEQ = pltpu.PARALLEL, pltpu.ARBITRARY
+_PAR, _SEQ = "parallel", "arbitrary"  # strings: accepted by every jax version we support
 
 
 def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):

@@ -14,7 +14,7 @@ import pytest
 from helpers import jaxeff_cmd, subprocess_env, tiny_overrides
 from jaxeff.infer import load_inference_model
 
-STEPS = 150
+STEPS = 400  # long enough that a signal sent at step 20 or 30 always lands mid-run
 OVERRIDES = tiny_overrides(**{"train.steps": STEPS, "checkpoint.every": 40, "train.eval_every": 50,
                               "logging.progress_bar": True,
                               "sample.max_new_tokens": 8})
@@ -59,7 +59,7 @@ def assert_params_bitwise_equal(a_dir: Path, b_dir: Path) -> None:
 def uninterrupted(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
     proc = run(train_cmd(workdir))
-    assert "--- sample" in proc.stdout and "jaxeff: done, step 150" in proc.stdout
+    assert "--- sample" in proc.stdout and f"jaxeff: done, step {STEPS}" in proc.stdout
     return workdir
 
 
@@ -80,7 +80,7 @@ def test_sigterm_saves_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_during_async_saves_then_resume(uninterrupted, tmp_path):
-    proc = start(train_cmd(tmp_path, "checkpoint.every=2"))
+    proc = start(train_cmd(tmp_path, "checkpoint.every=5"))
     wait_for_line(proc, "step 30/")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -89,7 +89,7 @@ def test_kill_9_during_async_saves_then_resume(uninterrupted, tmp_path):
     partial = ckpts / f"{STEPS - 1}.orbax-checkpoint-tmp-1234"
     (partial / "params").mkdir(parents=True)
     complete = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
-    resumed = run(train_cmd(tmp_path, "checkpoint.every=2"))
+    resumed = run(train_cmd(tmp_path, "checkpoint.every=5"))
     assert not partial.exists()
     assert f"resumed from checkpoint step {max(complete)}" in resumed.stdout or max(complete) == 0
     assert_params_bitwise_equal(uninterrupted, tmp_path)

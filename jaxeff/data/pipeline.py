@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import grain
 import jax

@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.config import ModelConfig
-from jaxeff.layers.common import output_std, projection
+from jaxeff.layers.common import head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from jaxeff.layers.rope import apply_rope
 
 
 def head_dims(cfg: ModelConfig) -> tuple[int, int, int]:
     """(query heads, kv heads, head dim)."""
-    return cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.head_dim or cfg.d_model // cfg.n_heads
+    return cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, head_dim(cfg)
 
 
 class SoftmaxAttention(nn.Module):

@@ -14,6 +14,11 @@ def projection(features, axis, axes: tuple[str, ...], std: float, dtype, name: s
                            kernel_init=normal_init(std, axes), name=name)
 
 
+def head_dim(cfg) -> int:
+    """Per-head width: model.head_dim, or d_model / n_heads."""
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
 def output_std(cfg) -> float:
     """Residual-branch output projections start smaller so the residual stream does not grow with depth."""
     return cfg.init_std / (2 * cfg.n_layers) ** 0.5

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.config import ModelConfig
-from jaxeff.layers.common import output_std, projection
+from jaxeff.layers.common import head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
 
@@ -77,10 +77,6 @@ def _uses_lrpe(cfg: ModelConfig, layer: int) -> bool:
     return layer in cfg.lrpe_layers
 
 
-def _head_dim(cfg: ModelConfig) -> int:
-    return cfg.head_dim or cfg.d_model // cfg.n_heads
-
-
 class LightningMixer(nn.Module):
     cfg: ModelConfig
     layer_index: int
@@ -89,7 +85,7 @@ class LightningMixer(nn.Module):
     @nn.compact
     def __call__(self, x_BSD, positions_BS, cache=None):
         cfg, layer = self.cfg, self.layer_index
-        h, d = cfg.n_heads, _head_dim(cfg)
+        h, d = cfg.n_heads, head_dim(cfg)
         axes = ("embed", "heads", "head_dim")
         q_BSHD = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "q")(x_BSD))
         k_BSHD = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "k")(x_BSD))
@@ -125,7 +121,7 @@ class LightningMixer(nn.Module):
 
 def init_lightning_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
     """A zero state; `max_len` does not matter: memory is constant in the sequence length."""
-    d = _head_dim(cfg)
+    d = head_dim(cfg)
     d_k = 2 * d if _uses_lrpe(cfg, layer) else d
     return {"state": jnp.zeros((batch, cfg.n_heads, d_k, d), jnp.float32)}
 
@@ -134,7 +130,7 @@ def lightning_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     """Projections (q, k, v, u, o) plus the block algorithm: the quadratic part inside a block
     (a token attends to (B + 1) / 2 earlier block rows on average, for q k^T and for (.)v) and the
     state product q KV plus the state update k^T v, each d_k x d_v per head."""
-    h, d = cfg.n_heads, _head_dim(cfg)
+    h, d = cfg.n_heads, head_dim(cfg)
     d_k = 2 * d if _uses_lrpe(cfg, layer) else d
     block = min(cfg.lightning_block_size, seq_len)
     projections = 2 * cfg.d_model * h * d * 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,6 @@ from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardin
                                 logical_axes)
 from jaxeff.train.step import make_eval_step, make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
-
-log = logging.getLogger("jaxeff")
 
 # Keys that may change between a run and its resumption without breaking the restore.
 RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.jit", "checkpoint.",

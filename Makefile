@@ -1,13 +1,14 @@
 # Two commands for a fresh machine with Python 3.11 and pip:
 #   make train   set up .venv, install jaxeff, train the default debug model on CPU
 #   make test    set up .venv with the dev extra and run the whole test suite
+#   make docs    regenerate docs/config.md and configs/jaxeff.schema.json from jaxeff/config/
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/debug.yaml
 WORKDIR ?= runs/debug
 
-.PHONY: train test setup setup-dev clean
+.PHONY: train test docs setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ train: setup
 
 test: setup-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q -p no:cacheprovider
+
+docs: setup
+	$(BIN)/python -m jaxeff.config.reference --write
 
 clean:
 	rm -rf $(VENV) runs

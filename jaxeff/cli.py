@@ -1,4 +1,4 @@
-"""The `jaxeff` command: train, export, generate.
+"""The `jaxeff` command: train, export, generate, config-schema.
 
 User errors (bad config, missing files) print one line and exit with code 2, without a traceback.
 """
@@ -41,7 +41,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
     g.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("config-schema", help="print the JSON schema of config files (for editors' YAML language server)")
+    c.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of printing it")
     return p
+
+
+def _config_schema(args) -> int:
+    from pathlib import Path
+
+    from jaxeff.config import ConfigError
+    from jaxeff.config.reference import schema_text
+
+    if args.out is None:
+        print(schema_text(), end="")
+        return 0
+    out = Path(args.out)
+    try:
+        out.write_text(schema_text())
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write the schema there ({e.strerror}); pass a writable file path") from None
+    print(f"wrote {out}; point your editor at it with '# yaml-language-server: $schema={out}' (see docs/config.md)")
+    return 0
 
 
 def _train(args) -> int:
@@ -91,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxeff.train import TrainingStopped
 
     try:
-        return {"train": _train, "export": _export, "generate": _generate}[args.command](args)
+        commands = {"train": _train, "export": _export, "generate": _generate, "config-schema": _config_schema}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"jaxeff: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

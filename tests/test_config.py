@@ -87,3 +87,109 @@ def test_cli_missing_config_file(tmp_path):
     proc = subprocess.run([*jaxeff_cmd(), "train", "--config", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- sections, renamed keys, round trip
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lightning.block_sise=32", r"unknown config key 'model.lightning.block_sise' \(did you mean 'block_size'\?\); "
+                                      r"valid keys here: impl, block_size"),
+    ("model.lightnin.impl=chunked", r"unknown config key 'model.lightnin' \(did you mean 'lightning'\?\)"),
+    ("model.lightning=3", r"model.lightning: expected a mapping of keys \(a section\), got 3"),
+    ("model.lightning.impl=fast", r"model.lightning.impl: expected one of 'auto' \| 'reference' \| 'chunked' \| 'pallas'"),
+    ("model.lightning.block_size=0", r"model.lightning.block_size=0: must be positive"),
+    ("model.lightning.block_size=16.5", r"model.lightning.block_size: expected int, got 16.5"),
+    ("model.lightning.lrpe_layers=[0, x]", r"model.lightning.lrpe_layers\[1\]: expected int, got 'x'"),
+    ("model.lightning.impl.x=1", r"'model.lightning.impl' is a setting, not a section"),
+    ("train.learning_rate=.nan", r"train.learning_rate: expected a finite number"),
+    ("train.b2=1.0", r"train.b2=1.0: must be >= 0 and < 1"),
+    ("model.mixer_pattern=[]", r"model.mixer_pattern: needs at least 1 entry"),
+])
+def test_section_keys_and_values_name_the_dotted_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("old, new", [("model.lightning_impl=chunked", "model.lightning.impl"),
+                                      ("model.lightning_block_size=32", "model.lightning.block_size"),
+                                      ("model.decay_convention=paper", "model.lightning.decay_convention"),
+                                      ("model.lrpe_layers=[1]", "model.lightning.lrpe_layers")])
+def test_old_flat_keys_name_the_new_key(old, new):
+    with pytest.raises(ConfigError, match=rf"'{old.split('=')[0]}' is now '{new}'"):
+        load_config(None, [old])
+
+
+def test_old_flat_keys_in_yaml_are_all_named_in_one_line(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  mixer_pattern: [lightning]\n  lightning_impl: auto\n  lrpe_layers: [0]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "'model.lightning_impl' is now 'model.lightning.impl'" in str(e.value)
+    assert "'model.lrpe_layers' is now 'model.lightning.lrpe_layers'" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_floats_without_a_dot_and_nested_sections_parse(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 3e-4\n  eps: 1e-8\nmodel:\n  lightning:\n    block_size: 32\n")
+    cfg = load_config(path, ["model.lightning.impl=chunked"])
+    assert cfg.train.learning_rate == 3e-4 and isinstance(cfg.train.eps, float) and cfg.train.eps == 1e-8
+    assert cfg.model.lightning.block_size == 32 and cfg.model.lightning.impl == "chunked"
+    assert cfg.model.lightning.decay_convention == "code"  # untouched keys of a section keep their defaults
+    with pytest.raises(ConfigError, match=r"train.steps: expected int, got '3e2'"):
+        load_config(None, ["train.steps='3e2'"])  # only float fields read numbers from strings
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "tnl-debug.yaml", "tnl-385m.yaml"])
+def test_resolved_config_round_trips(tmp_path, name):
+    from jaxeff.config import dump_config, read_saved_config
+
+    cfg = load_config(REPO / "configs" / name, ["train.learning_rate=3e-4", "model.lightning.lrpe_layers=[0, 1]"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and read_saved_config(tmp_path / "config.yaml") == cfg
+    assert again.model_dump() == cfg.model_dump()
+
+
+def test_mixer_section_checks_run_only_when_a_layer_uses_the_mixer():
+    long_blocks = ["model.lightning.block_size=256", "data.seq_len=128"]
+    validate(load_config(None, long_blocks + ["model.mixer_pattern=[attention]"]), 1)
+    with pytest.raises(ConfigError, match=r"model.lightning.block_size=256 is longer than data.seq_len=128.*"
+                                          r"set model.lightning.block_size to at most 128"):
+        validate(load_config(None, long_blocks + ["model.mixer_pattern=[attention, lightning]"]), 1)
+
+
+def test_saved_configs_with_old_flat_keys_are_migrated(tmp_path):
+    from jaxeff.config import read_saved_config
+    from jaxeff.config.legacy import migrate_moved_keys
+
+    raw = {"model": {"d_model": 64, "lightning_impl": "chunked", "lightning_block_size": 16,
+                     "decay_convention": "paper", "lrpe_layers": [1]}}
+    migrated = migrate_moved_keys(raw)
+    assert migrated == {"model": {"d_model": 64, "lightning": {"impl": "chunked", "block_size": 16,
+                                                               "decay_convention": "paper", "lrpe_layers": [1]}}}
+    assert "lightning_impl" in raw["model"]  # the input is left alone
+    saved = REPO / "tests/data/legacy_flat_keys/workdir/config.yaml"
+    cfg = read_saved_config(saved)
+    assert cfg.model.lightning.impl == "chunked" and cfg.model.lightning.block_size == 16
+
+
+@pytest.mark.parametrize("yaml_text, extra, message", [
+    ("model:\n  lightning_impl: auto\n", [], "'model.lightning_impl' is now 'model.lightning.impl'"),
+    ("model:\n  lightning:\n    blocksize: 3\n", [], "unknown config key 'model.lightning.blocksize' (did you mean 'block_size'?)"),
+    ("train:\n  steps: ten\n", [], "train.steps: expected int, got 'ten'"),
+    ("train:\n  steps: 10\n  warmup_steps: 20\n", [], "train.warmup_steps=20 must be smaller than train.steps=10"),
+    ("model:\n  d_model: 96\n  n_heads: 5\n", [], "model.n_heads=5 does not divide model.d_model=96"),
+    ("mesh:\n  data: 8\n", [], "but only 4 are present"),
+    ("", ["model.lightning.impl.x=1"], "'model.lightning.impl' is a setting, not a section"),
+])
+def test_cli_section_errors_are_one_line_with_exit_code_2(tmp_path, yaml_text, extra, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    proc = subprocess.run([*jaxeff_cmd(), "train", "--config", str(config), "--workdir", str(tmp_path / "w"), *extra],
+                          capture_output=True, text=True, env=subprocess_env(devices=4), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1

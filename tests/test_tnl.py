@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from jaxeff.config import ConfigError, ModelConfig, load_config, validate
+from jaxeff.config import ConfigError, LightningConfig, ModelConfig, load_config, validate
 from jaxeff.infer.generate import generate_ids
 from jaxeff.layers.lightning import alibi_slopes, decay_rates, lrpe, lrpe_theta_init
 from jaxeff.models.lm import build_model, init_caches
 from jaxeff.train import train
 
 
-def tnl_config(**kw) -> ModelConfig:
+def tnl_config(impl: str = "auto", **kw) -> ModelConfig:
     base = dict(d_model=32, n_layers=3, n_heads=4, mlp_dim=48, mixer_pattern=["lightning"],
                 channel_mixer_pattern=["sglu"], norm="srms", scale_embeddings=True, compute_dtype="float32",
-                lightning_block_size=4, lrpe_layers=[0])
+                lightning=LightningConfig(impl=impl, block_size=4, lrpe_layers=[0]))
     base.update(kw)
     return ModelConfig(**base)
 
@@ -94,7 +94,7 @@ def test_model_gradients_agree_between_reference_and_chunked_impls():
     tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, 259)
     losses, grads = [], []
     for impl in ("reference", "chunked"):
-        model = build_model(tnl_config(lightning_impl=impl), 259, platform="cpu")
+        model = build_model(tnl_config(impl=impl), 259, platform="cpu")
         params = nn.meta.unbox(model.init(jax.random.key(4), tokens))["params"]
         loss = lambda p: jnp.mean(model.apply({"params": p}, tokens)[0] ** 2)
         value, grad = jax.jit(jax.value_and_grad(loss))(params)
@@ -104,14 +104,15 @@ def test_model_gradients_agree_between_reference_and_chunked_impls():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads[0], grads[1])
 
 
-def test_lrpe_layer_out_of_range_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"model.lrpe_layers=\[7\]: layers \[7\] are outside 0..3"):
-        validate(load_config(None, ["model.lrpe_layers=[7]"]), 1)
+def test_lrpe_layer_out_of_range_is_a_config_error_only_when_lightning_is_used():
+    with pytest.raises(ConfigError, match=r"model.lightning.lrpe_layers=\[7\]: layers \[7\] are outside 0..3"):
+        validate(load_config(None, ["model.lightning.lrpe_layers=[7]", "model.mixer_pattern=[attention, lightning]"]), 1)
+    validate(load_config(None, ["model.lightning.lrpe_layers=[7]", "model.mixer_pattern=[attention]"]), 1)
 
 
 def test_tnl_trains_and_generates(tmp_path):
     cfg = tiny_config(**{"model.mixer_pattern": "[lightning]", "model.channel_mixer_pattern": "[sglu]",
-                         "model.norm": "srms", "model.scale_embeddings": True, "model.lightning_block_size": 16,
+                         "model.norm": "srms", "model.scale_embeddings": True, "model.lightning.block_size": 16,
                          "train.steps": 30, "train.eval_every": 15, "train.warmup_steps": 5, "mesh.data": 2,
                          "sample.max_new_tokens": 10})
     result = train(cfg, tmp_path)

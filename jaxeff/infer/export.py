@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ def export_checkpoint(workdir: str | Path, out: str | Path) -> Path:
     meta = {
         "format": EXPORT_FORMAT,
         "architecture": "DecoderLM",
-        "model": dataclasses.asdict(loaded.model_config),
+        "model": loaded.model_config.model_dump(mode="json"),
         "vocab_size": loaded.tokenizer.vocab_size,
         "padded_vocab_size": loaded.model.vocab_size,
         "tokenizer": tokenizer_spec,

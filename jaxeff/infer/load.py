@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from jaxeff.config import ConfigError, ModelConfig, config_from_dict, load_config
+from jaxeff.config import ConfigError, ModelConfig, config_from_dict, read_saved_config
+from jaxeff.config.legacy import migrate_moved_keys
 from jaxeff.data.tokenizer import Tokenizer, load_tokenizer
 from jaxeff.models.lm import DecoderLM, build_model
 
@@ -34,7 +35,7 @@ def _abstract_params(model: DecoderLM, seq_len: int = 8):
 def _from_workdir(workdir: Path) -> InferenceModel:
     from jaxeff.train.checkpoint import CheckpointStore
 
-    cfg = load_config(workdir / "config.yaml")
+    cfg = read_saved_config(workdir / "config.yaml")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer.vocab_size)
     store = CheckpointStore(workdir / "checkpoints", read_only=True)
@@ -48,7 +49,7 @@ def _from_workdir(workdir: Path) -> InferenceModel:
 
 def _from_export(export_dir: Path) -> InferenceModel:
     meta = json.loads((export_dir / "config.json").read_text())
-    model_cfg = config_from_dict({"model": meta["model"]}).model
+    model_cfg = config_from_dict(migrate_moved_keys({"model": meta["model"]}), where=f"{export_dir}/config.json: ").model
     tokenizer = load_tokenizer(meta["tokenizer"], base_dir=export_dir)
     model = build_model(model_cfg, tokenizer.vocab_size)
     params = ocp.StandardCheckpointer().restore((export_dir / "params").absolute(), _abstract_params(model))

@@ -3,7 +3,7 @@
 Token mixer, per layer l of L, heads H of width d:
 
     q, k = silu(x Wq), silu(x Wk);  v, u = x Wv, x Wu             (no activation on v and u)
-    q, k = LRPE-d(q, pos), LRPE-d(k, pos)                          (only on `model.lrpe_layers`)
+    q, k = LRPE-d(q, pos), LRPE-d(k, pos)                          (only on `model.lightning.lrpe_layers`)
     a    = lightning_attention(q, k, v, rate_l)                   (per-head decay exp(-rate), no 1/sqrt(d))
     y    = (SRMSNorm(concat_heads(a)) * u) Wo                      (norm over the whole hidden width)
 
@@ -74,7 +74,7 @@ def lrpe_theta_init(key, shape, dtype=jnp.float32):
 
 
 def _uses_lrpe(cfg: ModelConfig, layer: int) -> bool:
-    return layer in cfg.lrpe_layers
+    return layer in cfg.lightning.lrpe_layers
 
 
 class LightningMixer(nn.Module):
@@ -95,19 +95,19 @@ class LightningMixer(nn.Module):
             theta_HD = self.param("lrpe_theta", nn.with_logical_partitioning(lrpe_theta_init, ("heads", "head_dim")),
                                   (h, d), jnp.float32)
             q_BSHD, k_BSHD = lrpe(q_BSHD, positions_BS, theta_HD), lrpe(k_BSHD, positions_BS, theta_HD)
-        rate_H = jnp.asarray(decay_rates(h, cfg.n_layers, layer, cfg.decay_convention), jnp.float32)
+        rate_H = jnp.asarray(decay_rates(h, cfg.n_layers, layer, cfg.lightning.decay_convention), jnp.float32)
 
         if cache is None:
-            a_BSHD = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, block_size=cfg.lightning_block_size,
-                                         impl=cfg.lightning_impl)
+            a_BSHD = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, block_size=cfg.lightning.block_size,
+                                         impl=cfg.lightning.impl)
             new_cache = None
         elif x_BSD.shape[1] == 1:  # one decoding step: the recurrence, no blocks
             a_BHD, state = lightning_attention_step(q_BSHD[:, 0], k_BSHD[:, 0], v_BSHD[:, 0], rate_H, cache["state"])
             a_BSHD, new_cache = a_BHD[:, None], {"state": state}
         else:  # prefill (or a chunk of it): continue from the cached state
             a_BSHD, state = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, initial_state=cache["state"],
-                                                return_final_state=True, block_size=cfg.lightning_block_size,
-                                                impl=cfg.lightning_impl)
+                                                return_final_state=True, block_size=cfg.lightning.block_size,
+                                                impl=cfg.lightning.impl)
             new_cache = {"state": state}
 
         b, s = x_BSD.shape[:2]
@@ -132,7 +132,7 @@ def lightning_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     state product q KV plus the state update k^T v, each d_k x d_v per head."""
     h, d = cfg.n_heads, head_dim(cfg)
     d_k = 2 * d if _uses_lrpe(cfg, layer) else d
-    block = min(cfg.lightning_block_size, seq_len)
+    block = min(cfg.lightning.block_size, seq_len)
     projections = 2 * cfg.d_model * h * d * 5
     intra = 2 * h * (d_k + d) * (block + 1) / 2
     inter_and_state = 2 * 2 * h * d_k * d

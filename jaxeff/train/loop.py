@@ -10,9 +10,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
-
-from jaxeff.config import Config, ConfigError, dump_config, validate
+from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
+from jaxeff.config.resume import check_resume
 from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
 from jaxeff.infer.generate import generate_text
 from jaxeff.layers.registry import check_mixer_names
@@ -28,11 +27,6 @@ from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardin
                                 logical_axes)
 from jaxeff.train.step import make_eval_step, make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
-
-# Keys that may change between a run and its resumption without breaking the restore.
-RESUMABLE_CHANGES = ("train.steps", "train.eval_every", "train.eval_batches", "train.jit", "checkpoint.",
-                     "logging.", "sample.", "data.num_workers", "train.max_consecutive_nonfinite")
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -58,26 +52,6 @@ def apply_debug_mode(cfg: Config) -> list[str]:
         changes.append("data.seq_len=64")
     cfg.checkpoint.async_save = False
     return changes
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resume_compatible(saved_path: Path, cfg: Config) -> list[str]:
-    """Differences that would break the restore raise ConfigError; harmless ones are returned."""
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flatten(cfg.to_dict())
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    blocking = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
-    if blocking:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in blocking[:6])
-        raise ConfigError(f"the workdir {saved_path.parent} holds checkpoints of a different run ({detail}); "
-                          "use a new --workdir, or the same config to resume")
-    return changed
 
 
 def _global_batch(mesh, local_batch: dict[str, np.ndarray], global_batch_size: int) -> dict[str, jax.Array]:
@@ -127,7 +101,9 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     corpus = build_corpus(cfg.data, tokenizer)
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()) and (workdir / "config.yaml").is_file():
-        notes += [f"resuming with a changed setting: {k}" for k in check_resume_compatible(workdir / "config.yaml", cfg)]
+        changes = check_resume(read_saved_config(workdir / "config.yaml"), cfg, workdir)
+        if changes:
+            notes.append("changed on resume: " + ", ".join(str(c) for c in changes))
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         dump_config(cfg, workdir / "config.yaml")

@@ -1,0 +1,99 @@
+"""Cross-field checks: what a single field's type cannot say (heads vs width, batch vs mesh, ...).
+
+`validate` runs before anything compiles. Types and ranges of single fields were already checked
+when the config was loaded; the checks of a mixer section run only when a layer uses that mixer.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jaxeff.config.base import ConfigError
+from jaxeff.config.sections import Config, MeshConfig
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with the -1 axis filled in; ConfigError when they do not fit the devices."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
+    free = [k for k, v in sizes.items() if v == -1]
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{k}={v}: axis sizes must be positive, or -1 for 'the remaining devices'")
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + k for k in free)}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh: the fixed axes use {fixed} devices, which does not divide the {num_devices} devices "
+                f"present; change mesh.{'/'.join(k for k in sizes if k not in free)}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total > num_devices:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor*expert = {'*'.join(str(v) for v in sizes.values())} = {total} devices, "
+            f"but only {num_devices} {'is' if num_devices == 1 else 'are'} present; shrink the mesh (e.g. mesh.data=-1)"
+        )
+    return sizes
+
+
+def check_consistency(cfg: Config) -> None:
+    """The device-independent cross-field checks, including those of the mixer sections in use."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if t.warmup_steps >= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be smaller than train.steps={t.steps}; "
+                          f"also set e.g. train.warmup_steps={t.steps // 10}")
+    if d.source != "stdlib" and not d.paths:
+        raise ConfigError(f"data.source={d.source!r} needs data.paths (a list of files or glob patterns)")
+    n_kv = m.n_kv_heads or m.n_heads
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+            f"pick n_heads from {_divisors(m.d_model)} or set model.head_dim"
+        )
+    if m.n_heads % n_kv:
+        raise ConfigError(
+            f"model.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads} (grouped-query attention); "
+            f"pick one of {_divisors(m.n_heads)}"
+        )
+    if (m.head_dim or m.d_model // m.n_heads) % 2:
+        raise ConfigError("the head dimension must be even for rotary embeddings; change model.n_heads or model.head_dim")
+    if t.global_batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}"
+        )
+    for name, section in m.sections_in_use():
+        section.check(cfg, f"model.{name}")
+
+
+def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+    """All cross-field checks for this many devices and processes; returns the resolved mesh shape."""
+    check_consistency(cfg)
+    m, t = cfg.model, cfg.train
+    mesh = resolve_mesh_shape(cfg.mesh, num_devices)
+    batch_shards = mesh["data"] * mesh["fsdp"]
+    micro = t.global_batch_size // t.microbatches
+    if micro % batch_shards:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} / train.microbatches={t.microbatches} = {micro} rows "
+            f"per microbatch is not divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}; "
+            f"use a global batch that is a multiple of {batch_shards * t.microbatches}"
+        )
+    if t.global_batch_size % num_processes:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
+                          f"{num_processes} processes; each process loads an equal share of every batch")
+    tp = mesh["tensor"]
+    n_kv = m.n_kv_heads or m.n_heads
+    for key, value in {"model.n_heads": m.n_heads, "model.n_kv_heads": n_kv, "model.mlp_dim": m.mlp_dim}.items():
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tp}; change one of them")
+    if m.vocab_multiple % tp:
+        raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by mesh.tensor={tp}")
+    if m.d_model % mesh["fsdp"]:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={mesh['fsdp']}")
+    return mesh
+
+
+def _divisors(n: int) -> list[int]:
+    return [i for i in range(1, n + 1) if n % i == 0]

@@ -1,0 +1,89 @@
+"""Reading configs: a YAML file plus dotted command-line overrides -> a checked `Config`.
+
+Every failure is a one-line `ConfigError` (the CLI prints it and exits with code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from jaxeff.config.base import ConfigError
+from jaxeff.config.errors import config_error
+from jaxeff.config.legacy import migrate_moved_keys, refuse_moved_keys
+from jaxeff.config.sections import Config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.steps=100' -> ('train.steps', 100). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value (for example train.steps=100)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': '{key}' is not a dotted key like train.steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or an empty `section:` in the YAML file
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:i + 1])}' is a setting, not a section")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (pass --config PATH, e.g. configs/debug.yaml)")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)")
+    return loaded or {}
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "") -> Config:
+    """Validate a nested dict (the YAML form). `where` prefixes messages (e.g. the file it came from)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise config_error(e, Config, where) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply overrides, check types. Raises ConfigError."""
+    raw = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    refuse_moved_keys(raw)
+    return config_from_dict(raw)
+
+
+def read_saved_config(path: str | Path) -> Config:
+    """A config written by `dump_config`, possibly by an older jaxeff (old keys are migrated)."""
+    raw = migrate_moved_keys(read_yaml(path))
+    return config_from_dict(raw, where=f"{path}: ")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

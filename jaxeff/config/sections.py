@@ -1,0 +1,215 @@
+"""The run configuration: one pydantic model per YAML section.
+
+`ModelConfig` holds what every model shares; settings of one mixer family live in that family's
+section (`model.lightning`, see mixers.py). Fields marked `MAY_CHANGE` may differ when a run is
+resumed (resume.py). docs/config.md and configs/jaxeff.schema.json are generated from these classes
+(`make docs`); a test fails when they are stale.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Iterator, Literal
+
+from pydantic import Field
+
+from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                Section)
+from jaxeff.config.mixers import LightningConfig, MixerSection
+
+
+class ModelConfig(Section):
+    """Model shape and numerics shared by every architecture; mixer-specific settings are in subsections."""
+
+    d_model: PositiveInt = 128
+    """residual stream width"""
+    n_layers: PositiveInt = 4
+    """number of blocks"""
+    n_heads: PositiveInt = 4
+    """query heads (must divide `d_model` unless `head_dim` is set)"""
+    n_kv_heads: PositiveInt | None = None
+    """key/value heads for grouped-query attention; null = `n_heads`"""
+    head_dim: PositiveInt | None = None
+    """per-head width; null = `d_model / n_heads` (must be even, for RoPE)"""
+    mlp_dim: PositiveInt = 384
+    """hidden width of the channel mixer"""
+    mixer_pattern: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
+    """token mixer per layer, cycled over the layers: `attention`, `lightning`"""
+    channel_mixer_pattern: list[str] = Field(default_factory=lambda: ["swiglu"], min_length=1)
+    """channel mixer per layer, cycled over the layers: `swiglu`, `sglu`"""
+    tie_embeddings: bool = True
+    """output head reuses the embedding matrix"""
+    rope_theta: PositiveFloat = 10000.0
+    """rotary embedding base"""
+    norm_eps: PositiveFloat = 1e-6
+    """RMSNorm epsilon"""
+    init_std: PositiveFloat = 0.02
+    """std of weight init (output projections are scaled by `1/sqrt(2 n_layers)`)"""
+    compute_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], MAY_CHANGE] = "auto"
+    """`auto` (bfloat16 on GPU/TPU, float32 on CPU), `float32`, `bfloat16`, `float16`; parameters stay float32"""
+    remat: Annotated[Literal["none", "full", "dots_saveable"], MAY_CHANGE] = "none"
+    """activation checkpointing per block: `none`, `full`, `dots_saveable`"""
+    vocab_multiple: PositiveInt = 128
+    """the embedding table is padded to a multiple of this (keeps tensor sharding even)"""
+    norm: Literal["rms", "srms"] = "rms"
+    """block norms: `rms` (RMSNorm with a learned scale) or `srms` (scale-free SRMSNorm, TransNormerLLM)"""
+    scale_embeddings: bool = False
+    """multiply token embeddings by `sqrt(d_model)` (TransNormerLLM)"""
+
+    lightning: LightningConfig = Field(default_factory=LightningConfig)
+    """lightning attention mixers (TransNormerLLM)"""
+
+    def mixer_sections(self) -> Iterator[tuple[str, MixerSection]]:
+        """(name, section) for every mixer section, used or not."""
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if isinstance(section, MixerSection):
+                yield name, section
+
+    def sections_in_use(self) -> Iterator[tuple[str, MixerSection]]:
+        """The mixer sections read by at least one layer of the patterns."""
+        used = set(self.mixer_pattern) | set(self.channel_mixer_pattern)
+        for name, section in self.mixer_sections():
+            if used & set(section.mixers):
+                yield name, section
+
+
+class DataConfig(Section):
+    """Where the training text comes from and how it becomes batches."""
+
+    source: Literal["stdlib", "text", "jsonl", "arrayrecord"] = "stdlib"
+    """`stdlib` (the interpreter's standard library sources, tests excluded), `text`, `jsonl`, `arrayrecord`"""
+    paths: list[str] = Field(default_factory=list)
+    """files or glob patterns for `text` (one document per file), `jsonl` (`text` field per line), `arrayrecord` (UTF-8 records)"""
+    tokenizer: str = "byte"
+    """`byte` (256 bytes + PAD/BOS/EOS) or the path of a Hugging Face `tokenizer.json`"""
+    seq_len: PositiveInt = 128
+    """tokens per training sequence"""
+    validation_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.02
+    """share of documents held out for evaluation"""
+    split_seed: int = 0
+    """seed of the train/validation document split"""
+    shuffle_seed: int = 0
+    """seed of the window shuffle (reshuffled every epoch)"""
+    max_documents: PositiveInt | None = None
+    """read at most this many documents (null = all)"""
+    num_workers: Annotated[NonNegativeInt, MAY_CHANGE] = 0
+    """grain worker processes (0 = in the training process)"""
+
+
+class MeshConfig(Section):
+    """Axis sizes of the device mesh; their product must not exceed the devices present. One axis may be
+    `-1`: all devices not used by the others. Any of them may change when a run is resumed."""
+
+    may_change_on_resume: ClassVar[bool] = True
+
+    data: int = -1
+    """data parallelism (batch rows)"""
+    fsdp: int = 1
+    """fully sharded data parallelism (batch rows, and parameters/optimizer state over `embed`)"""
+    tensor: int = 1
+    """tensor parallelism (heads, MLP width, vocabulary)"""
+    expert: int = 1
+    """expert parallelism (reserved for mixture-of-experts)"""
+
+
+class TrainConfig(Section):
+    """Optimisation: steps, batch, AdamW with warmup and cosine decay, evaluation cadence."""
+
+    steps: Annotated[PositiveInt, MAY_CHANGE] = 300
+    """optimizer steps in total (raise it to continue a finished run; the cosine schedule follows it)"""
+    global_batch_size: PositiveInt = 16
+    """sequences per step over all devices and processes"""
+    microbatches: Annotated[PositiveInt, MAY_CHANGE] = 1
+    """gradient accumulation: the batch is processed in this many parts"""
+    learning_rate: Annotated[PositiveFloat, MAY_CHANGE] = 3e-3
+    """peak AdamW learning rate"""
+    warmup_steps: Annotated[NonNegativeInt, MAY_CHANGE] = 30
+    """linear warmup from 0 (must be smaller than `steps`)"""
+    min_lr_ratio: Annotated[NonNegativeFloat, MAY_CHANGE] = 0.1
+    """cosine decay ends at `learning_rate * min_lr_ratio`"""
+    weight_decay: Annotated[NonNegativeFloat, MAY_CHANGE] = 0.1
+    """decoupled weight decay on matrices (not on norm scales)"""
+    b1: Annotated[Float, Field(ge=0, lt=1), MAY_CHANGE] = 0.9
+    """AdamW first-moment decay"""
+    b2: Annotated[Float, Field(ge=0, lt=1), MAY_CHANGE] = 0.95
+    """AdamW second-moment decay"""
+    eps: Annotated[PositiveFloat, MAY_CHANGE] = 1e-8
+    """AdamW epsilon"""
+    grad_clip: Annotated[NonNegativeFloat, MAY_CHANGE] = 1.0
+    """clip by global norm; 0 disables (switching between 0 and > 0 is refused on resume)"""
+    seed: int = 0
+    """parameter init and train RNG"""
+    eval_every: Annotated[PositiveInt, MAY_CHANGE] = 100
+    """evaluate on the held-out split every N steps (and at the end)"""
+    eval_batches: Annotated[NonNegativeInt, MAY_CHANGE] = 4
+    """batches per evaluation"""
+    max_consecutive_nonfinite: Annotated[PositiveInt, MAY_CHANGE] = 5
+    """steps with NaN/Inf gradients are skipped; stop after this many in a row"""
+    jit: Annotated[bool, MAY_CHANGE] = True
+    """false runs the step eagerly (for debuggers)"""
+
+
+class CheckpointConfig(Section):
+    """Orbax checkpoints in `<workdir>/checkpoints`."""
+
+    may_change_on_resume: ClassVar[bool] = True
+
+    every: PositiveInt = 100
+    """save every N steps (and always at the end or on SIGTERM/SIGINT)"""
+    keep: PositiveInt = 3
+    """keep the last N checkpoints"""
+    async_save: bool = True
+    """write in the background while training continues"""
+
+
+class LoggingConfig(Section):
+    """TensorBoard scalars and console progress."""
+
+    may_change_on_resume: ClassVar[bool] = True
+
+    every: PositiveInt = 10
+    """TensorBoard scalars and progress updates every N steps"""
+    progress_bar: bool = True
+    """console progress (a live bar on a terminal, plain lines otherwise)"""
+    peak_tflops_per_device: PositiveFloat | None = None
+    """peak for the MFU estimate; known GPUs/TPUs need none, CPUs have no MFU unless set"""
+
+
+class SampleConfig(Section):
+    """Text generated at the end of training (and the defaults of `jaxeff generate`)."""
+
+    may_change_on_resume: ClassVar[bool] = True
+
+    prompt: str = "def "
+    """prompt"""
+    max_new_tokens: NonNegativeInt = 120
+    """0 skips the sample"""
+    temperature: NonNegativeFloat = 0.8
+    """0 = greedy"""
+    top_k: NonNegativeInt = 40
+    """0 = no top-k filter"""
+    seed: int = 0
+    """sampling seed"""
+
+
+class Config(Section):
+    """A jaxeff run: `jaxeff train --config FILE.yaml [section.key=value ...]`."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """model shape and numerics"""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """training data"""
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    """device mesh"""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """optimisation"""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """checkpoints"""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """logging"""
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    """end-of-training sample"""
+
+    def to_dict(self) -> dict:
+        """Plain YAML/JSON-ready values (the form written to `<workdir>/config.yaml`)."""
+        return self.model_dump(mode="json")

@@ -105,6 +105,7 @@ def test_cli_missing_config_file(tmp_path):
     ("train.learning_rate=.nan", r"train.learning_rate: expected a finite number"),
     ("train.b2=1.0", r"train.b2=1.0: must be >= 0 and < 1"),
     ("model.mixer_pattern=[]", r"model.mixer_pattern: needs at least 1 entry"),
+    ("model.n_kv_heads=0", r"model.n_kv_heads=0: must be positive"),  # a bound inside `int | None`
 ])
 def test_section_keys_and_values_name_the_dotted_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -128,6 +129,15 @@ def test_old_flat_keys_in_yaml_are_all_named_in_one_line(tmp_path):
     assert "'model.lightning_impl' is now 'model.lightning.impl'" in str(e.value)
     assert "'model.lrpe_layers' is now 'model.lightning.lrpe_layers'" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_empty_sections_mean_defaults_and_keys_must_be_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\nmodel:\n  lightning:\n")
+    assert load_config(path) == load_config(None)
+    path.write_text("model:\n  lightning:\n    7: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.lightning.7'"):
+        load_config(path)
 
 
 def test_yaml_floats_without_a_dot_and_nested_sections_parse(tmp_path):

@@ -78,7 +78,9 @@ def _walk(root: type[BaseModel], loc: tuple) -> tuple[str, type[BaseModel] | Non
             break  # a union-member tag that pydantic adds to the loc: the key is complete
         key = f"{key}.{part}" if key else part
         field = section.model_fields[part]
-        annotation, constraints = _strip(field.annotation), list(field.metadata)
+        # `PositiveInt | None` keeps its bounds inside the union member, not on the field
+        constraints = list(field.metadata) or _constraints(_unwrap_optional(field.annotation))
+        annotation = _strip(field.annotation)
         section = _section_class(annotation)
     return key, section, annotation, constraints
 

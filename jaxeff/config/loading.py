@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from jaxeff.config.base import ConfigError
-from jaxeff.config.errors import config_error
+from jaxeff.config.errors import config_error, unknown_key_error
 from jaxeff.config.legacy import migrate_moved_keys, refuse_moved_keys
 from jaxeff.config.sections import Config
 
@@ -61,10 +61,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded or {}
 
 
+def _normalise(raw: dict[str, Any], section: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Refuse keys that are not names (YAML `1: 2`); `train:` with nothing under it means the defaults."""
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise unknown_key_error(section, f"{prefix}{key}")
+        field = section.model_fields.get(key)
+        sub = field.annotation if field is not None else None
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            value = {} if value is None else _normalise(value, sub, f"{prefix}{key}.") if isinstance(value, dict) else value
+        out[key] = value
+    return out
+
+
 def config_from_dict(raw: dict[str, Any], where: str = "") -> Config:
     """Validate a nested dict (the YAML form). `where` prefixes messages (e.g. the file it came from)."""
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(_normalise(raw, Config))
     except ValidationError as e:
         raise config_error(e, Config, where) from None
 

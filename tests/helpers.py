@@ -1,6 +1,7 @@
 """Shared test helpers (tiny configs, subprocess environments)."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,3 +35,22 @@ def subprocess_env(devices: int = 1) -> dict:
 
 def jaxeff_cmd() -> list[str]:
     return [sys.executable, "-m", "jaxeff"]
+
+
+def tb_losses(workdir: Path) -> dict[int, float]:
+    """step -> training loss as logged to TensorBoard in `workdir/tb`."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(workdir / "tb"), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("loss")}
+
+
+def rewind(src: Path, dst: Path, step: int) -> Path:
+    """A copy of a finished run whose newest checkpoint is `step` (later ones and logs removed)."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if ckpt.name.isdigit() and int(ckpt.name) > step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(dst / "tb")
+    return dst

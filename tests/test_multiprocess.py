@@ -3,7 +3,6 @@
 Each test is one short multi-process run of the tiny model; together they take a few minutes.
 """
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from helpers import REPO, jaxeff_cmd, subprocess_env, tiny_overrides
+from helpers import REPO, jaxeff_cmd, rewind, subprocess_env, tb_losses, tiny_overrides
 
 pytestmark = pytest.mark.slow
 STEPS = 20
@@ -36,24 +35,6 @@ def run(cmd, devices: int = 1, timeout: int = 180) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(devices), timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
-
-
-def tb_losses(workdir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    acc = ea.EventAccumulator(str(workdir / "tb"), size_guidance={ea.SCALARS: 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss")}
-
-
-def rewind(src: Path, dst: Path, step: int) -> Path:
-    """A copy of a finished run whose newest checkpoint is `step` (later ones and logs removed)."""
-    shutil.copytree(src, dst)
-    for ckpt in (dst / "checkpoints").iterdir():
-        if ckpt.name.isdigit() and int(ckpt.name) > step:
-            shutil.rmtree(ckpt)
-    shutil.rmtree(dst / "tb")
-    return dst
 
 
 @pytest.fixture(scope="module")

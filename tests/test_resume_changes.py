@@ -4,14 +4,13 @@ per-mixer config sections still resume and load."""
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, jaxeff_cmd, subprocess_env, tiny_overrides
+from helpers import REPO, jaxeff_cmd, rewind, subprocess_env, tb_losses, tiny_overrides
 from jaxeff.config import ConfigError, load_config
 from jaxeff.config.resume import check_resume
 from jaxeff.infer import export_checkpoint, load_inference_model
@@ -49,24 +48,6 @@ OVERRIDES = tiny_overrides(**{"train.steps": STEPS, "checkpoint.every": 3, "trai
 SAVED_MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
 
-def tb_losses(workdir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    acc = ea.EventAccumulator(str(workdir / "tb"), size_guidance={ea.SCALARS: 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss")}
-
-
-def rewind(src: Path, dst: Path, step: int) -> Path:
-    """A copy of a finished run whose newest checkpoint is `step` (later ones and logs removed)."""
-    shutil.copytree(src, dst)
-    for ckpt in (dst / "checkpoints").iterdir():
-        if ckpt.name.isdigit() and int(ckpt.name) > step:
-            shutil.rmtree(ckpt)
-    shutil.rmtree(dst / "tb")
-    return dst
-
-
 @pytest.fixture(scope="module")
 def saved_on_8_devices(tmp_path_factory):
     """6 steps on 8 devices with data2/fsdp2/tensor2: the reference losses and the workdir."""
@@ -91,7 +72,7 @@ def test_resume_on_fewer_devices_with_another_mesh_continues_the_run(saved_on_8_
     for key, old in (("mesh.data", 2), ("mesh.fsdp", 2), ("mesh.tensor", 2)):
         new = int(next(m for m in mesh if m.startswith(key)).split("=")[1])
         assert (f"{key} {old} -> {new}" in changed[0]) == (old != new), changed[0]
-    assert f"resumed from checkpoint step 3" in proc.stdout
+    assert "resumed from checkpoint step 3" in proc.stdout
     resumed = tb_losses(workdir)
     assert sorted(resumed) == [4, 5, 6]
     np.testing.assert_allclose([resumed[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)], rtol=1e-5)

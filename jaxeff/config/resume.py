@@ -65,6 +65,6 @@ def check_resume(saved: Config, now: Config, workdir: Path | str) -> list[Change
         detail = ", ".join(f"{c.key}: {c.saved!r} -> {c.now!r}" for c in refused[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ConfigError(f"the workdir {workdir} holds checkpoints of a different run ({detail}{more}); these "
-                          "settings fix the parameters' shapes, the data order or the seeds: use a new --workdir, "
-                          "or the saved values to resume (see <workdir>/config.yaml)")
+                          "settings define the model, its data or its seeds: use a new --workdir, or the saved values "
+                          f"(in {Path(workdir) / 'config.yaml'}) to resume")
     return [c for c, _ in changes]

@@ -1,6 +1,9 @@
 """The `jaxeff` command: train, export, generate, config-schema.
 
-User errors (bad config, missing files) print one line and exit with code 2, without a traceback.
+Exit codes, decided here and only here: 0 done; 2 a user error (`jaxeff.errors.UserError`: config,
+data, paths, flags, workdir), printed as one line without a traceback; 1 training stopped (e.g.
+non-finite losses); 130 Ctrl-C (before or after training at once, during training after a
+checkpoint); 128 + signal when a scheduler's SIGTERM stopped training.
 """
 
 from __future__ import annotations
@@ -9,9 +12,6 @@ import argparse
 import logging
 import os
 import sys
-
-EXIT_USER_ERROR = 2
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxeff", description="Train efficient sequence models with JAX.")
@@ -102,24 +102,30 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxeff.interrupts import exit_at_once_on_ctrl_c
+
+    exit_at_once_on_ctrl_c()  # first, so that Ctrl-C during imports and compilation is clean too
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("JAXEFF_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs routine INFO/WARNING lines through absl
     # Imported late so that `jaxeff --help` is instant and argument errors come before JAX starts.
-    from jaxeff.config import ConfigError
+    from jaxeff.errors import EXIT_INTERRUPTED, EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, UserError
+    from jaxeff.interrupts import exit_now
     from jaxeff.train import TrainingStopped
 
+    # exit_now: the explanation is the last line, and background threads (Orbax's asynchronous
+    # saves, grain workers) cannot print over it while the interpreter shuts down.
     try:
         commands = {"train": _train, "export": _export, "generate": _generate, "config-schema": _config_schema}
         return commands[args.command](args)
-    except ConfigError as e:
-        print(f"jaxeff: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except UserError as e:
+        exit_now(f"jaxeff: error: {e}", EXIT_USER_ERROR)
     except TrainingStopped as e:
-        print(f"jaxeff: training stopped: {e}", file=sys.stderr)
-        return 1
+        exit_now(f"jaxeff: training stopped: {e}", EXIT_TRAINING_STOPPED)
+    except KeyboardInterrupt:
+        exit_now("jaxeff: interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

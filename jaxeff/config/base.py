@@ -12,8 +12,10 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from jaxeff.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user error in the configuration (bad key, type or value). Never a bug in jaxeff."""
 
 

@@ -46,6 +46,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (e.g. configs/debug.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist (pass --config PATH, e.g. configs/debug.yaml)")
     try:

@@ -29,44 +29,82 @@ def stdlib_files() -> list[Path]:
 def _expand(patterns: list[str], key: str = "data.paths") -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
+        if Path(pattern).is_dir():
+            raise ConfigError(f"{key}: '{pattern}' is a directory; give files or a glob such as '{pattern}/*.txt' "
+                              f"or '{pattern}/**/*.jsonl'")
         matches = sorted(glob.glob(pattern, recursive=True))
-        if not matches:
-            raise ConfigError(f"{key}: '{pattern}' matches no file; check the path (relative to {Path.cwd()})")
-        files.extend(Path(m) for m in matches if Path(m).is_file())
+        found = [Path(m) for m in matches if Path(m).is_file()]
+        if not found:
+            what = "only directories" if matches else "no file"
+            raise ConfigError(f"{key}: '{pattern}' matches {what}; check the path (relative to {Path.cwd()})")
+        files.extend(found)
     return files
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"data.paths: cannot read '{path}' ({e.strerror})") from None
+
+
+def _decode(raw: bytes, where: str) -> str:
+    """Strict UTF-8: a binary or compressed file is refused by name instead of training on U+FFFD."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = " (gzip-compressed: decompress it first)" if raw[:2] == b"\x1f\x8b" else " (a binary file?)"
+        raise ConfigError(f"data.paths: {where} is not UTF-8 text: invalid byte at offset {e.start}{kind}; "
+                          "convert it to UTF-8 or remove it from data.paths") from None
+    if "\x00" in text:
+        raise ConfigError(f"data.paths: {where} contains NUL bytes, so it is not a text file; remove it from "
+                          "data.paths")
+    return text
+
+
 def _read_text(path: Path) -> str:
+    return _decode(_read_bytes(path), f"'{path}'")
+
+
+def _read_stdlib_source(path: Path) -> str:
+    # The interpreter's own files: a rare legacy encoding is not the user's problem.
     return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"data.paths: {path}:{line_no} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f"data.paths: {path}:{line_no} has no string field 'text' (JSONL records need one)")
-            yield record["text"]
+    for line_no, raw_line in enumerate(_read_bytes(path).splitlines(), 1):
+        line = _decode(raw_line, f"'{path}' line {line_no}")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"data.paths: {path}:{line_no} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ConfigError(f"data.paths: {path}:{line_no} has no string field 'text' (JSONL records need one)")
+        yield record["text"]
 
 
 def _arrayrecord_documents(paths: list[Path]) -> Iterator[str]:
     import grain
 
-    source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
-    for i in range(len(source)):
-        record = source[i]
-        yield record.decode("utf-8", errors="replace") if isinstance(record, bytes) else str(record)
+    for path in paths:  # one file at a time, so that an error names the file
+        try:
+            source = grain.sources.ArrayRecordDataSource([str(path)])
+            n_records = len(source)
+        except Exception as e:  # the C++ reader raises plain RuntimeError/ValueError with long texts
+            first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"data.paths: '{path}' is not a readable ArrayRecord file ({first_line}); "
+                              "use data.source=text or jsonl for plain files") from None
+        for i in range(n_records):
+            record = source[i]
+            yield _decode(record, f"'{path}' record {i}") if isinstance(record, bytes) else str(record)
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
     if cfg.source == "stdlib":
         for path in stdlib_files():
-            yield _read_text(path)
+            yield _read_stdlib_source(path)
     elif cfg.source == "text":
         for path in _expand(cfg.paths):
             yield _read_text(path)

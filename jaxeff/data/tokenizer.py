@@ -47,6 +47,8 @@ class HuggingFaceTokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"data.tokenizer: '{path}' is a directory; give the tokenizer.json file inside it")
         if not path.is_file():
             raise ConfigError(f"data.tokenizer: file '{path}' does not exist (use 'byte' or a tokenizer.json path)")
         try:

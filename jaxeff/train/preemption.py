@@ -16,9 +16,11 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from jaxeff.interrupts import exit_now
+
 
 class PreemptionGuard:
-    """A second SIGINT (Ctrl-C twice) falls through to Python's default and interrupts at once."""
+    """A second SIGINT (Ctrl-C twice) ends the process at once: one line, exit code 130."""
 
     def __init__(self):
         self.received: int | None = None
@@ -35,8 +37,12 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            exit_now("jaxeff: interrupted again (Ctrl-C twice): stopped at once; a checkpoint being written is "
+                     "discarded on the next start, the earlier ones are complete")
         self.received = signum
+        if signum == signal.SIGINT:
+            os.write(2, b"\njaxeff: Ctrl-C: saving a checkpoint at the end of this step "
+                        b"(Ctrl-C again stops at once, without it)\n")
         if self._multi_process:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -83,8 +83,8 @@ def _train(args) -> int:
 def _export(args) -> int:
     from jaxeff.infer import export_checkpoint
 
-    out = export_checkpoint(args.workdir, args.out)
-    print(f"exported to {out} (params/ is a plain orbax checkpoint; config.json describes the model)")
+    out, step = export_checkpoint(args.workdir, args.out)
+    print(f"exported step {step} to {out} (params/ is a plain orbax checkpoint; config.json describes the model)")
     return 0
 
 
@@ -93,7 +93,15 @@ def _generate(args) -> int:
     from jaxeff.infer import generate_text, load_inference_model
 
     if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1")
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not args.temperature >= 0:  # also refuses nan
+        raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 = no top-k filter)")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise ConfigError("--prompt is not valid UTF-8 text; pass the prompt in UTF-8") from None
     loaded = load_inference_model(args.workdir)
     text = generate_text(loaded.model, loaded.params, loaded.tokenizer, args.prompt, args.max_new_tokens,
                          args.temperature, args.top_k, args.seed)

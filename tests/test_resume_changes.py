@@ -101,7 +101,8 @@ def test_a_workdir_with_flat_keys_resumes_exactly_and_its_export_loads(tmp_path)
     # The old export (step 6 of the old-code run) loads, and equals the old run resumed by this code.
     old_export = load_inference_model(LEGACY / "export")
     assert old_export.step == 6 and old_export.model_config.lightning.block_size == 16
-    new_export = export_checkpoint(workdir, tmp_path / "export")
+    new_export, exported_step = export_checkpoint(workdir, tmp_path / "export")
+    assert exported_step == 6
     new_params = ocp.StandardCheckpointer().restore(new_export / "params")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
                  jax.device_get(old_export.params), new_params)

@@ -15,18 +15,22 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxeff.config import ConfigError
+from jaxeff.paths import make_writable_dir
 from jaxeff.infer.load import load_inference_model
 from jaxeff.train.state import count_params
 
 EXPORT_FORMAT = "jaxeff-export-v1"
 
 
-def export_checkpoint(workdir: str | Path, out: str | Path) -> Path:
+def export_checkpoint(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
+    """Write the export; returns (its directory, the training step exported)."""
     out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
     loaded = load_inference_model(workdir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(out, "--out")
     tokenizer_spec = loaded.tokenizer.spec
     if tokenizer_spec != "byte":
         shutil.copyfile(tokenizer_spec, out / "tokenizer.json")
@@ -48,4 +52,4 @@ def export_checkpoint(workdir: str | Path, out: str | Path) -> Path:
         "step": loaded.step,
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2))
-    return out
+    return out, loaded.step

@@ -10,7 +10,8 @@ from jaxeff.models.lm import init_caches
 
 
 def sample_next(logits_BV, key, temperature: float, top_k: int, vocab_size: int):
-    """Greedy when temperature == 0; otherwise temperature + optional top-k sampling.
+    """Greedy when temperature == 0; otherwise temperature + optional top-k sampling (a top-k at or
+    above the vocabulary size keeps every token).
 
     Ids past the tokenizer's vocabulary (padding of the embedding table) are never produced.
     """
@@ -18,7 +19,7 @@ def sample_next(logits_BV, key, temperature: float, top_k: int, vocab_size: int)
     if temperature <= 0:
         return jnp.argmax(logits_BV, axis=-1)
     logits_BV = logits_BV / temperature
-    if top_k > 0:
+    if 0 < top_k < vocab_size:  # top_k >= the vocabulary filters nothing
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1)

@@ -33,17 +33,20 @@ def _abstract_params(model: DecoderLM, seq_len: int = 8):
 
 
 def _from_workdir(workdir: Path) -> InferenceModel:
-    from jaxeff.train.checkpoint import CheckpointStore
+    from jaxeff.train.checkpoint import CheckpointStore, restore_newest
 
     cfg = read_saved_config(workdir / "config.yaml")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer.vocab_size)
     store = CheckpointStore(workdir / "checkpoints", read_only=True)
-    step = store.latest_step()
-    if step is None:
+    abstract = _abstract_params(model)
+    try:
+        found = restore_newest(store, abstract, lambda step: store.restore_params(step, abstract))
+    finally:
+        store.close()
+    if found is None:
         raise ConfigError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first (jaxeff train)")
-    params = store.restore_params(step, _abstract_params(model))
-    store.close()
+    step, params = found
     return InferenceModel(model, params, tokenizer, step, cfg.model)
 
 

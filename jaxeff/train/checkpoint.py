@@ -5,22 +5,30 @@ iterator state per process; `meta` records the process count and data settings, 
 restore into a different topology rebuilds the iterators from the step instead. Orbax writes each step into a
 temporary directory and renames it when complete, so a save killed midway leaves only a
 `*.orbax-checkpoint-tmp*` directory: we delete those on start and resume from the last complete
-step.
+step. A newest step that does not restore (a file missing or truncated by a full disk or an
+interrupted copy) is moved aside to `<step>.damaged-<n>`, never deleted, and the previous step is
+tried (`restore_newest`).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+import numpy as np
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxeff.errors import UserError
+
 log = logging.getLogger("jaxeff")
+T = TypeVar("T")
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -41,6 +49,7 @@ class CheckpointStore:
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         if not read_only:
             for path in remove_partial_saves(self.directory):
                 log.warning("removed incomplete checkpoint %s (a save was interrupted)", path.name)
@@ -56,6 +65,27 @@ class CheckpointStore:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps_newest_first(self) -> list[int]:
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """'path/to/param' -> shape, read from the checkpoint's metadata (no array data)."""
+        return _shapes(self.manager.item_metadata(step)["params"])
+
+    def set_aside(self, step: int) -> Path:
+        """Rename a damaged step to `<step>.damaged-<n>` (process 0), so that it is kept but not restored."""
+        source = self.directory / str(step)
+        n = 1
+        while (self.directory / f"{step}.damaged-{n}").exists():
+            n += 1
+        target = self.directory / f"{step}.damaged-{n}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxeff:set-aside-{step}")
+        self.manager.reload()
+        return target
 
     def save(self, step: int, state: dict[str, Any], data_iterator, data_meta: dict[str, Any] | None = None) -> None:
         """Start saving `step` (in the background when async); the trainer decides when to call this."""
@@ -108,3 +138,75 @@ class CheckpointStore:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _shape_mismatch(saved: dict[str, tuple], model: dict[str, tuple]) -> str | None:
+    for name in sorted(set(saved) | set(model)):
+        if name not in model:
+            return f"parameter '{name}' {saved[name]} is in the checkpoint but not in this model"
+        if name not in saved:
+            return f"parameter '{name}' {model[name]} of this model is not in the checkpoint"
+        if saved[name] != model[name]:
+            return f"parameter '{name}' has shape {saved[name]} in the checkpoint but {model[name]} in this model"
+    return None
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(int(ok)))))
+
+
+def warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"jaxeff: warning: {message}", file=sys.stderr, flush=True)
+
+
+def restore_newest(store: CheckpointStore, abstract_params: Any,
+                   restore_step: Callable[[int], T]) -> tuple[int, T] | None:
+    """(step, restore_step(step)) for the newest step that restores; None when there is no checkpoint.
+
+    A step whose parameter shapes differ from the model's (`abstract_params`) is a user error: another
+    model wrote it. A step that cannot be read is damaged: one warning line, moved aside to
+    `<step>.damaged-<n>` unless the store is read-only, and the next older step is tried. UserError
+    when every step is damaged.
+    """
+    model_shapes = _shapes(abstract_params)
+    damaged: list[str] = []
+    for step in store.steps_newest_first():
+        result, error = None, None
+        try:
+            mismatch = _shape_mismatch(store.param_shapes(step), model_shapes)
+        except Exception as e:  # unreadable metadata: a damaged step
+            mismatch, error = None, e
+        if mismatch:
+            raise UserError(f"checkpoint step {step} in {store.directory} was written by a different model: "
+                            f"{mismatch}; use the model settings of the run that wrote it, or a new --workdir")
+        if error is None:
+            try:
+                result = restore_step(step)
+            except UserError:
+                raise
+            except Exception as e:  # a missing or truncated file in params, train_state or data
+                error = e
+        if _all_processes_agree(error is None):
+            return step, result
+        moved = None if store.read_only else store.set_aside(step)
+        damaged.append(f"{step}" + (f" (now {moved.name})" if moved else ""))
+        warn(f"checkpoint step {step} cannot be restored ({_reason(error) if error else 'on another process'}); "
+             + (f"moved it aside to {moved} (nothing deleted); " if moved else "")
+             + "trying the previous checkpoint")
+    if damaged:
+        raise UserError(f"no checkpoint in {store.directory} can be restored (damaged: {', '.join(damaged)}); "
+                        "restore the files from a copy, or start a new run with another --workdir")
+    return None

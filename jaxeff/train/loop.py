@@ -17,9 +17,10 @@ from jaxeff.infer.generate import generate_text
 from jaxeff.layers.registry import check_mixer_names
 from jaxeff.models.lm import build_model, flops_per_token
 from jaxeff.parallel.mesh import build_mesh
+from jaxeff.paths import make_writable_dir
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
-from jaxeff.train.checkpoint import CheckpointStore
+from jaxeff.train.checkpoint import CheckpointStore, restore_newest, warn
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
@@ -99,12 +100,10 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = build_corpus(cfg.data, tokenizer)
+    make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
-    if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()) and (workdir / "config.yaml").is_file():
-        changes = check_resume(read_saved_config(workdir / "config.yaml"), cfg, workdir)
-        if changes:
-            notes.append("changed on resume: " + ", ".join(str(c) for c in changes))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        notes += _compare_with_saved_config(workdir, cfg)
     if jax.process_index() == 0:
         dump_config(cfg, workdir / "config.yaml")
 
@@ -122,17 +121,42 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     return run
 
 
+def _compare_with_saved_config(workdir: Path, cfg: Config) -> list[str]:
+    """Notes for the header; ConfigError for a change that makes it another run. Without a readable
+    saved config, the checkpoint's own parameter shapes are checked before restoring instead."""
+    saved_path = workdir / "config.yaml"
+    try:
+        saved = read_saved_config(saved_path)
+    except ConfigError as e:
+        if saved_path.is_file():
+            warn(f"the saved config cannot be read ({e}); checking the checkpoint's shapes against this config "
+                 "instead, and writing this config in its place")
+        else:
+            warn(f"{saved_path} is missing; checking the checkpoint's shapes against this config instead")
+        return []
+    changes = check_resume(saved, cfg, workdir)
+    return ["changed on resume: " + ", ".join(str(c) for c in changes)] if changes else []
+
+
 def _restore_or_init(run: _Run) -> None:
     cfg = run.cfg
-    run.data_iter = iter(train_dataset(run.corpus, cfg.data, run.per_process_batch))
-    step = run.store.latest_step()
-    if step is None:
+
+    def new_iterator(start_row: int = 0):
+        return iter(train_dataset(run.corpus, cfg.data, run.per_process_batch, start_row=start_row))
+
+    def restore(step: int):
+        iterator = new_iterator()  # a fresh one per attempt: a failed restore may have touched it
+        state, iterator_restored = run.store.restore(step, run.abstract, iterator, run.data_meta)
+        return state, iterator, iterator_restored
+
+    found = restore_newest(run.store, run.abstract["params"], restore)
+    if found is None:
+        run.data_iter = new_iterator()
         run.state = init_state(run.model, run.tx, run.shardings, cfg.train.seed, cfg.data.seq_len)
         return
-    run.state, iterator_restored = run.store.restore(step, run.abstract, run.data_iter, run.data_meta)
+    step, (run.state, run.data_iter, iterator_restored) = found
     if not iterator_restored:  # another topology wrote it: continue the same global order
-        run.data_iter = iter(train_dataset(run.corpus, cfg.data, run.per_process_batch,
-                                           start_row=step * cfg.train.global_batch_size))
+        run.data_iter = new_iterator(start_row=step * cfg.train.global_batch_size)
     run.start_step = step
     run.notes.append(f"resumed from checkpoint step {step}"
                      + ("" if iterator_restored else " (data position rebuilt for this topology)"))
@@ -181,6 +205,8 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
     """Train (or resume) the run configured by `cfg` in `workdir`. See docs/architecture.md."""
     run = _setup(cfg, Path(workdir), debug)
     tcfg = cfg.train
+    if run.start_step >= tcfg.steps:
+        return _nothing_to_train(run)
     train_step, eval_step, compiled = _compile_steps(run)
     progress = Progress(tcfg.steps, run.start_step, cfg.logging.progress_bar and console)
     _print_header(run, progress, compiled)
@@ -242,6 +268,19 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
                        f"{elapsed:.0f}s, checkpoints in {run.store.directory}, TensorBoard: tensorboard --logdir "
                        f"{run.workdir / 'tb'}")
     return TrainResult(step, telemetry.losses, eval_losses, sample, exit_code, state["params"])
+
+
+def _nothing_to_train(run: _Run) -> TrainResult:
+    """The workdir is already at (or past) train.steps: say so, and how to go on."""
+    run.store.close()
+    done, steps = run.start_step, run.cfg.train.steps
+    if done > steps:
+        raise ConfigError(f"the workdir {run.workdir} is at step {done}, past train.steps={steps}; to train further "
+                          f"set train.steps above {done} (e.g. train.steps={done + steps}), or use a new --workdir")
+    if jax.process_index() == 0:
+        print(f"jaxeff: the run in {run.workdir} is already complete at step {done} = train.steps; set a larger "
+              f"train.steps (e.g. train.steps={2 * done}) to train further", flush=True)
+    return TrainResult(done, {}, {}, None, 0, run.state["params"])
 
 
 def _sample(run: _Run, params, progress: Progress) -> str | None:

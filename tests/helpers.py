@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -54,3 +55,16 @@ def rewind(src: Path, dst: Path, step: int) -> Path:
             shutil.rmtree(ckpt)
     shutil.rmtree(dst / "tb")
     return dst
+
+
+def run_jaxeff(*args: str, devices: int = 1, timeout: int = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([*jaxeff_cmd(), *args], capture_output=True, text=True, env=subprocess_env(devices),
+                          timeout=timeout, cwd=cwd)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit code 2, one line on stderr that contains `message`, no traceback anywhere."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]

@@ -1,11 +1,10 @@
 """Config loading: types, unknown keys, consistency checks, and the CLI's exit code 2."""
 
-import subprocess
 import textwrap
 
 import pytest
 
-from helpers import REPO, jaxeff_cmd, subprocess_env
+from helpers import REPO, assert_user_error, run_jaxeff
 from jaxeff.config import ConfigError, load_config, resolve_mesh_shape, validate
 
 
@@ -82,18 +81,13 @@ def test_unknown_mixer_has_did_you_mean():
 def test_cli_reports_user_errors_with_exit_code_2_and_no_traceback(tmp_path, yaml_text, extra, message):
     config = tmp_path / "bad.yaml"
     config.write_text(textwrap.dedent(yaml_text))
-    proc = subprocess.run([*jaxeff_cmd(), "train", "--config", str(config), "--workdir", str(tmp_path / "w"), *extra],
-                          capture_output=True, text=True, env=subprocess_env(devices=4), timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert_user_error(run_jaxeff("train", "--config", str(config), "--workdir", str(tmp_path / "w"), *extra,
+                                 devices=4), message)
 
 
-def test_cli_missing_config_file(tmp_path):
-    proc = subprocess.run([*jaxeff_cmd(), "train", "--config", str(tmp_path / "nope.yaml")],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_missing_config_file_or_a_directory(tmp_path):
+    assert_user_error(run_jaxeff("train", "--config", str(tmp_path / "nope.yaml")), "does not exist")
+    assert_user_error(run_jaxeff("train", "--config", str(tmp_path)), f"config file '{tmp_path}' is a directory")
 
 
 # ----------------------------------------------------------------------------- sections, renamed keys, round trip

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from jaxeff.config.base import MAY_CHANGE, ConfigError, PositiveInt, Section
+from jaxeff.config.base import MAY_CHANGE, ConfigError, Float, PositiveFloat, PositiveInt, Section
 
 if TYPE_CHECKING:
     from jaxeff.config.sections import Config
@@ -52,3 +52,44 @@ class LightningConfig(MixerSection):
         if self.block_size > seq_len:
             raise ConfigError(f"{key}.block_size={self.block_size} is longer than data.seq_len={seq_len}: the whole "
                               f"sequence would be one quadratic block; set {key}.block_size to at most {seq_len}")
+
+
+class MlstmConfig(MixerSection):
+    """mLSTM token mixers (xLSTM 7B blocks): `model.mixer_pattern: [mlstm]`; see [models/xlstm.md](models/xlstm.md)."""
+
+    mixers: ClassVar[tuple[str, ...]] = ("mlstm",)
+
+    impl: Annotated[Literal["auto", "reference", "chunked", "pallas"], MAY_CHANGE] = "auto"
+    """cell implementation: `auto` (Pallas on GPU/TPU, chunked on CPU), `reference` (quadratic), `chunked`, `pallas`"""
+    chunk_size: Annotated[PositiveInt, MAY_CHANGE] = 64
+    """chunk length of the chunked / Pallas forms"""
+    qk_dim_factor: Annotated[Float, Field(gt=0, le=4)] = 0.5
+    """q/k width as a fraction of `d_model` (split over `n_heads`)"""
+    v_dim_factor: Annotated[Float, Field(gt=0, le=4)] = 1.0
+    """v / output-gate width as a fraction of `d_model` (split over `n_heads`)"""
+    gate_soft_cap: PositiveFloat | None = 15.0
+    """soft cap `c tanh(x / c)` on the input and forget gate pre-activations; null disables it"""
+    cell_eps: Annotated[Float, Field(ge=0)] = 1e-6
+    """added to the cell's normaliser `max(|n.q|, exp(-m))`"""
+    norm_eps: PositiveFloat = 1e-6
+    """epsilon of the per-head layer norm of the cell output"""
+    igate_bias_init: Float = -10.0
+    """initial input-gate bias (xLSTM 7B: -10, so that new inputs start small)"""
+    fgate_bias_init: list[Float] = Field(default_factory=lambda: [3.0, 6.0], min_length=2, max_length=2)
+    """forget-gate biases start as linspace(a, b) over the heads (xLSTM 7B: 3 to 6)"""
+
+    def check(self, cfg: Config, key: str) -> None:
+        m = cfg.model
+        for name, factor in (("qk_dim_factor", self.qk_dim_factor), ("v_dim_factor", self.v_dim_factor)):
+            width = m.d_model * factor
+            if width != int(width) or int(width) % m.n_heads:
+                raise ConfigError(f"{key}.{name}={factor}: model.d_model * {name} = {width:g} must be a whole "
+                                  f"multiple of model.n_heads={m.n_heads}; change {key}.{name} or model.n_heads")
+        if self.chunk_size > cfg.data.seq_len:
+            raise ConfigError(f"{key}.chunk_size={self.chunk_size} is longer than data.seq_len={cfg.data.seq_len}: "
+                              f"the whole sequence would be one quadratic chunk; set {key}.chunk_size to at most "
+                              f"{cfg.data.seq_len}")
+
+    def head_dims(self, d_model: int, n_heads: int) -> tuple[int, int]:
+        """(d_qk, d_v) per head."""
+        return int(d_model * self.qk_dim_factor) // n_heads, int(d_model * self.v_dim_factor) // n_heads

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                 Section)
-from jaxeff.config.mixers import LightningConfig, MixerSection
+from jaxeff.config.mixers import LightningConfig, MixerSection, MlstmConfig
 
 
 class ModelConfig(Section):
@@ -54,9 +54,15 @@ class ModelConfig(Section):
     """block norms: `rms` (RMSNorm with a learned scale) or `srms` (scale-free SRMSNorm, TransNormerLLM)"""
     scale_embeddings: bool = False
     """multiply token embeddings by `sqrt(d_model)` (TransNormerLLM)"""
+    logit_soft_cap: PositiveFloat | None = None
+    """soft cap `c tanh(logits / c)` on the output logits (xLSTM 7B: 30); null disables it"""
+    vocab_size: PositiveInt | None = None
+    """embedding rows before padding; null = the tokenizer's vocabulary (set it to match a released model)"""
 
     lightning: LightningConfig = Field(default_factory=LightningConfig)
     """lightning attention mixers (TransNormerLLM)"""
+    mlstm: MlstmConfig = Field(default_factory=MlstmConfig)
+    """mLSTM mixers (xLSTM 7B)"""
 
     def mixer_sections(self) -> Iterator[tuple[str, MixerSection]]:
         """(name, section) for every mixer section, used or not."""

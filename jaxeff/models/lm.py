@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxeff.layers  # noqa: F401  (registers the built-in mixers)
-from jaxeff.config import ModelConfig
+from jaxeff.config import ConfigError, ModelConfig
 from jaxeff.layers.common import normal_init
 from jaxeff.layers.norms import NORMS
 from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
@@ -117,11 +117,26 @@ class DecoderLM(nn.Module):
             head = nn.DenseGeneral(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                    kernel_init=normal_init(cfg.init_std, ("embed", "vocab")), name="head")
             logits_BSV = head(x_BSD)
-        return logits_BSV.astype(jnp.float32), (None if caches is None else new_caches), aux_total
+        logits_BSV = logits_BSV.astype(jnp.float32)
+        if cfg.logit_soft_cap is not None:
+            logits_BSV = cfg.logit_soft_cap * jnp.tanh(logits_BSV / cfg.logit_soft_cap)
+        return logits_BSV, (None if caches is None else new_caches), aux_total
+
+
+def model_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+    """Embedding rows before padding: model.vocab_size when set (a released model's), else the tokenizer's."""
+    if cfg.vocab_size is None:
+        return tokenizer_vocab
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer_vocab} ids); raise it or set it to null")
+    return cfg.vocab_size
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) -> DecoderLM:
-    return DecoderLM(cfg, padded_vocab_size(vocab_size, cfg.vocab_multiple), compute_dtype(cfg, platform))
+    """`vocab_size`: the tokenizer's; model.vocab_size overrides it (see model_vocab_size)."""
+    vocab = model_vocab_size(cfg, vocab_size)
+    return DecoderLM(cfg, padded_vocab_size(vocab, cfg.vocab_multiple), compute_dtype(cfg, platform))
 
 
 def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
@@ -132,6 +147,6 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
     layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len, i) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg)
                  for i in range(cfg.n_layers))
-    return layers + 2 * cfg.d_model * padded_vocab_size(vocab_size, cfg.vocab_multiple)
+    return layers + 2 * cfg.d_model * padded_vocab_size(model_vocab_size(cfg, vocab_size), cfg.vocab_multiple)
 
 

@@ -12,6 +12,7 @@ from jax import lax
 from . import reference as _ref
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
+PALLAS_VARIANTS = ("triton", "tpu")  # kernel bodies: GPU (Triton) and TPU (Mosaic)
 
 
 def _kernel():
@@ -141,8 +142,8 @@ def mlstm(q, k, v, i_preact, f_preact, *, initial_state=None, return_final_state
     """
     q, k, v, i, f = (jnp.asarray(x) for x in (q, k, v, i_preact, f_preact))
     _check_inputs(q, k, v, i, f, initial_state, chunk_size, eps, impl)
-    if impl in ("auto", "pallas") and pallas_variant not in (None,) + _kernel().PLATFORMS:
-        raise ValueError(f"mlstm: pallas_variant must be None or one of {_kernel().PLATFORMS}, got {pallas_variant!r}")
+    if pallas_variant not in (None,) + PALLAS_VARIANTS:
+        raise ValueError(f"mlstm: pallas_variant must be None or one of {PALLAS_VARIANTS}, got {pallas_variant!r}")
     dtype = jnp.result_type(q, k, v)
     acc = _ref.acc_dtype(q, k, v, i, f)
     b, s, h, dk = q.shape

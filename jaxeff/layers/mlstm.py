@@ -1,0 +1,131 @@
+"""xLSTM 7B's mLSTM layer as a token mixer (`model.mixer_pattern: [mlstm]`, settings in `model.mlstm`).
+
+    q, k = x Wq, x Wk                    [B,S,H,d_qk]   (d_qk = d_model * qk_dim_factor / H)
+    v, o = x Wv, x Wo                    [B,S,H,d_v]    (d_v  = d_model * v_dim_factor / H)
+    i, f = softcap(x Wi + bi), softcap(x Wf + bf)       [B,S,H], soft cap 15, float32
+    h    = mlstm(q, k, v, i, f)          the cell (pallas_kernels.mlstm); recurrent state in decoding
+    y    = (sigmoid(o) * LayerNorm_per_head(h)) Wout
+
+The block around it is the model's: x + mixer(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)). Initialisation as
+xLSTM 7B: q/k/v "small" N(0, sqrt(2 / (5 d_model))), output projection "wang" N(0, 2 / (n_layers sqrt(d_model))),
+gate and output-gate weights zero, input-gate bias `igate_bias_init` (-10), forget-gate biases
+linspace(`fgate_bias_init`) over the heads (3 to 6).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxeff.config import ModelConfig
+from jaxeff.layers.common import normal_init, projection
+from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from pallas_kernels.mlstm import mlstm, mlstm_step
+
+
+def soft_cap(x, cap: float | None):
+    """cap * tanh(x / cap): smooth, |result| < cap, slope 1 at 0."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def small_init_std(cfg: ModelConfig) -> float:
+    return (2.0 / (5.0 * cfg.d_model)) ** 0.5
+
+
+def wang_init_std(cfg: ModelConfig) -> float:
+    return 2.0 / (cfg.n_layers * cfg.d_model**0.5)
+
+
+def _fgate_bias_init(cfg: ModelConfig):
+    lo, hi = cfg.mlstm.fgate_bias_init
+
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.linspace(lo, hi, shape[0], dtype=dtype)
+
+    return nn.with_logical_partitioning(init, ("heads",))
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """LayerNorm over each head's d_v (mean removed, float32 reductions), a learned scale, no bias."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_BSHV):
+        _, _, heads, dv = h_BSHV.shape
+        scale_HV = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("heads", "head_dim")),
+                              (heads, dv), jnp.float32)
+        x = h_BSHV.astype(jnp.float32)
+        x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+        return (x * scale_HV).astype(self.dtype)
+
+
+class MlstmMixer(nn.Module):
+    cfg: ModelConfig
+    layer_index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BSD, positions_BS, cache=None):
+        cfg, sec = self.cfg, self.cfg.mlstm
+        h = cfg.n_heads
+        dk, dv = sec.head_dims(cfg.d_model, h)
+        small = small_init_std(cfg)
+        q_BSHK = projection((h, dk), -1, ("embed", "heads", "head_dim"), small, self.dtype, "q")(x_BSD)
+        k_BSHK = projection((h, dk), -1, ("embed", "heads", "head_dim"), small, self.dtype, "k")(x_BSD)
+        v_BSHV = projection((h, dv), -1, ("embed", "heads", "head_dim"), small, self.dtype, "v")(x_BSD)
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "heads", "head_dim"))
+        o_BSHV = nn.DenseGeneral((h, dv), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                 kernel_init=zeros, name="ogate")(x_BSD)
+        # Gates in float32: exponential input gates are sensitive to rounding.
+        gate_kernel = nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "heads"))
+        i_bias = nn.with_logical_partitioning(nn.initializers.constant(sec.igate_bias_init), ("heads",))
+        i_BSH = nn.Dense(h, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=gate_kernel, bias_init=i_bias,
+                         name="igate")(x_BSD.astype(jnp.float32))
+        f_BSH = nn.Dense(h, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=gate_kernel,
+                         bias_init=_fgate_bias_init(cfg), name="fgate")(x_BSD.astype(jnp.float32))
+        i_BSH, f_BSH = soft_cap(i_BSH, sec.gate_soft_cap), soft_cap(f_BSH, sec.gate_soft_cap)
+
+        cell = dict(eps=sec.cell_eps)
+        if cache is None:
+            h_BSHV = mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, chunk_size=sec.chunk_size, impl=sec.impl, **cell)
+            new_cache = None
+        elif x_BSD.shape[1] == 1:  # one decoding step: the recurrence
+            h_BHV, state = mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHV[:, 0], i_BSH[:, 0], f_BSH[:, 0],
+                                      cache["state"], **cell)
+            h_BSHV, new_cache = h_BHV[:, None], {"state": state}
+        else:  # prefill: continue from the cached state
+            h_BSHV, state = mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, initial_state=cache["state"],
+                                  return_final_state=True, chunk_size=sec.chunk_size, impl=sec.impl, **cell)
+            new_cache = {"state": state}
+
+        h_BSHV = MultiHeadLayerNorm(sec.norm_eps, self.dtype, name="norm")(h_BSHV.astype(self.dtype))
+        gated_BSHV = jax.nn.sigmoid(o_BSHV.astype(jnp.float32)).astype(self.dtype) * h_BSHV
+        out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), wang_init_std(cfg), self.dtype, "out")
+        return out(gated_BSHV), new_cache
+
+
+def init_mlstm_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
+    """A zero state (C, n, m) in float32: memory is constant in the sequence length."""
+    dk, dv = cfg.mlstm.head_dims(cfg.d_model, cfg.n_heads)
+    h = cfg.n_heads
+    return {"state": (jnp.zeros((batch, h, dk, dv), jnp.float32), jnp.zeros((batch, h, dk), jnp.float32),
+                      jnp.zeros((batch, h), jnp.float32))}
+
+
+def mlstm_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> float:
+    """Projections (q, k, v, output gate, gates, output) plus the chunkwise cell: inside a chunk a token meets
+    (L + 1) / 2 earlier rows (q k^T and the weighted sum of v), across chunks q C and the state update k^T v."""
+    h = cfg.n_heads
+    dk, dv = cfg.mlstm.head_dims(cfg.d_model, h)
+    chunk = min(cfg.mlstm.chunk_size, seq_len)
+    projections = 2 * cfg.d_model * h * (2 * dk + 2 * dv) + 2 * cfg.d_model * 2 * h + 2 * h * dv * cfg.d_model
+    intra = 2 * h * (dk + dv) * (chunk + 1) / 2
+    inter_and_state = 2 * 2 * h * dk * dv
+    return projections + intra + inter_and_state
+
+
+register_token_mixer(TokenMixerSpec("mlstm", MlstmMixer, mlstm_flops_per_token, init_mlstm_cache))

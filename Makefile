@@ -1,6 +1,6 @@
 # Two commands for a fresh machine with Python 3.11 and pip:
 #   make train   set up .venv, install jaxeff, train the default debug model on CPU
-#   make test    set up .venv with the dev extra and run the whole test suite
+#   make test    set up .venv with the dev and parity extras and run the whole test suite
 #   make docs    regenerate docs/config.md and configs/jaxeff.schema.json from jaxeff/config/
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ setup: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
 setup-dev: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,parity]"
 
 train: setup
 	$(BIN)/jaxeff train --config $(CONFIG) --workdir $(WORKDIR)

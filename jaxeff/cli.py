@@ -1,4 +1,4 @@
-"""The `jaxeff` command: train, export, generate, config-schema.
+"""The `jaxeff` command: train, export, generate, import, config-schema.
 
 Exit codes, decided here and only here: 0 done; 2 a user error (`jaxeff.errors.UserError`: config,
 data, paths, flags, workdir), printed as one line without a traceback; 1 training stopped (e.g.
@@ -42,9 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
     g.add_argument("--seed", type=int, default=0)
 
+    im = sub.add_parser("import", help="convert a Hugging Face checkpoint (xlstm, transnormer) into a jaxeff export")
+    im.add_argument("--from", dest="source", required=True, metavar="DIR",
+                    help="model directory: config.json, model.safetensors (or shards + index), tokenizer.json")
+    im.add_argument("--out", required=True, help="new output directory (the layout of `jaxeff export`)")
+    im.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype written")
+
     c = sub.add_parser("config-schema", help="print the JSON schema of config files (for editors' YAML language server)")
     c.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of printing it")
     return p
+
+
+def _import(args) -> int:
+    from jaxeff.infer.hf_import import import_checkpoint
+
+    out, arch, n_params = import_checkpoint(args.source, args.out, args.dtype)
+    print(f"imported {arch} ({n_params / 1e6:,.1f}M parameters, {args.dtype}) to {out}; generate from it with "
+          f"`jaxeff generate --workdir {out}` or fine-tune with train.init_from={out}")
+    return 0
 
 
 def _config_schema(args) -> int:
@@ -126,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     # exit_now: the explanation is the last line, and background threads (Orbax's asynchronous
     # saves, grain workers) cannot print over it while the interpreter shuts down.
     try:
-        commands = {"train": _train, "export": _export, "generate": _generate, "config-schema": _config_schema}
+        commands = {"train": _train, "export": _export, "generate": _generate, "import": _import,
+                    "config-schema": _config_schema}
         return commands[args.command](args)
     except UserError as e:
         exit_now(f"jaxeff: error: {e}", EXIT_USER_ERROR)

@@ -145,6 +145,8 @@ class TrainConfig(Section):
     """clip by global norm; 0 disables (switching between 0 and > 0 is refused on resume)"""
     seed: int = 0
     """parameter init and train RNG"""
+    init_from: Annotated[str | None, MAY_CHANGE] = None
+    """start a new run from the parameters of an export or `jaxeff import` directory (fine-tuning; the optimizer starts fresh); the model section must describe the same shapes. Ignored when resuming"""
     eval_every: Annotated[PositiveInt, MAY_CHANGE] = 100
     """evaluate on the held-out split every N steps (and at the end)"""
     eval_batches: Annotated[NonNegativeInt, MAY_CHANGE] = 4

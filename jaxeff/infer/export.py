@@ -22,34 +22,47 @@ from jaxeff.train.state import count_params
 EXPORT_FORMAT = "jaxeff-export-v1"
 
 
-def export_checkpoint(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
-    """Write the export; returns (its directory, the training step exported)."""
+def check_new_out_dir(out: str | Path) -> Path:
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} already exists and is not empty; choose a new directory")
-    loaded = load_inference_model(workdir)
+    return out
+
+
+def write_export(out: Path, model_config, params, tokenizer, padded_vocab_size: int, step: int,
+                 param_dtype: str = "float32", source: dict | None = None) -> Path:
+    """The export layout, from any source of parameters (a training workdir, an imported checkpoint)."""
     make_writable_dir(out, "--out")
-    tokenizer_spec = loaded.tokenizer.spec
+    tokenizer_spec = tokenizer.spec
     if tokenizer_spec != "byte":
         shutil.copyfile(tokenizer_spec, out / "tokenizer.json")
         tokenizer_spec = "tokenizer.json"
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "params", jax.device_get(loaded.params))
+    checkpointer.save(out / "params", params)
     checkpointer.wait_until_finished()
     meta = {
         "format": EXPORT_FORMAT,
         "architecture": "DecoderLM",
-        "model": loaded.model_config.model_dump(mode="json"),
-        "vocab_size": loaded.tokenizer.vocab_size,
-        "padded_vocab_size": loaded.model.vocab_size,
+        "model": model_config.model_dump(mode="json"),
+        "vocab_size": tokenizer.vocab_size,
+        "padded_vocab_size": padded_vocab_size,
         "tokenizer": tokenizer_spec,
-        "special_tokens": {"bos": loaded.tokenizer.bos_id, "eos": loaded.tokenizer.eos_id,
-                           "pad": loaded.tokenizer.pad_id},
-        "param_dtype": "float32",
-        "param_count": count_params(loaded.params),
-        "step": loaded.step,
+        "special_tokens": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id},
+        "param_dtype": param_dtype,
+        "param_count": count_params(params),
+        "step": step,
+        **({"source": source} if source else {}),
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def export_checkpoint(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
+    """Write the export; returns (its directory, the training step exported)."""
+    out = check_new_out_dir(out)
+    loaded = load_inference_model(workdir)
+    write_export(out, loaded.model_config, jax.device_get(loaded.params), loaded.tokenizer, loaded.model.vocab_size,
+                 loaded.step)
     return out, loaded.step

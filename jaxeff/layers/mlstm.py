@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.config import ModelConfig
-from jaxeff.layers.common import normal_init, projection
+from jaxeff.layers.common import projection
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from pallas_kernels.mlstm import mlstm, mlstm_step
 

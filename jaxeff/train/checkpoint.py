@@ -71,7 +71,7 @@ class CheckpointStore:
 
     def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """'path/to/param' -> shape, read from the checkpoint's metadata (no array data)."""
-        return _shapes(self.manager.item_metadata(step)["params"])
+        return param_shapes(self.manager.item_metadata(step)["params"])
 
     def set_aside(self, step: int) -> Path:
         """Rename a damaged step to `<step>.damaged-<n>` (process 0), so that it is kept but not restored."""
@@ -140,12 +140,12 @@ class CheckpointStore:
         self.manager.close()
 
 
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
+def param_shapes(tree) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _shape_mismatch(saved: dict[str, tuple], model: dict[str, tuple]) -> str | None:
+def shape_mismatch(saved: dict[str, tuple], model: dict[str, tuple]) -> str | None:
     for name in sorted(set(saved) | set(model)):
         if name not in model:
             return f"parameter '{name}' {saved[name]} is in the checkpoint but not in this model"
@@ -181,12 +181,12 @@ def restore_newest(store: CheckpointStore, abstract_params: Any,
     `<step>.damaged-<n>` unless the store is read-only, and the next older step is tried. UserError
     when every step is damaged.
     """
-    model_shapes = _shapes(abstract_params)
+    model_shapes = param_shapes(abstract_params)
     damaged: list[str] = []
     for step in store.steps_newest_first():
         result, error = None, None
         try:
-            mismatch = _shape_mismatch(store.param_shapes(step), model_shapes)
+            mismatch = shape_mismatch(store.param_shapes(step), model_shapes)
         except Exception as e:  # unreadable metadata: a damaged step
             mismatch, error = None, e
         if mismatch:

@@ -20,12 +20,12 @@ from jaxeff.parallel.mesh import build_mesh
 from jaxeff.paths import make_writable_dir
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
-from jaxeff.train.checkpoint import CheckpointStore, restore_newest, warn
+from jaxeff.train.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
 from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, count_params, init_state,
-                                logical_axes)
+                                init_state_from_params, logical_axes)
 from jaxeff.train.step import make_eval_step, make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 
@@ -152,7 +152,12 @@ def _restore_or_init(run: _Run) -> None:
     found = restore_newest(run.store, run.abstract["params"], restore)
     if found is None:
         run.data_iter = new_iterator()
-        run.state = init_state(run.model, run.tx, run.shardings, cfg.train.seed, cfg.data.seq_len)
+        if cfg.train.init_from:
+            params = _initial_params(cfg.train.init_from, run.abstract["params"])
+            run.state = init_state_from_params(params, run.tx, run.shardings, cfg.train.seed)
+            run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer)")
+        else:
+            run.state = init_state(run.model, run.tx, run.shardings, cfg.train.seed, cfg.data.seq_len)
         return
     step, (run.state, run.data_iter, iterator_restored) = found
     if not iterator_restored:  # another topology wrote it: continue the same global order
@@ -160,6 +165,18 @@ def _restore_or_init(run: _Run) -> None:
     run.start_step = step
     run.notes.append(f"resumed from checkpoint step {step}"
                      + ("" if iterator_restored else " (data position rebuilt for this topology)"))
+
+
+def _initial_params(path: str, abstract_params):
+    """Parameters of an export/import directory, checked against this model's shapes."""
+    from jaxeff.infer import load_inference_model
+
+    loaded = load_inference_model(path)
+    mismatch = shape_mismatch(param_shapes(loaded.params), param_shapes(abstract_params))
+    if mismatch:
+        raise ConfigError(f"train.init_from={path}: {mismatch.replace('the checkpoint', 'there')}; make the model "
+                          f"section describe the same model (see {path}/config.json)")
+    return loaded.params
 
 
 def _compile_steps(run: _Run):

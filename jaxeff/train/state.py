@@ -49,5 +49,17 @@ def init_state(model, tx, shardings, seed: int, seq_len: int):
     return init()
 
 
+def init_state_from_params(params, tx, shardings, seed: int):
+    """A new train state (step 0, fresh optimizer) around given parameters: fine-tuning an import or export."""
+    _, train_key = jax.random.split(jax.random.key(seed))
+
+    def make(p):
+        p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
+                "rng": jax.random.key_data(train_key)}
+
+    return jax.jit(make, out_shardings=shardings)(params)
+
+
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,549 @@
+"""Pallas kernels for the mLSTM cell (xLSTM): chunkwise forward and backward, TFLA-style.
+
+Public functions take the layout of reference.py (q_BHSK, k_BHSK, v_BHSV, gate pre-activations i_BHS, f_BHS,
+state (C_BHKV, n_BHK, m_BH)) and pad inside; the kernels see rows N = B*H:
+    q, k: [N, Sp, Kp]   v, dnum: [N, Sp, Vp]   per-step scalars (i, log f, ...): [N, Sp, 1] f32
+    chunk-start states: C [N, NC, Kp, Vp], n [N, NC, 1, Kp], m [N, NC, 1, 1] (all f32)
+Sp is S padded to a multiple of the chunk L (padded steps: input gate -1e30, log f = 0, so they change nothing);
+Kp/Vp are the head dims padded with zeros (power of two >= 16: Triton arrays and tl.dot; multiples of 128 above
+128 on TPU). The q scale is always the true d_qk**-0.5. Per-step scalars are columns (L, 1); where a row (1, L) is
+needed it is made in-kernel with a masked diagonal sum (no transposes, so the same code lowers for both backends).
+
+Kernels (each has a "triton" body: grid over rows, chunk loop in-kernel; and a "tpu" body: grid (rows, chunks)
+with the chunk axis "arbitrary" and the carried state in VMEM scratch; the parallel kernels share one body):
+  forward  (a) states:      sequential over chunks -> chunk-start states (C_k, n_k, m_k) and the final state
+           (b) outputs:     parallel over (row, chunk) -> h from the chunk-start state and the chunk's own rows
+  backward (0) prep:        kernel (b) again with dh: per-row dnum = dh / denom, d(den), and the stabiliser terms
+           (1) state grads: reverse sequential over chunks, carrying (dC, dn) and the routed d(m) (see below);
+                            what is left at the start is (dc0, dn0)
+           (2) chunk grads: parallel over (row, chunk) -> dq, dk, dv, d(i), d(log f)
+  mlstm_bwd first reruns forward kernel (a): the op saves only the inputs. d f = d(log f) * sigmoid(-f) in jnp.
+
+Gradients of the max stabiliser. Autodiff of reference.chunked is the ground truth here. Treating every m as a
+constant (the usual shortcut) is not enough: the returned final state is the true state times exp(-m_final), so
+a loss on C or n sees m_final with weight -(sum C*dC + n.dn), an O(1) term; the output normaliser
+max(|den|, exp(-m)) + eps also depends on the row's m, with weight -eps * sum(dh*h) / denom. With the states
+written as true state * exp(-m), nothing else depends on any m, so the exact gradient is the m-held-fixed gradient
+plus these two terms, each routed (as jnp.max's gradient does) to the log weight that attains the max:
+  row t's m = max(b_t + m_k, max_s logD_ts): to the winning logD_ts, or to b_t and then on to m_k;
+  m_{k+1} = max(g_k + m_k, max_tau a_tau): to the winning a_tau, or to g_k and then on to m_k.
+The reverse kernel carries this routed d(m) across chunks (dropped at m0, which is not differentiated) and tells
+the chunk kernel where it went, so both kernels agree on each max's winner. Exact ties (measure zero) go wholly
+to one side here where jnp splits them.
+All matmuls accumulate in float32; float32 operands use HIGHEST precision.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
+
+F32 = jnp.float32
+PLATFORMS = ("triton", "tpu")
+_PAD_INPUT_GATE = -1e30  # as reference.pad_to_chunks: exp(-1e30 - m) == 0
+_MIN_DIM = 16  # tl.dot needs >= 16 per dim; also a multiple of the TPU sublane tile
+_PAR, _SEQ = "parallel", "arbitrary"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# In-kernel math (arrays in, arrays out; shared by both bodies)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    """2-D matmul contracting a's dim `contract_a` with b's dim `contract_b`, accumulated in float32."""
+    if a.dtype != b.dtype:  # Triton needs equal operand types
+        a, b = a.astype(F32), b.astype(F32)
+    prec = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=prec,
+                           preferred_element_type=F32)
+
+
+def _iotas(n: int):
+    return lax.broadcasted_iota(jnp.int32, (n, n), 0), lax.broadcasted_iota(jnp.int32, (n, n), 1)
+
+
+def _col_to_row(x_L1):
+    r, c = _iotas(x_L1.shape[0])
+    return jnp.sum(jnp.where(r == c, x_L1, 0.0), axis=0, keepdims=True)
+
+
+def _row_to_col(x_1L):
+    r, c = _iotas(x_1L.shape[1])
+    return jnp.sum(jnp.where(r == c, x_1L, 0.0), axis=1, keepdims=True)
+
+
+def _sum_all(x):
+    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)  # (1, 1); one axis at a time
+
+
+def _gates(i_L1, logf_L1, m_11):
+    """Within-chunk log weights. b: inclusive cumsum of log f (column and row), g = b at the last row (1, 1),
+    a_tau = g - b_tau + i_tau (row tau's log weight at the chunk end), l = g + m (the start state's), and the
+    chunk-end stabiliser m_next = max(l, max a)."""
+    L = i_L1.shape[0]
+    r, c = _iotas(L)
+    b_1L = jnp.sum(jnp.where(r <= c, logf_L1, 0.0), axis=0, keepdims=True)
+    b_L1 = _row_to_col(b_1L)
+    last_1L = lax.broadcasted_iota(jnp.int32, (1, L), 1) == L - 1
+    g_11 = jnp.sum(jnp.where(last_1L, b_1L, 0.0), axis=1, keepdims=True)
+    a_L1 = g_11 - b_L1 + i_L1
+    l_11 = g_11 + m_11
+    amax_11 = jnp.max(a_L1, axis=0, keepdims=True)
+    return dict(b_L1=b_L1, b_1L=b_1L, g_11=g_11, a_L1=a_L1, l_11=l_11, amax_11=amax_11,
+                m_next_11=jnp.maximum(l_11, amax_11))
+
+
+def _row_logw(i_L1, gt, m_11):
+    """Log weights of the chunk outputs: logD (L, L) (-inf above the diagonal), the start state's column
+    m_inter = b_t + m_k, their row maxima and the row stabiliser m_row = max(m_inter, m_intra)."""
+    r, c = _iotas(i_L1.shape[0])
+    logD = jnp.where(r >= c, gt["b_L1"] - gt["b_1L"] + _col_to_row(i_L1), -jnp.inf)
+    m_inter = gt["b_L1"] + m_11
+    m_intra = jnp.max(logD, axis=1, keepdims=True)
+    return logD, m_inter, m_intra, jnp.maximum(m_inter, m_intra)
+
+
+def _state_step(k, v, i_L1, logf_L1, c_KV, n_1K, m_11):
+    """State after one chunk from the state before it (the same maths as reference.chunk_states)."""
+    gt = _gates(i_L1, logf_L1, m_11)
+    m_next = gt["m_next_11"]
+    decay = jnp.exp(gt["l_11"] - m_next)
+    kw = k.astype(F32) * jnp.exp(gt["a_L1"] - m_next)
+    c_KV = decay * c_KV + _dot(kw, v, 0, 0)
+    n_1K = decay * n_1K + jnp.sum(kw, axis=0, keepdims=True)
+    return c_KV, n_1K, m_next
+
+
+def _chunk_num_den(q, k, v, i_L1, logf_L1, c_KV, n_1K, m_11, scale):
+    """Unnormalised chunk outputs (num (L, Vp), den (L, 1)) and the row stabiliser terms."""
+    gt = _gates(i_L1, logf_L1, m_11)
+    logD, m_inter, m_intra, m_row = _row_logw(i_L1, gt, m_11)
+    s = _dot(q, k, 1, 1) * scale * jnp.exp(logD - m_row)
+    wq = jnp.exp(m_inter - m_row) * scale  # the start state's weight per row, with the q scale
+    num = _dot(s, v, 1, 0) + _dot(q, c_KV, 1, 0) * wq
+    den = jnp.sum(s, axis=1, keepdims=True) + jnp.sum(q.astype(F32) * n_1K, axis=1, keepdims=True) * wq
+    return num, den, m_row, m_inter >= m_intra
+
+
+def _denom(den, m_row, eps: float):
+    floor = jnp.exp(-m_row)
+    return jnp.maximum(jnp.abs(den), floor) + eps, jnp.abs(den) >= floor
+
+
+def _prep_terms(num, den, m_row, inter_wins, dh, eps: float):
+    """Per-row backward inputs from dh: dnum = dh/denom; d(den) (only where |den| beats the floor); and the
+    row stabiliser's gradient -eps*sum(dh*h)/denom (same in both branches of the max), split by which log
+    weight attains m_row: the start-state column (r_inter) or the chunk's own rows (r_intra)."""
+    denom, den_wins = _denom(den, m_row, eps)
+    inv = 1.0 / denom
+    dh = dh.astype(F32)
+    dsum = jnp.sum(dh * num, axis=1, keepdims=True) * inv  # sum(dh * h)
+    sign = jnp.where(den >= 0, 1.0, -1.0)
+    dden = jnp.where(den_wins, -dsum * inv * sign, 0.0)
+    dm_row = -eps * dsum * inv
+    r_inter = jnp.where(inter_wins, dm_row, 0.0)
+    return dh * inv, dden, r_inter, dm_row - r_inter
+
+
+def _state_step_bwd(q, dnum, dden_L1, m_row_L1, r_inter_L1, i_L1, logf_L1, m_11, dc_KV, dn_1K, dm_11, scale):
+    """Cotangents of the chunk-start state from those of the chunk-end state. dm is the routed gradient of the
+    chunk-end stabiliser m_{k+1}; it goes to the start state's weight l = g + m_k (rl, passed on to m_k) or to
+    the winning row a_tau (ra)."""
+    gt = _gates(i_L1, logf_L1, m_11)
+    l_wins = gt["l_11"] >= gt["amax_11"]
+    rl = jnp.where(l_wins, dm_11, 0.0)
+    decay = jnp.exp(gt["l_11"] - gt["m_next_11"])
+    qw = q.astype(F32) * (jnp.exp(gt["b_L1"] + m_11 - m_row_L1) * scale)
+    dc_KV = decay * dc_KV + _dot(qw, dnum, 0, 0)
+    dn_1K = decay * dn_1K + jnp.sum(qw * dden_L1, axis=0, keepdims=True)
+    dm_prev = rl + jnp.sum(r_inter_L1, axis=0, keepdims=True)
+    return dc_KV, dn_1K, dm_prev, rl, dm_11 - rl
+
+
+def _suffix_sum(x_L1):
+    """y_r = sum_{t >= r} x_t, as a column."""
+    r, c = _iotas(x_L1.shape[0])
+    return jnp.sum(jnp.where(c >= r, _col_to_row(x_L1), 0.0), axis=1, keepdims=True)
+
+
+def _chunk_grads(q, k, v, dnum, dden, m_row, r_inter, r_intra, i_L1, logf_L1, c_KV, n_1K, m_11, dc_KV, dn_1K,
+                 rl_11, ra_11, scale):
+    """dq, dk, dv, d(i), d(log f) of one chunk.
+
+    G (L, L) and G0 (L, 1) are the gradients w.r.t. the log weights logD_ts and b_t + m_k of the outputs, Ga and
+    Gl those of the chunk-end state's log weights a_tau and g + m_k; the gate gradients follow from
+    logD_ts = b_t - b_s + i_s, a_tau = g - b_tau + i_tau and b, g being sums of log f.
+    """
+    f32 = lambda x: x.astype(F32)  # noqa: E731
+    gt = _gates(i_L1, logf_L1, m_11)
+    logD, m_inter, m_intra, _ = _row_logw(i_L1, gt, m_11)
+    dmat = jnp.exp(logD - m_row)
+    s = _dot(q, k, 1, 1) * scale * dmat
+    ds = _dot(dnum, v, 1, 1) + dden  # d(score_ts)
+    dp = ds * dmat * scale  # d(q_t . k_s)
+    wq = jnp.exp(m_inter - m_row) * scale
+    dq_state = _dot(dnum, c_KV, 1, 1) + dden * n_1K  # (L, Kp), before the row weight wq
+    dq = _dot(dp, k, 1, 0) + dq_state * wq
+    # Chunk-end state: C_{k+1} gets exp(a_tau - m_{k+1}) k_tau v_tau^T.
+    wk = jnp.exp(gt["a_L1"] - gt["m_next_11"])
+    dk_state = (_dot(v, dc_KV, 1, 1) + dn_1K) * wk
+    dk = _dot(dp, q, 0, 0) + dk_state
+    dv = _dot(s, dnum, 0, 0) + _dot(k, dc_KV, 1, 0) * wk
+    # Log-weight gradients, plus the routed stabiliser gradients (see the module docstring).
+    g_mat = ds * s + jnp.where(logD == m_intra, r_intra, 0.0)
+    g0 = jnp.sum(f32(q) * dq_state, axis=1, keepdims=True) * wq + r_inter
+    ga = jnp.sum(f32(k) * dk_state, axis=1, keepdims=True) + jnp.where(gt["a_L1"] == gt["amax_11"], ra_11, 0.0)
+    gl = jnp.exp(gt["l_11"] - gt["m_next_11"]) * (_sum_all(c_KV * dc_KV) + _sum_all(n_1K * dn_1K)) + rl_11
+    col_g = _row_to_col(jnp.sum(g_mat, axis=0, keepdims=True))  # sum over t of G_ts, as a column over s
+    di = col_g + ga
+    db = jnp.sum(g_mat, axis=1, keepdims=True) - col_g + g0 - ga  # d(b_t)
+    dlogf = _suffix_sum(db) + (jnp.sum(ga, axis=0, keepdims=True) + gl)  # b_t sums log f up to t; g sums all
+    return dq, dk, dv, di, dlogf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel bodies
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rows(t, L):
+    return pl.ds(pl.multiple_of(t * L, L), L)
+
+
+def _states_kernel_loop(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_ref, ns_ref, ms_ref, c_ref, n_ref,
+                        m_ref, *, L, nc):
+    def body(t, carry):
+        c, n, m = carry
+        cs_ref[t] = c
+        ns_ref[t] = n
+        ms_ref[t] = m
+        rows = _rows(t, L)
+        return _state_step(k_ref[rows, :], v_ref[rows, :], i_ref[rows, :], lf_ref[rows, :], c, n, m)
+
+    c, n, m = lax.fori_loop(0, nc, body, (c0_ref[...], n0_ref[...], m0_ref[...]))
+    c_ref[...], n_ref[...], m_ref[...] = c, n, m
+
+
+def _states_kernel_grid(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_ref, ns_ref, ms_ref, c_ref, n_ref,
+                        m_ref, c_scr, n_scr, m_scr):
+    t = pl.program_id(1)
+
+    @pl.when(t == 0)
+    def _init():
+        c_scr[...], n_scr[...], m_scr[...] = c0_ref[...], n0_ref[...], m0_ref[...]
+
+    c, n, m = c_scr[...], n_scr[...], m_scr[...]
+    cs_ref[...], ns_ref[...], ms_ref[...] = c, n, m
+    c, n, m = _state_step(k_ref[...], v_ref[...], i_ref[...], lf_ref[...], c, n, m)
+    c_scr[...], n_scr[...], m_scr[...] = c, n, m
+
+    @pl.when(t == pl.num_programs(1) - 1)
+    def _done():
+        c_ref[...], n_ref[...], m_ref[...] = c, n, m
+
+
+def _out_kernel(q_ref, k_ref, v_ref, i_ref, lf_ref, c_ref, n_ref, m_ref, h_ref, *, scale, eps):
+    num, den, m_row, _ = _chunk_num_den(q_ref[...], k_ref[...], v_ref[...], i_ref[...], lf_ref[...], c_ref[...],
+                                        n_ref[...], m_ref[...], scale)
+    h_ref[...] = (num / _denom(den, m_row, eps)[0]).astype(h_ref.dtype)
+
+
+def _prep_kernel(q_ref, k_ref, v_ref, i_ref, lf_ref, c_ref, n_ref, m_ref, dh_ref, dnum_ref, mrow_ref, dden_ref,
+                 rint_ref, rintra_ref, *, scale, eps):
+    num, den, m_row, inter_wins = _chunk_num_den(q_ref[...], k_ref[...], v_ref[...], i_ref[...], lf_ref[...],
+                                                 c_ref[...], n_ref[...], m_ref[...], scale)
+    dnum, dden, r_inter, r_intra = _prep_terms(num, den, m_row, inter_wins, dh_ref[...], eps)
+    dnum_ref[...], mrow_ref[...], dden_ref[...] = dnum, m_row, dden
+    rint_ref[...], rintra_ref[...] = r_inter, r_intra
+
+
+def _dstates_kernel_loop(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, lf_ref, ms_ref, dc_ref, dn_ref,
+                         dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, *, L, nc, scale):
+    def body(j, carry):
+        t = nc - 1 - j  # reverse sweep
+        dc, dn, dm = carry
+        dcs_ref[t] = dc
+        dns_ref[t] = dn
+        rows = _rows(t, L)
+        dc, dn, dm, rl, ra = _state_step_bwd(q_ref[rows, :], dnum_ref[rows, :], dden_ref[rows, :],
+                                             mrow_ref[rows, :], rint_ref[rows, :], i_ref[rows, :], lf_ref[rows, :],
+                                             ms_ref[t], dc, dn, dm, scale)
+        rl_ref[t] = rl
+        ra_ref[t] = ra
+        return dc, dn, dm
+
+    dc, dn, _ = lax.fori_loop(0, nc, body, (dc_ref[...], dn_ref[...], dm_ref[...]))
+    dc0_ref[...], dn0_ref[...] = dc, dn
+
+
+def _dstates_kernel_grid(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, lf_ref, ms_ref, dc_ref, dn_ref,
+                         dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, dc_scr, dn_scr, dm_scr, *,
+                         scale):
+    j = pl.program_id(1)  # the index maps walk the chunks backwards
+
+    @pl.when(j == 0)
+    def _init():
+        dc_scr[...], dn_scr[...], dm_scr[...] = dc_ref[...], dn_ref[...], dm_ref[...]
+
+    dc, dn, dm = dc_scr[...], dn_scr[...], dm_scr[...]
+    dcs_ref[...], dns_ref[...] = dc, dn
+    dc, dn, dm, rl, ra = _state_step_bwd(q_ref[...], dnum_ref[...], dden_ref[...], mrow_ref[...], rint_ref[...],
+                                         i_ref[...], lf_ref[...], ms_ref[...], dc, dn, dm, scale)
+    rl_ref[...], ra_ref[...] = rl, ra
+    dc_scr[...], dn_scr[...], dm_scr[...] = dc, dn, dm
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _done():
+        dc0_ref[...], dn0_ref[...] = dc, dn
+
+
+def _grads_kernel(q_ref, k_ref, v_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, rintra_ref, i_ref, lf_ref, c_ref,
+                  n_ref, m_ref, dc_ref, dn_ref, rl_ref, ra_ref, dq_ref, dk_ref, dv_ref, di_ref, dlf_ref, *, scale):
+    dq, dk, dv, di, dlogf = _chunk_grads(
+        q_ref[...], k_ref[...], v_ref[...], dnum_ref[...], dden_ref[...], mrow_ref[...], rint_ref[...],
+        rintra_ref[...], i_ref[...], lf_ref[...], c_ref[...], n_ref[...], m_ref[...], dc_ref[...], dn_ref[...],
+        rl_ref[...], ra_ref[...], scale)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    di_ref[...], dlf_ref[...] = di, dlogf
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers (kernel layout)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_platform(platform: str):
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+
+
+def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):
+    """Compiler params per backend (None in the interpreter). Triton: 8 warps for a large f32 state
+    (>= 128 x 64), else 4. Untuned: no GPU was available when this was written."""
+    if interpret:
+        return None
+    if platform == "tpu":
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    return plt.CompilerParams(num_warps=8 if state_elems >= 128 * 64 else 4, num_stages=2)
+
+
+class _Specs:
+    """BlockSpecs of the kernel layout for one grid: `seq` (Triton: grid (N,), whole rows; chunk loop in-kernel)
+    or `chunk` (grid (N, NC), one chunk per program; `reverse` walks the chunks backwards)."""
+
+    def __init__(self, L: int, sp: int, nc: int, per_chunk: bool, reverse: bool = False):
+        self.per_chunk = per_chunk
+        if per_chunk:
+            t = (lambda j: nc - 1 - j) if reverse else (lambda j: j)
+            self.rows = lambda d: pl.BlockSpec((None, L, d), lambda b, j: (b, t(j), 0))
+            self.chunk_state = lambda a, c: pl.BlockSpec((None, None, a, c), lambda b, j: (b, t(j), 0, 0))
+            self.row_state = lambda a, c: pl.BlockSpec((None, a, c), lambda b, j: (b, 0, 0))
+        else:
+            self.rows = lambda d: pl.BlockSpec((None, sp, d), lambda b: (b, 0, 0))
+            self.chunk_state = lambda a, c: pl.BlockSpec((None, nc, a, c), lambda b: (b, 0, 0, 0))
+            self.row_state = lambda a, c: pl.BlockSpec((None, a, c), lambda b: (b, 0, 0))
+
+
+def _sds(shape, dtype=F32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _states_call(k, v, i, lf, c0, n0, m0, *, L, platform, interpret):
+    """Kernel (a). Returns chunk-start states (C, n, m) and the final state."""
+    n, sp, kp = k.shape
+    vp, nc = v.shape[-1], sp // L
+    out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)),
+                 _sds((n, kp, vp)), _sds((n, 1, kp)), _sds((n, 1, 1)))
+    sp_ = _Specs(L, sp, nc, per_chunk=platform == "tpu")
+    in_specs = [sp_.rows(kp), sp_.rows(vp), sp_.rows(1), sp_.rows(1), sp_.row_state(kp, vp), sp_.row_state(1, kp),
+                sp_.row_state(1, 1)]
+    out_specs = [sp_.chunk_state(kp, vp), sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.row_state(kp, vp),
+                 sp_.row_state(1, kp), sp_.row_state(1, 1)]
+    if platform == "triton":
+        kernel, grid, scratch = functools.partial(_states_kernel_loop, L=L, nc=nc), (n,), ()
+    else:
+        kernel, grid = _states_kernel_grid, (n, nc)
+        scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
+        compiler_params=_params(platform, interpret, (_PAR, _SEQ), kp * vp), interpret=interpret,
+        name="mlstm_fwd_states",
+    )(k, v, i, lf, c0, n0, m0)
+
+
+def _chunk_in_specs(sp_, kp, vp):
+    """q, k, v, i, log f, chunk-start C, n, m."""
+    return [sp_.rows(kp), sp_.rows(kp), sp_.rows(vp), sp_.rows(1), sp_.rows(1), sp_.chunk_state(kp, vp),
+            sp_.chunk_state(1, kp), sp_.chunk_state(1, 1)]
+
+
+def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, L, scale, eps, platform, interpret):
+    """Kernel (b): h [N, Sp, Vp] in v's dtype."""
+    n, sp, kp = q.shape
+    vp, nc = v.shape[-1], sp // L
+    sp_ = _Specs(L, sp, nc, per_chunk=True)
+    return pl.pallas_call(
+        functools.partial(_out_kernel, scale=scale, eps=eps), out_shape=_sds((n, sp, vp), v.dtype), grid=(n, nc),
+        in_specs=_chunk_in_specs(sp_, kp, vp), out_specs=sp_.rows(vp),
+        compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_fwd_outputs",
+    )(q, k, v, i, lf, cs, ns, ms)
+
+
+def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, L, scale, eps, platform, interpret):
+    """Backward kernel (0): dnum [N, Sp, Vp]; m_row, d(den), r_inter, r_intra [N, Sp, 1] (all f32)."""
+    n, sp, kp = q.shape
+    vp, nc = v.shape[-1], sp // L
+    sp_ = _Specs(L, sp, nc, per_chunk=True)
+    col = _sds((n, sp, 1))
+    return pl.pallas_call(
+        functools.partial(_prep_kernel, scale=scale, eps=eps),
+        out_shape=(_sds((n, sp, vp)), col, col, col, col), grid=(n, nc),
+        in_specs=_chunk_in_specs(sp_, kp, vp) + [sp_.rows(vp)],
+        out_specs=[sp_.rows(vp)] + [sp_.rows(1)] * 4,
+        compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_bwd_prep",
+    )(q, k, v, i, lf, cs, ns, ms, dh)
+
+
+def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, L, scale, platform, interpret):
+    """Backward kernel (1): chunk-end cotangents dC [N, NC, Kp, Vp], dn [N, NC, 1, Kp]; the routed stabiliser
+    gradients rl, ra [N, NC, 1, 1]; and d(initial C, n)."""
+    n, sp, kp = q.shape
+    vp, nc = dnum.shape[-1], sp // L
+    out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)), _sds((n, nc, 1, 1)),
+                 _sds((n, kp, vp)), _sds((n, 1, kp)))
+    sp_ = _Specs(L, sp, nc, per_chunk=platform == "tpu", reverse=True)
+    in_specs = [sp_.rows(kp), sp_.rows(vp)] + [sp_.rows(1)] * 5 + [
+        sp_.chunk_state(1, 1), sp_.row_state(kp, vp), sp_.row_state(1, kp), sp_.row_state(1, 1)]
+    out_specs = [sp_.chunk_state(kp, vp), sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.chunk_state(1, 1),
+                 sp_.row_state(kp, vp), sp_.row_state(1, kp)]
+    if platform == "triton":
+        kernel, grid, scratch = functools.partial(_dstates_kernel_loop, L=L, nc=nc, scale=scale), (n,), ()
+    else:
+        kernel, grid = functools.partial(_dstates_kernel_grid, scale=scale), (n, nc)
+        scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
+        compiler_params=_params(platform, interpret, (_PAR, _SEQ), kp * vp), interpret=interpret,
+        name="mlstm_bwd_states",
+    )(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm)
+
+
+def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra, *, L, scale,
+                platform, interpret):
+    """Backward kernel (2): dq, dk, dv (input dtypes) and d(i), d(log f) [N, Sp, 1] f32."""
+    n, sp, kp = q.shape
+    vp, nc = v.shape[-1], sp // L
+    sp_ = _Specs(L, sp, nc, per_chunk=True)
+    col = sp_.rows(1)
+    in_specs = [sp_.rows(kp), sp_.rows(kp), sp_.rows(vp), sp_.rows(vp), col, col, col, col, col, col,
+                sp_.chunk_state(kp, vp), sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.chunk_state(kp, vp),
+                sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.chunk_state(1, 1)]
+    out_shape = (_sds((n, sp, kp), q.dtype), _sds((n, sp, kp), k.dtype), _sds((n, sp, vp), v.dtype),
+                 _sds((n, sp, 1)), _sds((n, sp, 1)))
+    return pl.pallas_call(
+        functools.partial(_grads_kernel, scale=scale), out_shape=out_shape, grid=(n, nc), in_specs=in_specs,
+        out_specs=[sp_.rows(kp), sp_.rows(kp), sp_.rows(vp), col, col],
+        compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_bwd_grads",
+    )(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public functions (reference layout)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _pad_dim(d: int, platform: str) -> int:
+    if platform == "tpu" and d > 128:
+        return -(-d // 128) * 128  # lane tile
+    return max(_MIN_DIM, _next_pow2(d))
+
+
+def _kernel_chunk(chunk: int, s: int) -> int:
+    """A power of two >= 16 (Triton arrays and tl.dot; TPU sublanes), no bigger than the padded sequence needs.
+    The results do not depend on the chunk size (up to rounding)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    return max(_MIN_DIM, min(_next_pow2(chunk), _next_pow2(s)))
+
+
+def _layout(q, k, v, i, f, c0, n0, m0, chunk, platform):
+    """Reference layout -> padded kernel rows. Returns (arrays dict, dims dict)."""
+    b, h, s, dk = q.shape
+    dv = v.shape[-1]
+    L = _kernel_chunk(chunk, s)
+    sp, kp, vp = -(-s // L) * L, _pad_dim(dk, platform), _pad_dim(dv, platform)
+    n = b * h
+
+    def seq(x, d):
+        return jnp.pad(x.reshape(n, s, x.shape[-1]), ((0, 0), (0, sp - s), (0, d - x.shape[-1])))
+
+    def col(x, pad_value):
+        return jnp.pad(x.astype(F32).reshape(n, s, 1), ((0, 0), (0, sp - s), (0, 0)), constant_values=pad_value)
+
+    arrs = dict(
+        q=seq(q, kp), k=seq(k, kp), v=seq(v, vp), i=col(i, _PAD_INPUT_GATE), lf=col(jax.nn.log_sigmoid(f.astype(F32)), 0.0),
+        c0=jnp.pad(c0.astype(F32).reshape(n, dk, dv), ((0, 0), (0, kp - dk), (0, vp - dv))),
+        n0=jnp.pad(n0.astype(F32).reshape(n, 1, dk), ((0, 0), (0, 0), (0, kp - dk))),
+        m0=m0.astype(F32).reshape(n, 1, 1),
+    )
+    dims = dict(b=b, h=h, s=s, dk=dk, dv=dv, L=L, sp=sp, kp=kp, vp=vp, scale=float(dk) ** -0.5)
+    return arrs, dims
+
+
+def _final_state(c, n, m, d):
+    b, h, dk, dv = d["b"], d["h"], d["dk"], d["dv"]
+    return c[:, :dk, :dv].reshape(b, h, dk, dv), n[:, 0, :dk].reshape(b, h, dk), m.reshape(b, h)
+
+
+def mlstm_fwd(q_BHSK, k_BHSK, v_BHSV, i_BHS, f_BHS, c0_BHKV, n0_BHK, m0_BH, *, chunk: int, eps: float, platform: str,
+              interpret: bool = False):
+    """Forward: (h [B,H,S,V] in v's dtype, final state (C [B,H,K,V], n [B,H,K], m [B,H]) in float32)."""
+    _check_platform(platform)
+    a, d = _layout(q_BHSK, k_BHSK, v_BHSV, i_BHS, f_BHS, c0_BHKV, n0_BHK, m0_BH, chunk, platform)
+    kw = dict(L=d["L"], platform=platform, interpret=interpret)
+    cs, ns, ms, c, n, m = _states_call(a["k"], a["v"], a["i"], a["lf"], a["c0"], a["n0"], a["m0"], **kw)
+    h = _outputs_call(a["q"], a["k"], a["v"], a["i"], a["lf"], cs, ns, ms, scale=d["scale"], eps=eps, **kw)
+    h = h[:, :d["s"], :d["dv"]].reshape(d["b"], d["h"], d["s"], d["dv"])
+    return h, _final_state(c, n, m, d)
+
+
+def mlstm_bwd(q, k, v, i, f, c0, n0, m0, dh_BHSV, dc_BHKV, dn_BHK, *, chunk: int, eps: float, platform: str,
+              interpret: bool = False):
+    """Backward of mlstm_fwd w.r.t. (q, k, v, i, f, c0, n0) for cotangents dh and (dC, dn) of the final state
+    (the final m gets none). Returns (dq, dk, dv, di, df, dc0, dn0) in the dtypes of the inputs."""
+    _check_platform(platform)
+    a, d = _layout(q, k, v, i, f, c0, n0, m0, chunk, platform)
+    nr, kp, vp, sp = a["q"].shape[0], d["kp"], d["vp"], d["sp"]
+    kw = dict(L=d["L"], platform=platform, interpret=interpret)
+    cs, ns, ms, c_fin, n_fin, _ = _states_call(a["k"], a["v"], a["i"], a["lf"], a["c0"], a["n0"], a["m0"], **kw)
+    dh = jnp.pad(dh_BHSV.astype(F32).reshape(nr, d["s"], d["dv"]), ((0, 0), (0, sp - d["s"]), (0, vp - d["dv"])))
+    dnum, m_row, dden, r_inter, r_intra = _prep_call(a["q"], a["k"], a["v"], a["i"], a["lf"], cs, ns, ms, dh,
+                                                     scale=d["scale"], eps=eps, **kw)
+    dc = jnp.pad(dc_BHKV.astype(F32).reshape(nr, d["dk"], d["dv"]), ((0, 0), (0, kp - d["dk"]), (0, vp - d["dv"])))
+    dn = jnp.pad(dn_BHK.astype(F32).reshape(nr, 1, d["dk"]), ((0, 0), (0, 0), (0, kp - d["dk"])))
+    # The final state is true state * exp(-m_final): its cotangent reaches m_final with this weight.
+    dm = -(jnp.sum(c_fin * dc, axis=(1, 2)) + jnp.sum(n_fin * dn, axis=(1, 2))).reshape(nr, 1, 1)
+    dcs, dns, rl, ra, dc0, dn0 = _dstates_call(a["q"], dnum, dden, m_row, r_inter, a["i"], a["lf"], ms, dc, dn, dm,
+                                               scale=d["scale"], **kw)
+    dq, dk, dv, di, dlf = _grads_call(a["q"], a["k"], a["v"], dnum, dden, m_row, r_inter, r_intra, a["i"], a["lf"],
+                                      cs, ns, ms, dcs, dns, rl, ra, scale=d["scale"], **kw)
+    b, h, s, dk_, dv_ = d["b"], d["h"], d["s"], d["dk"], d["dv"]
+    unrow = lambda x, w: x[:, :s, :w].reshape(b, h, s, w)  # noqa: E731
+    di = di[:, :s, 0].reshape(b, h, s)
+    df = dlf[:, :s, 0].reshape(b, h, s) * jax.nn.sigmoid(-f.astype(F32))  # d logsigmoid(f) / df = sigmoid(-f)
+    return (unrow(dq, dk_), unrow(dk, dk_), unrow(dv, dv_), di.astype(i.dtype), df.astype(f.dtype),
+            dc0[:, :dk_, :dv_].reshape(b, h, dk_, dv_).astype(c0.dtype),
+            dn0[:, 0, :dk_].reshape(b, h, dk_).astype(n0.dtype))

@@ -149,3 +149,52 @@ def test_fine_tuning_starts_from_the_imported_parameters(imported, tmp_path):
     bad = tiny_config(**{"train.steps": 3, "train.warmup_steps": 1, "mesh.data": 1, "train.init_from": str(imported)})
     with pytest.raises(UserError, match=r"train.init_from=.*: parameter .* is in the checkpoint|this model"):
         train(bad, tmp_path / "bad")
+
+
+# ----------------------------------------------------------------------------- TransNormerLLM's released layout
+
+
+def test_transnormer_released_layout_imports_onto_the_lightning_model(tmp_path):
+    """A tiny TNL written in OpenNLPLab's layout (fused qkvu, l1/l2/l3, lrpe theta [H, 1, d], no norm weights)
+    from a jaxeff model's own parameters; the import must give back exactly that model."""
+    from jaxeff.config import LightningConfig, ModelConfig
+    import flax.linen as nn
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, mlp_dim=48, mixer_pattern=["lightning"],
+                      channel_mixer_pattern=["sglu"], norm="srms", scale_embeddings=True, tie_embeddings=True,
+                      compute_dtype="float32", vocab_size=300, lightning=LightningConfig(lrpe_layers=[0], impl="chunked"))
+    model = build_model(cfg, 259, platform="cpu")
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+    p = jax.tree.map(np.asarray, params)
+    tensors = {"model.embed_tokens.weight": p["embed"]["embedding"][:300]}
+    for i in range(2):
+        mixer, channel = p[f"layer_{i}"]["mixer"], p[f"layer_{i}"]["channel"]
+        fused = [mixer[n]["kernel"].reshape(32, 32).T for n in ("q", "k", "v", "u")]
+        tensors[f"model.layers.{i}.token_mixer.qkvu_proj.weight"] = np.concatenate(fused, 0)
+        tensors[f"model.layers.{i}.token_mixer.out_proj.weight"] = mixer["o"]["kernel"].reshape(32, 32).T
+        tensors[f"model.layers.{i}.channel_mixer.l1.weight"] = channel["gate"]["kernel"].T
+        tensors[f"model.layers.{i}.channel_mixer.l2.weight"] = channel["up"]["kernel"].T
+        tensors[f"model.layers.{i}.channel_mixer.l3.weight"] = channel["down"]["kernel"].T
+        if i == 0:
+            tensors["model.layers.0.token_mixer.lrpe.theta"] = mixer["lrpe_theta"].reshape(4, 1, 8)
+    src = tmp_path / "tnl"
+    src.mkdir()
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "transnormer", "decoder_embed_dim": 32, "decoder_layers": 2, "decoder_attention_heads": 4,
+        "hidden_dim": 32, "glu_dim": 48, "vocab_size": 300, "linear_use_lrpe_list": [1, 0], "bias": False,
+        "norm_type": "simplermsnorm", "no_scale_embedding": False}))
+    out, arch, _ = import_checkpoint(src, tmp_path / "out")
+    imported, imported_params, _ = _ours_tnl(out)
+    tokens = jnp.asarray(TOKENS)
+    assert arch == "transnormer"
+    np.testing.assert_allclose(imported.apply({"params": imported_params}, tokens)[0][..., :300],
+                               model.apply({"params": params}, tokens)[0][..., :300], rtol=1e-5, atol=1e-5)
+
+
+def _ours_tnl(export_dir):
+    loaded = load_inference_model(export_dir)
+    cfg = loaded.model_config.model_copy(deep=True)
+    cfg.lightning.impl, cfg.compute_dtype = "chunked", "float32"
+    return build_model(cfg, loaded.tokenizer.vocab_size, platform="cpu"), loaded.params, cfg

@@ -59,6 +59,28 @@ def time_steps(bench: dict, n: int) -> list[float]:
     return times
 
 
+def timed(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str], float]:
+    """(length, name) -> median seconds. `make_fns(length) -> ({name: jitted fn}, args)`; a name left out of the
+    dict (e.g. too big for memory) is skipped. Op by op, length by length, each with its own warm-up: timing
+    anything right after a multi-GB case measured the allocator, not the op."""
+    times = {}
+    for name in names:
+        for s in lengths:
+            fns, args = make_fns(s)
+            if name in fns:
+                timed(fns[name], args)  # compile and warm up
+                times[(s, name)] = float(np.median([timed(fns[name], args) for _ in range(rounds)]))
+            del fns, args
+            jax.clear_caches()
+    return times
+
+
 def write_section(path: Path, name: str, title: str, body: str) -> None:
     """(Re)write the block between <!-- name:start --> and <!-- name:end --> in a markdown file."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,6 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_times  # noqa: E402
 
 HEADS, DIM = 8, 64
 SOFTMAX_MEMORY_LIMIT_GB = 10.0  # scores + their gradient + probabilities, float32
@@ -41,30 +43,13 @@ def make_fns(seq: int):
     return fns, (q, k, v)
 
 
-def timed(fn, args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
-    # Op by op, length by length, each case with its own warm-up: the softmax cases allocate
-    # gigabytes, and timing anything right after them measured the allocator, not the op.
-    times = {}
-    for name in ("lightning (chunked)", "softmax"):
-        for s in args.lengths:
-            fns, a = make_fns(s)
-            if name in fns:
-                timed(fns[name], a)  # compile and warm up
-                times[(s, name)] = [timed(fns[name], a) for _ in range(args.rounds)]
-            del fns, a
-            jax.clear_caches()
-    med = {key: float(np.median(v)) for key, v in times.items()}
+    med = median_times(make_fns, ("lightning (chunked)", "softmax"), args.lengths, args.rounds)
     first = args.lengths[0]
     rows = ["| seq | lightning fwd+bwd ms | softmax fwd+bwd ms | softmax / lightning | lightning ms per 1K tokens |",
             "|---|---|---|---|---|"]
@@ -80,7 +65,6 @@ def main() -> None:
                f"({args.lengths[-1] / first:.0f}x the length): linear scaling means a flat 'ms per 1K tokens' column.")
     print(f"batch 1, {HEADS} heads, d {DIM}, float32, {machine}\n{table}\n{summary}")
     if args.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from common import write_section
 
         write_section(args.write, "lightning-cpu", "Lightning attention vs softmax attention (CPU)",

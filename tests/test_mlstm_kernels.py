@@ -106,13 +106,13 @@ def test_unknown_platform_is_refused():
 
 @pytest.mark.parametrize("platform, target, marker", [("triton", "cuda", "__gpu$xla.gpu.triton"),
                                                       ("tpu", "tpu", "tpu_custom_call")])
-def test_kernels_lower_for_gpu_and_tpu(platform, target, marker):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_for_gpu_and_tpu(platform, target, marker, dtype):
     sd = jax.ShapeDtypeStruct
     dv = 20  # non-power-of-two d_v as well
-    args = (sd((B, H, S, DK), jnp.float32), sd((B, H, S, DK), jnp.float32), sd((B, H, S, dv), jnp.float32),
-            sd((B, H, S), jnp.float32), sd((B, H, S), jnp.float32), sd((B, H, DK, dv), jnp.float32),
-            sd((B, H, DK), jnp.float32), sd((B, H), jnp.float32), sd((B, H, S, dv), jnp.float32),
-            sd((B, H, DK, dv), jnp.float32), sd((B, H, DK), jnp.float32))
+    x, f32 = (lambda *shape: sd(shape, dtype)), (lambda *shape: sd(shape, jnp.float32))  # noqa: E731
+    args = (x(B, H, S, DK), x(B, H, S, DK), x(B, H, S, dv), f32(B, H, S), f32(B, H, S), f32(B, H, DK, dv),
+            f32(B, H, DK), f32(B, H), x(B, H, S, dv), f32(B, H, DK, dv), f32(B, H, DK))
     kw = dict(chunk=CHUNK, eps=EPS, platform=platform, interpret=False)
 
     def fwd_bwd(*a):
@@ -121,3 +121,29 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target, marker):
     text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=(target,)).as_text()
     # forward: states + outputs; backward: states again, prep, reverse states, chunk gradients
     assert text.count(marker) == 6
+
+
+@pytest.mark.parametrize("chunk", [32, 64])  # 2 chunks; one chunk with 24 padded steps
+def test_other_chunk_sizes(chunk):
+    args, cts = _inputs(-5.0, True, seed=3)
+    kw = dict(chunk=chunk, eps=EPS, platform="triton", interpret=True)
+    h, (c, n, _) = jax.jit(functools.partial(kernel.mlstm_fwd, **kw))(*args)
+    h_ref, (c_ref, n_ref, _) = _quadratic(*args)
+    assert max(_err(h, h_ref), _err(c, c_ref), _err(n, n_ref)) < FWD_TOL
+    grads = jax.jit(functools.partial(kernel.mlstm_bwd, **kw))(*args, *cts)
+    for name, g, ref in zip(GRAD_NAMES, grads, _chunked_vjp(args, cts)):
+        assert _err(g, ref) < (DF_TOL if name == "df" else GRAD_TOL), name
+
+
+def test_bfloat16_inputs():
+    """bf16 q, k, v (and dh): h and dq/dk/dv come back in bf16, within bf16 rounding of the f32 reference."""
+    args, (dh, dc, dn) = _inputs(0.0, True, seed=4)
+    low = tuple(x.astype(jnp.bfloat16) for x in args[:3]) + args[3:]
+    h, _ = _kernels("triton")[0](*low)
+    assert h.dtype == jnp.bfloat16
+    up = tuple(x.astype(jnp.float32) for x in low)
+    assert _err(h, _quadratic(*up)[0]) < 2e-2
+    grads = _kernels("triton")[1](*low, dh.astype(jnp.bfloat16), dc, dn)
+    refs = _chunked_vjp(up, (dh.astype(jnp.bfloat16).astype(jnp.float32), dc, dn))
+    for name, g, ref, x in zip(GRAD_NAMES, grads, refs, low):
+        assert g.dtype == x.dtype and _err(g, ref) < 2e-2, name

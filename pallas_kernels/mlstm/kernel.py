@@ -17,7 +17,10 @@ with the chunk axis "arbitrary" and the carried state in VMEM scratch; the paral
            (1) state grads: reverse sequential over chunks, carrying (dC, dn) and the routed d(m) (see below);
                             what is left at the start is (dc0, dn0)
            (2) chunk grads: parallel over (row, chunk) -> dq, dk, dv, d(i), d(log f)
-  mlstm_bwd first reruns forward kernel (a): the op saves only the inputs. d f = d(log f) * sigmoid(-f) in jnp.
+  mlstm_bwd first reruns forward kernel (a): the op saves only the inputs. Glue in jnp (O(S) or O(K V) per row):
+  padding, log f, the final state's d(m) weight, and d f = d(log f) * sigmoid(-f).
+  The gate gradients are column/row sums of the (L, L) log-weight gradient matrix (not the q.dq - k.dk identity),
+  so d(log f) has no cancellation between long sums.
 
 Gradients of the max stabiliser. Autodiff of reference.chunked is the ground truth here. Treating every m as a
 constant (the usual shortcut) is not enough: the returned final state is the true state times exp(-m_final), so
@@ -31,6 +34,11 @@ The reverse kernel carries this routed d(m) across chunks (dropped at m0, which 
 the chunk kernel where it went, so both kernels agree on each max's winner. Exact ties (measure zero) go wholly
 to one side here where jnp splits them.
 All matmuls accumulate in float32; float32 operands use HIGHEST precision.
+
+Not done yet: head-dim tiling. Every program holds a whole (Kp, Vp) f32 state (and the parallel kernels the
+(L, L) matrices), which suits d_qk, d_v <= 128; xLSTM-7B sizes (256 x 512) need d_v tiles (and, in the backward,
+TFLA's split into dQ / dK / dV kernels, since d(den) and the score gradients sum over all of d_v). Untuned: no
+GPU or TPU was available; only interpret-mode runs and cuda/tpu lowering were checked.
 """
 
 from __future__ import annotations
@@ -337,8 +345,10 @@ def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):
 
 
 class _Specs:
-    """BlockSpecs of the kernel layout for one grid: `seq` (Triton: grid (N,), whole rows; chunk loop in-kernel)
-    or `chunk` (grid (N, NC), one chunk per program; `reverse` walks the chunks backwards)."""
+    """BlockSpecs of the kernel layout. per_chunk=False: grid (N,), each program sees whole rows (the Triton
+    sequential kernels loop over chunks inside). per_chunk=True: grid (N, NC), one chunk per program; `reverse`
+    walks the chunks backwards. rows(d): [N, Sp, d] arrays; chunk_state(a, c): [N, NC, a, c] per-chunk states;
+    row_state(a, c): [N, a, c] per-row states (resident across the chunk axis)."""
 
     def __init__(self, L: int, sp: int, nc: int, per_chunk: bool, reverse: bool = False):
         self.per_chunk = per_chunk
@@ -363,11 +373,11 @@ def _states_call(k, v, i, lf, c0, n0, m0, *, L, platform, interpret):
     vp, nc = v.shape[-1], sp // L
     out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)),
                  _sds((n, kp, vp)), _sds((n, 1, kp)), _sds((n, 1, 1)))
-    sp_ = _Specs(L, sp, nc, per_chunk=platform == "tpu")
-    in_specs = [sp_.rows(kp), sp_.rows(vp), sp_.rows(1), sp_.rows(1), sp_.row_state(kp, vp), sp_.row_state(1, kp),
-                sp_.row_state(1, 1)]
-    out_specs = [sp_.chunk_state(kp, vp), sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.row_state(kp, vp),
-                 sp_.row_state(1, kp), sp_.row_state(1, 1)]
+    specs = _Specs(L, sp, nc, per_chunk=platform == "tpu")
+    in_specs = [specs.rows(kp), specs.rows(vp), specs.rows(1), specs.rows(1), specs.row_state(kp, vp),
+                specs.row_state(1, kp), specs.row_state(1, 1)]
+    out_specs = [specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.row_state(kp, vp),
+                 specs.row_state(1, kp), specs.row_state(1, 1)]
     if platform == "triton":
         kernel, grid, scratch = functools.partial(_states_kernel_loop, L=L, nc=nc), (n,), ()
     else:
@@ -380,20 +390,20 @@ def _states_call(k, v, i, lf, c0, n0, m0, *, L, platform, interpret):
     )(k, v, i, lf, c0, n0, m0)
 
 
-def _chunk_in_specs(sp_, kp, vp):
+def _chunk_in_specs(specs, kp, vp):
     """q, k, v, i, log f, chunk-start C, n, m."""
-    return [sp_.rows(kp), sp_.rows(kp), sp_.rows(vp), sp_.rows(1), sp_.rows(1), sp_.chunk_state(kp, vp),
-            sp_.chunk_state(1, kp), sp_.chunk_state(1, 1)]
+    return [specs.rows(kp), specs.rows(kp), specs.rows(vp), specs.rows(1), specs.rows(1), specs.chunk_state(kp, vp),
+            specs.chunk_state(1, kp), specs.chunk_state(1, 1)]
 
 
 def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, L, scale, eps, platform, interpret):
     """Kernel (b): h [N, Sp, Vp] in v's dtype."""
     n, sp, kp = q.shape
     vp, nc = v.shape[-1], sp // L
-    sp_ = _Specs(L, sp, nc, per_chunk=True)
+    specs = _Specs(L, sp, nc, per_chunk=True)
     return pl.pallas_call(
         functools.partial(_out_kernel, scale=scale, eps=eps), out_shape=_sds((n, sp, vp), v.dtype), grid=(n, nc),
-        in_specs=_chunk_in_specs(sp_, kp, vp), out_specs=sp_.rows(vp),
+        in_specs=_chunk_in_specs(specs, kp, vp), out_specs=specs.rows(vp),
         compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_fwd_outputs",
     )(q, k, v, i, lf, cs, ns, ms)
 
@@ -402,13 +412,13 @@ def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, L, scale, eps, platform, inter
     """Backward kernel (0): dnum [N, Sp, Vp]; m_row, d(den), r_inter, r_intra [N, Sp, 1] (all f32)."""
     n, sp, kp = q.shape
     vp, nc = v.shape[-1], sp // L
-    sp_ = _Specs(L, sp, nc, per_chunk=True)
+    specs = _Specs(L, sp, nc, per_chunk=True)
     col = _sds((n, sp, 1))
     return pl.pallas_call(
         functools.partial(_prep_kernel, scale=scale, eps=eps),
         out_shape=(_sds((n, sp, vp)), col, col, col, col), grid=(n, nc),
-        in_specs=_chunk_in_specs(sp_, kp, vp) + [sp_.rows(vp)],
-        out_specs=[sp_.rows(vp)] + [sp_.rows(1)] * 4,
+        in_specs=_chunk_in_specs(specs, kp, vp) + [specs.rows(vp)],
+        out_specs=[specs.rows(vp)] + [specs.rows(1)] * 4,
         compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_bwd_prep",
     )(q, k, v, i, lf, cs, ns, ms, dh)
 
@@ -420,11 +430,11 @@ def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, L, sc
     vp, nc = dnum.shape[-1], sp // L
     out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)), _sds((n, nc, 1, 1)),
                  _sds((n, kp, vp)), _sds((n, 1, kp)))
-    sp_ = _Specs(L, sp, nc, per_chunk=platform == "tpu", reverse=True)
-    in_specs = [sp_.rows(kp), sp_.rows(vp)] + [sp_.rows(1)] * 5 + [
-        sp_.chunk_state(1, 1), sp_.row_state(kp, vp), sp_.row_state(1, kp), sp_.row_state(1, 1)]
-    out_specs = [sp_.chunk_state(kp, vp), sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.chunk_state(1, 1),
-                 sp_.row_state(kp, vp), sp_.row_state(1, kp)]
+    specs = _Specs(L, sp, nc, per_chunk=platform == "tpu", reverse=True)
+    in_specs = [specs.rows(kp), specs.rows(vp)] + [specs.rows(1)] * 5 + [
+        specs.chunk_state(1, 1), specs.row_state(kp, vp), specs.row_state(1, kp), specs.row_state(1, 1)]
+    out_specs = [specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(1, 1),
+                 specs.row_state(kp, vp), specs.row_state(1, kp)]
     if platform == "triton":
         kernel, grid, scratch = functools.partial(_dstates_kernel_loop, L=L, nc=nc, scale=scale), (n,), ()
     else:
@@ -442,16 +452,16 @@ def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms,
     """Backward kernel (2): dq, dk, dv (input dtypes) and d(i), d(log f) [N, Sp, 1] f32."""
     n, sp, kp = q.shape
     vp, nc = v.shape[-1], sp // L
-    sp_ = _Specs(L, sp, nc, per_chunk=True)
-    col = sp_.rows(1)
-    in_specs = [sp_.rows(kp), sp_.rows(kp), sp_.rows(vp), sp_.rows(vp), col, col, col, col, col, col,
-                sp_.chunk_state(kp, vp), sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.chunk_state(kp, vp),
-                sp_.chunk_state(1, kp), sp_.chunk_state(1, 1), sp_.chunk_state(1, 1)]
+    specs = _Specs(L, sp, nc, per_chunk=True)
+    col = specs.rows(1)
+    in_specs = [specs.rows(kp), specs.rows(kp), specs.rows(vp), specs.rows(vp), col, col, col, col, col, col,
+                specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(kp, vp),
+                specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(1, 1)]
     out_shape = (_sds((n, sp, kp), q.dtype), _sds((n, sp, kp), k.dtype), _sds((n, sp, vp), v.dtype),
                  _sds((n, sp, 1)), _sds((n, sp, 1)))
     return pl.pallas_call(
         functools.partial(_grads_kernel, scale=scale), out_shape=out_shape, grid=(n, nc), in_specs=in_specs,
-        out_specs=[sp_.rows(kp), sp_.rows(kp), sp_.rows(vp), col, col],
+        out_specs=[specs.rows(kp), specs.rows(kp), specs.rows(vp), col, col],
         compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_bwd_grads",
     )(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra)
 
@@ -494,7 +504,8 @@ def _layout(q, k, v, i, f, c0, n0, m0, chunk, platform):
         return jnp.pad(x.astype(F32).reshape(n, s, 1), ((0, 0), (0, sp - s), (0, 0)), constant_values=pad_value)
 
     arrs = dict(
-        q=seq(q, kp), k=seq(k, kp), v=seq(v, vp), i=col(i, _PAD_INPUT_GATE), lf=col(jax.nn.log_sigmoid(f.astype(F32)), 0.0),
+        q=seq(q, kp), k=seq(k, kp), v=seq(v, vp),
+        i=col(i, _PAD_INPUT_GATE), lf=col(jax.nn.log_sigmoid(f.astype(F32)), 0.0),
         c0=jnp.pad(c0.astype(F32).reshape(n, dk, dv), ((0, 0), (0, kp - dk), (0, vp - dv))),
         n0=jnp.pad(n0.astype(F32).reshape(n, 1, dk), ((0, 0), (0, 0), (0, kp - dk))),
         m0=m0.astype(F32).reshape(n, 1, 1),

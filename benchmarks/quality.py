@@ -1,9 +1,11 @@
-"""Quality run: TransNormerLLM (configs/tnl-debug.yaml) vs the same-size softmax model (configs/debug.yaml).
+"""Quality run: the debug-size models side by side: softmax attention (configs/debug.yaml), TransNormerLLM
+(configs/tnl-debug.yaml) and xLSTM (configs/xlstm-debug.yaml).
 
-    python benchmarks/quality_tnl.py [--steps 600] [--eval-every 50] [--write docs/benchmarks.md]
+    python benchmarks/quality.py [--steps 600] [--eval-every 50] [--models debug tnl-debug xlstm-debug]
+                                 [--write docs/benchmarks.md]
 
-Both train the same steps on the same data (the stdlib corpus, byte level) with the same optimizer;
-eval losses on the held-out split are plotted to docs/img/tnl_vs_softmax.png (needs matplotlib).
+All train the same steps on the same data (the stdlib corpus, byte level) with the same optimizer;
+eval losses on the held-out split are plotted to docs/img/quality_debug_models.png (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ sys.path.insert(0, str(REPO))
 from jaxeff.config import load_config  # noqa: E402
 from jaxeff.train import train  # noqa: E402
 
-MODELS = {"softmax attention (debug.yaml)": "configs/debug.yaml", "TNL lightning (tnl-debug.yaml)": "configs/tnl-debug.yaml"}
+MODELS = {"debug": "softmax attention (debug.yaml)", "tnl-debug": "TNL lightning (tnl-debug.yaml)",
+          "xlstm-debug": "xLSTM mLSTM (xlstm-debug.yaml)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args()
     curves, seconds, params = {}, {}, {}
-    for name, config in MODELS.items():
+    for config_name in args.models:
+        name, config = MODELS[config_name], f"configs/{config_name}.yaml"
         overrides = [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", "sample.max_new_tokens=0",
                      "logging.progress_bar=false", "train.eval_batches=8"]
         with tempfile.TemporaryDirectory() as workdir:
@@ -54,7 +59,7 @@ def main() -> None:
     ax.set_title(f"stdlib bytes, batch 16 x 128, {args.steps} steps")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = REPO / "docs/img/tnl_vs_softmax.png"
+    out = REPO / "docs/img/quality_debug_models.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -72,10 +77,10 @@ def main() -> None:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from common import write_section
 
-        write_section(args.write, "quality-tnl", "Quality: TransNormerLLM vs softmax attention (CPU)",
-                      f"Measured by `python benchmarks/quality_tnl.py --steps {args.steps}`: both models train the "
+        write_section(args.write, "quality", "Quality: softmax attention vs TransNormerLLM vs xLSTM (CPU)",
+                      f"Measured by `python benchmarks/quality.py --steps {args.steps}`: the models train the "
                       "same steps on the same byte-level stdlib corpus with the same optimizer (one run each, seed 0)."
-                      f"\n\n{table}\n\n![eval loss curves](img/tnl_vs_softmax.png)")
+                      f"\n\n{table}\n\n![eval loss curves](img/quality_debug_models.png)")
 
 
 if __name__ == "__main__":

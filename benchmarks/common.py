@@ -65,6 +65,12 @@ def timed(fn, args) -> float:
     return time.perf_counter() - t0
 
 
+def bench(fn, args, reps: int = 10) -> float:
+    """Median seconds of `reps` calls after one warm-up (compile) call."""
+    timed(fn, args)
+    return float(np.median([timed(fn, args) for _ in range(reps)]))
+
+
 def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str], float]:
     """(length, name) -> median seconds. `make_fns(length) -> ({name: jitted fn}, args)`; a name left out of the
     dict (e.g. too big for memory) is skipped. Op by op, length by length, each with its own warm-up: timing
@@ -74,8 +80,7 @@ def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str],
         for s in lengths:
             fns, args = make_fns(s)
             if name in fns:
-                timed(fns[name], args)  # compile and warm up
-                times[(s, name)] = float(np.median([timed(fns[name], args) for _ in range(rounds)]))
+                times[(s, name)] = bench(fns[name], args, rounds)
             del fns, args
             jax.clear_caches()
     return times

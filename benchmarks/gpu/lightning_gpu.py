@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,6 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bench  # noqa: E402
 
 HEADS, DIM = 8, 128
 SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536)]  # (batch, seq): 64K tokens per step each
@@ -44,16 +46,6 @@ def check_correctness() -> float:
     errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
             for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(pal))]
     return max(errs)
-
-
-def bench(fn, args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -88,7 +80,6 @@ def main() -> None:
     table = "\n".join(rows)
     print(f"\n{device.device_kind}: {HEADS} heads, d {DIM}, bfloat16, 64K tokens per step\n{table}")
     if args.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from common import write_section
 
         write_section(args.write, "lightning-gpu", "Lightning attention on GPU",

@@ -137,3 +137,30 @@ def test_bad_arguments_name_the_argument_and_the_expected_shape(change, message)
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         mlstm(**kwargs)
+
+
+@pytest.mark.parametrize("variant", ["triton", "tpu"])
+def test_pallas_impl_through_the_op_matches_the_reference_forward_and_gradients(variant):
+    args, state = inputs(8, s=23, i_offset=-5.0, with_state=True)
+    w = np.random.default_rng(9).standard_normal((2, 23, 2, 12)).astype(np.float32)
+
+    def loss(impl, q, k, v, i, f, c0, n0):
+        h, (c, n, _) = mlstm(q, k, v, i, f, initial_state=(c0, n0, state[2]), return_final_state=True, impl=impl,
+                             chunk_size=16, pallas_variant=variant if impl == "pallas" else None)
+        return jnp.sum(h * w) + jnp.sum(c) + jnp.sum(n)
+
+    ref = jax.value_and_grad(loss, argnums=tuple(range(1, 8)))("reference", *args, state[0], state[1])
+    pal = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(1, 8))), static_argnums=0)("pallas", *args,
+                                                                                         state[0], state[1])
+    assert abs(float(pal[0]) - float(ref[0])) < 1e-4 * abs(float(ref[0]))
+    for name, a, b in zip(("q", "k", "v", "i", "f", "C0", "n0"), pal[1], ref[1]):
+        assert rel_err(a, b) < (1e-3 if name == "f" else 2e-4), (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("platform, marker", [("cuda", "triton"), ("tpu", "tpu_custom_call")])
+def test_auto_lowers_to_the_platform_kernels(platform, marker):
+    (q, k, v, i, f), _ = inputs(10, s=40)
+    grad = jax.jit(jax.grad(lambda q, k, v, i, f: jnp.sum(mlstm(q, k, v, i, f, chunk_size=16)),
+                            argnums=(0, 1, 2, 3, 4)))
+    text = grad.trace(q, k, v, i, f).lower(lowering_platforms=(platform,)).as_text()
+    assert marker in text

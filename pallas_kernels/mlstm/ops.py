@@ -80,9 +80,16 @@ def _branches(kernel_fn, cpu_fn, pallas_variant):
     return dict(cpu=cpu_fn, cuda=gpu, rocm=gpu, tpu=tpu)
 
 
+# The kernels keep a whole d_qk x d_v state per program (no head-dim tiling yet): "auto" uses them only up to
+# this size and the chunked jnp form beyond it (xLSTM 7B's 256 x 512 heads). impl="pallas" always uses them.
+AUTO_PALLAS_MAX_HEAD_DIM = 128
+
+
 def _dispatch(kind: str, impl, chunk, eps, pallas_variant, *args):
     jnp_fn = functools.partial(_chunked_fwd if kind == "fwd" else _chunked_bwd, chunk=chunk, eps=eps)
-    if impl == "chunked":
+    q, v = args[0], args[2]
+    too_wide = max(q.shape[-1], v.shape[-1]) > AUTO_PALLAS_MAX_HEAD_DIM
+    if impl == "chunked" or (impl == "auto" and too_wide):
         return jnp_fn(*args)
     kernel = _kernel()
     kernel_fn = functools.partial(kernel.mlstm_fwd if kind == "fwd" else kernel.mlstm_bwd, chunk=chunk, eps=eps)
@@ -134,7 +141,8 @@ def mlstm(q, k, v, i_preact, f_preact, *, initial_state=None, return_final_state
       impl: "reference" (exact O(S^2) stabilised quadratic form with the initial-state column), "chunked"
         (jnp: `lax.scan` over chunk states + parallel intra-chunk outputs), "pallas" (Pallas kernels: Triton on
         GPU, Mosaic on TPU, the interpreter on CPU) or "auto" (Pallas on GPU/TPU, chunked on CPU; chosen when
-        lowering, so AOT lowering for another platform emits that platform's kernels).
+        lowering, so AOT lowering for another platform emits that platform's kernels). "auto" keeps the chunked
+        form for head dims above AUTO_PALLAS_MAX_HEAD_DIM until the kernels tile the head dims.
       pallas_variant: None (by platform) or force "triton" / "tpu" kernel bodies (tests run both on CPU).
 
     Returns:

@@ -96,6 +96,15 @@ def test_bfloat16_import_rounds_each_tensor_once(imported, hf_xlstm, tmp_path):
                                                             np.asarray(b, np.float32)), f32, bf16)
 
 
+def test_the_import_is_a_plain_orbax_checkpoint(imported, hf_xlstm):
+    import orbax.checkpoint as ocp
+
+    params = ocp.StandardCheckpointer().restore(imported / "params")
+    q = hf_xlstm[1].state_dict()["backbone.blocks.1.mlstm_layer.q.weight"].numpy()  # [H*d_qk, D]
+    np.testing.assert_array_equal(params["layer_1"]["mixer"]["q"]["kernel"], q.T.reshape(128, 2, 32))
+    assert sorted(p.name for p in imported.iterdir()) == ["config.json", "params"]
+
+
 def test_generate_from_an_import(imported):
     proc = run_jaxeff("generate", "--workdir", str(imported), "--prompt", "ab", "--max-new-tokens", "4",
                       "--temperature", "0")
@@ -132,6 +141,7 @@ def test_bad_checkpoints_are_one_line_naming_the_tensor(hf_xlstm, tmp_path, kind
     with pytest.raises(UserError, match=None):
         import_checkpoint(bad, tmp_path / "out_api")
     assert_user_error(run_jaxeff("import", "--from", str(bad), "--out", str(tmp_path / "out")), message)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out_api").exists()  # nothing half-written
 
 
 def test_fine_tuning_starts_from_the_imported_parameters(imported, tmp_path):

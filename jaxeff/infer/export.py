@@ -31,17 +31,19 @@ def check_new_out_dir(out: str | Path) -> Path:
     return out
 
 
-def write_export(out: Path, model_config, params, tokenizer, padded_vocab_size: int, step: int,
-                 param_dtype: str = "float32", source: dict | None = None) -> Path:
-    """The export layout, from any source of parameters (a training workdir, an imported checkpoint)."""
-    make_writable_dir(out, "--out")
+def write_params(out: Path, params) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(out / "params", params)
+    checkpointer.wait_until_finished()
+
+
+def write_meta(out: Path, model_config, tokenizer, padded_vocab_size: int, step: int, param_count: int,
+               param_dtype: str = "float32", source: dict | None = None) -> None:
+    """config.json (and the tokenizer file) of an export; `params/` is written separately."""
     tokenizer_spec = tokenizer.spec
     if tokenizer_spec != "byte":
         shutil.copyfile(tokenizer_spec, out / "tokenizer.json")
         tokenizer_spec = "tokenizer.json"
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out / "params", params)
-    checkpointer.wait_until_finished()
     meta = {
         "format": EXPORT_FORMAT,
         "architecture": "DecoderLM",
@@ -51,18 +53,19 @@ def write_export(out: Path, model_config, params, tokenizer, padded_vocab_size: 
         "tokenizer": tokenizer_spec,
         "special_tokens": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id},
         "param_dtype": param_dtype,
-        "param_count": count_params(params),
+        "param_count": param_count,
         "step": step,
         **({"source": source} if source else {}),
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2))
-    return out
 
 
 def export_checkpoint(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     """Write the export; returns (its directory, the training step exported)."""
     out = check_new_out_dir(out)
     loaded = load_inference_model(workdir)
-    write_export(out, loaded.model_config, jax.device_get(loaded.params), loaded.tokenizer, loaded.model.vocab_size,
-                 loaded.step)
+    make_writable_dir(out, "--out")
+    write_params(out, jax.device_get(loaded.params))
+    write_meta(out, loaded.model_config, loaded.tokenizer, loaded.model.vocab_size, loaded.step,
+               count_params(loaded.params))
     return out, loaded.step

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,8 @@ import numpy as np
 from jaxeff.config import ConfigError, LightningConfig, MlstmConfig, ModelConfig
 from jaxeff.data.tokenizer import ByteTokenizer, load_tokenizer
 from jaxeff.errors import UserError
-from jaxeff.infer.export import check_new_out_dir, write_export
+from jaxeff.infer.export import check_new_out_dir, write_meta, write_params
+from jaxeff.paths import make_writable_dir
 from jaxeff.models.lm import build_model
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -258,33 +260,71 @@ def import_checkpoint(src: str | Path, out: str | Path, dtype: str = "float32") 
     reader = SafetensorsDir(src)
     np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
 
-    params: dict[str, Any] = {}
-    used = set()
-    for m in tensor_maps(model.vocab_size):
+    maps = tensor_maps(model.vocab_size)
+    for m in maps:  # names first: a missing or stray tensor fails before anything is written
         if m.source not in reader.names():
             raise UserError(f"--from {src}: tensor '{m.source}' is missing (needed for {'/'.join(m.target)})")
-        raw = reader.get(m.source)
-        want = tuple(_lookup(expected, m.target).shape)
-        try:
-            value = m.transform(raw)
-        except ValueError:  # a reshape that cannot work
-            value = None
-        if value is None or value.shape != want:
-            raise UserError(f"--from {src}: tensor '{m.source}' has shape {raw.shape}, which does not fit "
-                            f"{'/'.join(m.target)} {want} of the model that config.json describes")
-        _set(params, m.target, value.astype(np_dtype))
-        used.add(m.source)
-    unexpected = sorted(reader.names() - used)
+    unexpected = sorted(reader.names() - {m.source for m in maps})
     if unexpected:
         raise UserError(f"--from {src}: {len(unexpected)} tensor(s) have no place in the {arch} model, e.g. "
                         f"'{unexpected[0]}'; is config.json the one these weights were saved with?")
-    missing = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(expected)
-               if _lookup(params, tuple(k.key for k in p)) is None]
+    filled = {m.target for m in maps}
+    missing = [p for p in (tuple(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(expected))
+               if p not in filled]
     if missing:  # a bug in a mapping table, not a user error
         raise RuntimeError(f"import mapping for {arch} leaves parameters unset: {missing[:5]}")
-    write_export(out, model_cfg, params, tokenizer, model.vocab_size, step=0, param_dtype=dtype,
-                 source={"from": str(src.absolute()), "model_type": arch})
-    return out, arch, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+    make_writable_dir(out, "--out")
+    writer, n_params = _ParamWriter(out), 0
+    try:
+        for m in maps:
+            raw = reader.get(m.source)
+            want = tuple(_lookup(expected, m.target).shape)
+            try:
+                value = m.transform(raw)
+            except ValueError:  # a reshape that cannot work
+                value = None
+            if value is None or value.shape != want:
+                raise UserError(f"--from {src}: tensor '{m.source}' has shape {raw.shape}, which does not fit "
+                                f"{'/'.join(m.target)} {want} of the model that config.json describes")
+            writer.add(m.target, value.astype(np_dtype))
+            n_params += value.size
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # it was new or empty (check_new_out_dir): leave nothing half-written
+        raise
+    writer.finish()
+    write_meta(out, model_cfg, tokenizer, model.vocab_size, step=0, param_count=n_params, param_dtype=dtype,
+               source={"from": str(src.absolute()), "model_type": arch})
+    return out, arch, n_params
+
+
+class _ParamWriter:
+    """Writes `out/params` (a plain Orbax checkpoint) one tensor at a time with Orbax's partial saves, so host
+    memory holds about one tensor, not the model. Without partial saves (older Orbax) it collects the tree."""
+
+    def __init__(self, out: Path):
+        self.out, self.staging = out, out / "params_staging"  # no leading dot: Orbax mis-finalizes those
+        try:
+            from orbax.checkpoint.experimental.v1 import partial
+        except ImportError:
+            partial = None
+        self.partial, self.tree = partial, {}
+
+    def add(self, path: tuple[str, ...], value: np.ndarray) -> None:
+        if self.partial is None:
+            _set(self.tree, path, value)
+            return
+        nested: dict[str, Any] = {}
+        _set(nested, path, value)
+        self.partial.save(self.staging, nested)
+
+    def finish(self) -> None:
+        if self.partial is None:
+            write_params(self.out, self.tree)
+            return
+        self.partial.finalize(self.staging)
+        (self.staging / "state").rename(self.out / "params")  # the PyTree itself: what StandardCheckpointer reads
+        shutil.rmtree(self.staging)
 
 
 def _lookup(tree: dict[str, Any], path: tuple[str, ...]):

@@ -71,6 +71,16 @@ def bench(fn, args, reps: int = 10) -> float:
     return float(np.median([timed(fn, args) for _ in range(reps)]))
 
 
+def bench_softmax(grad, q, k, v) -> float:
+    """Forward+backward time of causal softmax attention (cuDNN flash attention where it runs, else XLA's).
+    `grad(fn)` turns fn(q, k, v) -> output into the jitted gradient to time."""
+    try:
+        return bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                       implementation="cudnn")), (q, k, v))
+    except Exception:  # cuDNN flash attention unavailable for this platform/shape/dtype
+        return bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (q, k, v))
+
+
 def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str], float]:
     """(length, name) -> median seconds. `make_fns(length) -> ({name: jitted fn}, args)`; a name left out of the
     dict (e.g. too big for memory) is skipped. Op by op, length by length, each with its own warm-up: timing

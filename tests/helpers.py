@@ -68,3 +68,17 @@ def assert_user_error(proc: subprocess.CompletedProcess, message: str) -> None:
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+
+
+def decode_in_steps(apply, params, tokens_BS, prompt: int, caches):
+    """Logits of a prefill of `prompt` tokens, then one-token steps with the caches, concatenated: [B, S, V]."""
+    import jax.numpy as jnp
+
+    b, s = tokens_BS.shape
+    out, caches, _ = apply({"params": params}, tokens_BS[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (b, prompt)),
+                           caches)
+    outs = [out]
+    for t in range(prompt, s):
+        out, caches, _ = apply({"params": params}, tokens_BS[:, t:t + 1], jnp.full((b, 1), t), caches)
+        outs.append(out)
+    return jnp.concatenate(outs, 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import decode_in_steps, tiny_config
 from jaxeff.config import ConfigError, LightningConfig, ModelConfig, load_config, validate
 from jaxeff.infer.generate import generate_ids
 from jaxeff.layers.lightning import alibi_slopes, decay_rates, lrpe, lrpe_theta_init
@@ -68,13 +68,8 @@ def test_prefill_then_step_decoding_matches_the_full_forward(prompt):
     full, _, _ = apply({"params": params}, tokens)
     caches = init_caches(cfg, 2, 13, jnp.float32)
     assert caches[0]["state"].shape == (2, 4, 16, 8) and caches[1]["state"].shape == (2, 4, 8, 8)  # LRPE doubles d_k
-    out, caches, _ = apply({"params": params}, tokens[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (2, prompt)),
-                           caches)
-    outs = [out]
-    for t in range(prompt, 13):
-        out, caches, _ = apply({"params": params}, tokens[:, t : t + 1], jnp.full((2, 1), t), caches)
-        outs.append(out)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+    stepped = decode_in_steps(apply, params, tokens, prompt, caches)
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_generation_of_tnl_equals_full_forward_argmax():

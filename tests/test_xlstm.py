@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, decode_in_steps, tiny_config
 from jaxeff.config import ConfigError, ModelConfig, MlstmConfig, load_config, validate
 from jaxeff.layers.mlstm import soft_cap
 from jaxeff.models.lm import build_model, flops_per_token, init_caches
@@ -73,13 +73,8 @@ def test_prefill_then_step_decoding_matches_the_full_forward(prompt):
     full, _, _ = apply({"params": params}, tokens)
     caches = init_caches(cfg, 2, 13, jnp.float32)
     assert caches[0]["state"][0].shape == (2, 2, 16, 32)  # C: [batch, heads, d_qk, d_v]
-    out, caches, _ = apply({"params": params}, tokens[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (2, prompt)),
-                           caches)
-    outs = [out]
-    for t in range(prompt, 13):
-        out, caches, _ = apply({"params": params}, tokens[:, t:t + 1], jnp.full((2, 1), t), caches)
-        outs.append(out)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
+    stepped = decode_in_steps(apply, params, tokens, prompt, caches)
+    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-5)
     assert float(jnp.max(jnp.abs(full))) < 30.0  # logits soft cap
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench  # noqa: E402
+from common import bench, bench_softmax  # noqa: E402
 
 HEADS, DIM = 8, 128
 SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536)]  # (batch, seq): 64K tokens per step each
@@ -67,12 +67,7 @@ def main() -> None:
                                           argnums=(0, 1, 2)))
         times = {"pallas": bench(grad(lambda q, k, v: lightning_attention(q, k, v, rate, impl="pallas")), (q, k, v)),
                  "chunked": bench(grad(lambda q, k, v: lightning_attention(q, k, v, rate, impl="chunked")), (q, k, v))}
-        try:
-            times["softmax"] = bench(grad(lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation="cudnn")), (q, k, v))
-        except Exception:  # cuDNN flash attention unavailable for this shape/dtype: XLA's
-            times["softmax"] = bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
-                                     (q, k, v))
+        times["softmax"] = bench_softmax(grad, q, k, v)
         p = times["pallas"]
         rows.append(f"| {batch} x {seq} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {times['softmax'] * 1e3:.2f} "
                     f"| {times['chunked'] / p:.2f} | {times['softmax'] / p:.2f} |")

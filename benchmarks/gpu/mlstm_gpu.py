@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench  # noqa: E402
+from common import bench, bench_softmax  # noqa: E402
 from pallas_kernels.mlstm import mlstm  # noqa: E402
 
 HEADS, D_QK, D_V = 8, 256, 512
@@ -70,13 +70,7 @@ def main() -> None:
                                            argnums=(0, 1, 2)))
         times = {impl: bench(grad(lambda q, k, v, impl=impl: mlstm(q, k, v, i, f, impl=impl)), (q, k, v))
                  for impl in ("pallas", "chunked")}
-        v_qk = v[..., :D_QK]
-        try:
-            times["softmax"] = bench(grad(lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v_qk, is_causal=True, implementation="cudnn")), (q, k, v))
-        except Exception:  # cuDNN flash attention unavailable for this shape/dtype: XLA's
-            times["softmax"] = bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v_qk, is_causal=True)),
-                                     (q, k, v))
+        times["softmax"] = bench_softmax(grad, q, k, v[..., :D_QK])
         p = times["pallas"]
         rows.append(f"| {batch} x {seq} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {times['softmax'] * 1e3:.2f} "
                     f"| {times['chunked'] / p:.2f} | {times['softmax'] / p:.2f} |")

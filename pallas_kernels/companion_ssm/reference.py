@@ -1,0 +1,131 @@
+"""Companion-matrix SSM (SpaceTime) in plain jnp: its convolution kernel three ways, FFT convolution, recurrence.
+
+One SSM per head h with state size d: A = S + a e_d^T, where S is the down-shift (S e_i = e_{i+1}, ones on the
+sub-diagonal) and the last column holds the free parameters a; b, c in R^d.
+
+    x_t = A x_{t-1} + b u_t,   y_t = c . x_t (+ skip u_t),   x_{-1} = 0
+    => y = K * u (causal convolution) with K_l = c^T A^l b, l = 0 .. length-1 (K_0 = c . b: no extra delay)
+
+Kernels ([H, d] parameters -> [H, length]):
+  sequential  l mat-vecs, each O(d) thanks to the structure: A x = shift_down(x) + a x_{d-1}
+  krylov      repeated squaring: the Krylov block [b, A b, ..] doubles with A^m, O(d^2 length + d^3 log length)
+  fast        generating function on a circle just inside the unit circle (an FFT of size length) with a rank-1
+              (Sherman-Morrison) correction of the nilpotent shift, O((d + length) log(d + length)) plus forming
+              c^T A^length (O(d^3 log length) by repeated squaring of the d x d matrix)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def acc_dtype(*xs):
+    return jnp.float64 if any(jnp.asarray(x).dtype == jnp.float64 for x in xs) else jnp.float32
+
+
+def companion_matrix(a_HD):
+    """[H, d] last columns -> [H, d, d] matrices A = S + a e_d^T."""
+    d = a_HD.shape[-1]
+    shift = jnp.eye(d, k=-1, dtype=a_HD.dtype)
+    return shift[None] + a_HD[:, :, None] * jax.nn.one_hot(d - 1, d, dtype=a_HD.dtype)[None, None, :]
+
+
+def apply_companion(a_HD, x_HD):
+    """A x for a batch of heads in O(d): shift x down by one and add a times its last entry."""
+    shifted = jnp.concatenate([jnp.zeros_like(x_HD[..., :1]), x_HD[..., :-1]], axis=-1)
+    return shifted + a_HD * x_HD[..., -1:]
+
+
+def sequential_kernel(a, b, c, length: int):
+    """K_l = c^T A^l b by iterating x <- A x from x = b (the definition)."""
+    def step(x, _):
+        return apply_companion(a, x), jnp.sum(c * x, axis=-1)
+
+    _, k_LH = jax.lax.scan(step, b, None, length=length)
+    return k_LH.T
+
+
+def krylov_kernel(a, b, c, length: int):
+    """The Krylov block [b, Ab, ..., A^(n-1) b] by doubling: X_2m = [X_m, A^m X_m], A^2m = (A^m)^2."""
+    power = companion_matrix(a)  # A^m for the current block length m
+    block = b[:, :, None]  # [H, d, m]
+    while block.shape[-1] < length:
+        block = jnp.concatenate([block, jnp.einsum("hij,hjm->him", power, block)], axis=-1)
+        power = jnp.einsum("hij,hjk->hik", power, power)
+    return jnp.einsum("hd,hdl->hl", c, block[:, :, :length])
+
+
+def matrix_power_rows(a, c, n: int):
+    """c^T A^n for every head by repeated squaring of the d x d companion matrices (O(d^3 log n))."""
+    result, power, e = c, companion_matrix(a), n
+    while e:
+        if e & 1:
+            result = jnp.einsum("hi,hij->hj", result, power)
+        e >>= 1
+        if e:
+            power = jnp.einsum("hij,hjk->hik", power, power)
+    return result
+
+
+def _cross_correlation(u, w):
+    """q_j = sum_i u_{i+j} w_i for j = 0..d-1 (FFT of size 2d, no wrap-around)."""
+    d = u.shape[-1]
+    n = 2 * d
+    q = jnp.fft.irfft(jnp.fft.rfft(u, n) * jnp.conj(jnp.fft.rfft(w, n)), n)
+    return q[..., :d]
+
+
+def _at_contour(coeffs, length: int, radius):
+    """Evaluate sum_j p_j z^j at z_k = radius * exp(-2 pi i k / length): scale p_j by radius^j, fold j modulo length
+    (z^length = radius^length is then applied per fold), and take an FFT of size length."""
+    d = coeffs.shape[-1]
+    folds = -(-d // length)
+    scaled = coeffs * radius ** jnp.arange(d, dtype=coeffs.dtype)
+    padded = jnp.pad(scaled, [(0, 0)] * (coeffs.ndim - 1) + [(0, folds * length - d)])
+    return jnp.fft.fft(padded.reshape(*coeffs.shape[:-1], folds, length).sum(-2), axis=-1)
+
+
+def fast_kernel(a, b, c, length: int):
+    """Generating function K^(z) = sum_{l<length} K_l z^l = c~^T (I - zA)^-1 b with c~ = (I - z^length A^length)^T c.
+
+    I - zA = (I - zS) - z a e_d^T; (I - zS)^-1 = sum_{j<d} z^j S^j since S is nilpotent, so with
+    Q(u, w)(z) = u^T (I - zS)^-1 w (coefficients: cross-correlations of u and w), Sherman-Morrison gives
+        K^(z) = Q(c~, b) + z Q(c~, a) Q(e_d, b) / (1 - z Q(e_d, a)).
+    It is evaluated on the circle of radius r = exp(-1/length), not on the unit circle: 1 - z Q(e_d, a) =
+    det(I - zA) vanishes where 1/z is an eigenvalue of A, and an L1-normalised a with all entries >= 0 puts an
+    eigenvalue exactly at 1. Inside the circle it cannot vanish (|eigenvalues| <= 1); the inverse FFT then gives
+    K_l r^l, and dividing by r^l (at most e) recovers K. Any d and length (coefficients fold modulo length).
+    """
+    d = a.shape[-1]
+    radius = jnp.exp(-1.0 / length).astype(a.dtype)
+    c_tilde = c - radius**length * matrix_power_rows(a, c, length)
+    e_d = jnp.zeros_like(a).at[:, d - 1].set(1.0)
+    q_cb, q_ca = _cross_correlation(c_tilde, b), _cross_correlation(c_tilde, a)
+    q_eb, q_ea = _cross_correlation(e_d, b), _cross_correlation(e_d, a)
+    z = radius * jnp.exp(-2j * jnp.pi * jnp.arange(length) / length).astype(jnp.result_type(1j, a.dtype))
+    cb, ca, eb, ea = (_at_contour(q, length, radius) for q in (q_cb, q_ca, q_eb, q_ea))
+    k_hat = cb + z * ca * eb / (1.0 - z * ea)
+    k_scaled = jnp.fft.ifft(k_hat, axis=-1).real
+    return (k_scaled / radius ** jnp.arange(length, dtype=a.dtype)).astype(a.dtype)
+
+
+def causal_conv(u_BSH, k_HS):
+    """y_t = sum_{l <= t} k_l u_{t-l} per head, by FFT (zero-padded to a power of two >= 2S)."""
+    s = u_BSH.shape[1]
+    n = 1 << (2 * s - 1).bit_length()
+    y = jnp.fft.irfft(jnp.fft.rfft(u_BSH, n, axis=1) * jnp.fft.rfft(k_HS.T, n, axis=0)[None], n, axis=1)
+    return y[:, :s].astype(u_BSH.dtype)
+
+
+def recurrence(u_BSH, a, b, c, skip, state=None):
+    """The SSM run step by step (the definition): returns (y [B,S,H], final state [B,H,d])."""
+    bsz, _, h = u_BSH.shape
+    x0 = jnp.zeros((bsz, h, a.shape[-1]), u_BSH.dtype) if state is None else state
+
+    def step(x, u_BH):
+        x = apply_companion(a[None], x) + b[None] * u_BH[..., None]
+        return x, jnp.sum(c[None] * x, axis=-1) + skip * u_BH
+
+    final, y_SBH = jax.lax.scan(step, x0, jnp.swapaxes(u_BSH, 0, 1))
+    return jnp.swapaxes(y_SBH, 0, 1), final

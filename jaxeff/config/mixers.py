@@ -93,3 +93,26 @@ class MlstmConfig(MixerSection):
     def head_dims(self, d_model: int, n_heads: int) -> tuple[int, int]:
         """(d_qk, d_v) per head."""
         return int(d_model * self.qk_dim_factor) // n_heads, int(d_model * self.v_dim_factor) // n_heads
+
+
+class CompanionConfig(MixerSection):
+    """Companion-matrix SSM token mixers (SpaceTime): `model.mixer_pattern: [companion]`. Every channel of the
+    residual stream runs its own SSM (kernel `i mod n_kernels`), then a linear layer mixes the channels."""
+
+    mixers: ClassVar[tuple[str, ...]] = ("companion",)
+
+    state_dim: PositiveInt = 64
+    """state size d of each SSM (the companion matrix is d x d)"""
+    n_kernels: PositiveInt = 16
+    """independent SSMs, repeated over the channels (must divide model.d_model)"""
+    norm_order: Literal[0, 1] = 1
+    """1: L1-normalise the companion column a before use (SpaceTime's default, keeps |eigenvalues| <= 1); 0: as is"""
+    skip: bool = True
+    """add a learned per-channel skip `D u_t`"""
+    kernel_impl: Annotated[Literal["auto", "reference", "krylov", "fast"], MAY_CHANGE] = "auto"
+    """how the convolution kernel is computed: `fast` (= auto), `krylov`, `reference` (sequential)"""
+
+    def check(self, cfg: Config, key: str) -> None:
+        if cfg.model.d_model % self.n_kernels:
+            raise ConfigError(f"{key}.n_kernels={self.n_kernels} does not divide model.d_model={cfg.model.d_model}; "
+                              "every kernel serves the same number of channels")

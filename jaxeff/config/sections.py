@@ -14,7 +14,7 @@ from pydantic import Field
 
 from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                 Section)
-from jaxeff.config.mixers import LightningConfig, MixerSection, MlstmConfig
+from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig
 
 
 class ModelConfig(Section):
@@ -63,6 +63,8 @@ class ModelConfig(Section):
     """lightning attention mixers (TransNormerLLM)"""
     mlstm: MlstmConfig = Field(default_factory=MlstmConfig)
     """mLSTM mixers (xLSTM 7B)"""
+    companion: CompanionConfig = Field(default_factory=CompanionConfig)
+    """companion-matrix SSM mixers (SpaceTime)"""
 
     def mixer_sections(self) -> Iterator[tuple[str, MixerSection]]:
         """(name, section) for every mixer section, used or not."""

@@ -1,0 +1,84 @@
+"""SpaceTime's companion-matrix SSM as a token mixer (`model.mixer_pattern: [companion]`, `model.companion`).
+
+    u_BSD = x                                   every channel is one SSM input
+    y_c   = SSM_{c mod K}(u_c) + skip_c u_c     x_t = A x_{t-1} + b u_t, y_t = c . x_t; A = shift + a e_d^T
+    out   = y W                                 a linear layer mixes the channels
+
+Training runs the SSMs as FFT convolutions with their kernels (pallas_kernels.companion_ssm); decoding keeps
+one d-sized state per channel (constant memory). With `norm_order: 1` the column a is L1-normalised before use,
+as in SpaceTime, which keeps the companion matrix's eigenvalues in the unit disc.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxeff.config import ModelConfig
+from jaxeff.layers.common import output_std, projection
+from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from pallas_kernels.companion_ssm import companion_ssm, companion_step
+
+
+def l1_normalise(a_KD, eps: float = 1e-4):
+    """a / |a|_1 per kernel; a near-zero column is left as it is (its norm would blow it up)."""
+    norm = jnp.sum(jnp.abs(a_KD), axis=-1, keepdims=True)
+    return jnp.where(norm > eps, a_KD / jnp.maximum(norm, eps), a_KD)
+
+
+class CompanionMixer(nn.Module):
+    cfg: ModelConfig
+    layer_index: int
+    dtype: jnp.dtype = jnp.float32
+
+    def _ssm_params(self):
+        """(a, b, c) per channel [D, d] (kernels repeated over the channels) and the skip [D] or None."""
+        cfg, sec = self.cfg, self.cfg.companion
+        k, d = sec.n_kernels, sec.state_dim
+        init = lambda std: nn.with_logical_partitioning(nn.initializers.normal(std), (None, None))  # noqa: E731
+        a = self.param("a", init(1.0), (k, d), jnp.float32)
+        b = self.param("b", init(d**-0.5), (k, d), jnp.float32)
+        c = self.param("c", init(d**-0.5), (k, d), jnp.float32)
+        if sec.norm_order == 1:
+            a = l1_normalise(a)
+        repeat = cfg.d_model // k
+        a, b, c = (jnp.tile(x, (repeat, 1)) for x in (a, b, c))
+        skip = None
+        if sec.skip:
+            skip = self.param("skip", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (cfg.d_model,),
+                              jnp.float32)
+        return a, b, c, skip
+
+    @nn.compact
+    def __call__(self, x_BSD, positions_BS, cache=None):
+        a, b, c, skip = self._ssm_params()
+        impl = self.cfg.companion.kernel_impl
+        u = x_BSD.astype(jnp.float32)  # FFTs and the recurrence in float32
+        if cache is None:
+            y_BSD, new_cache = companion_ssm(u, a, b, c, skip, impl=impl), None
+        elif x_BSD.shape[1] == 1:  # one decoding step
+            y_BD, state = companion_step(u[:, 0], a, b, c, skip, cache["state"])
+            y_BSD, new_cache = y_BD[:, None], {"state": state}
+        else:  # prefill: continue from the cached state
+            y_BSD, state = companion_ssm(u, a, b, c, skip, initial_state=cache["state"], return_final_state=True,
+                                         impl=impl)
+            new_cache = {"state": state}
+        out = projection(self.cfg.d_model, -1, (None, "embed"), output_std(self.cfg), self.dtype, "out")
+        return out(y_BSD.astype(self.dtype)), new_cache
+
+
+def init_companion_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
+    """A zero state [batch, d_model, state_dim] in float32, whatever the length."""
+    return {"state": jnp.zeros((batch, cfg.d_model, cfg.companion.state_dim), jnp.float32)}
+
+
+def companion_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> float:
+    """The output projection plus the FFT convolution (~ 3 FFTs of size 2S per channel: ~ 3 * 5 log2(2S) flops per
+    token and channel; the kernels themselves are per sequence, not per token)."""
+    import math
+
+    fft = 3 * 5 * math.log2(max(2 * seq_len, 2)) * cfg.d_model
+    return 2 * cfg.d_model * cfg.d_model + fft
+
+
+register_token_mixer(TokenMixerSpec("companion", CompanionMixer, companion_flops_per_token, init_companion_cache))

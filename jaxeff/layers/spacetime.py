@@ -1,0 +1,62 @@
+"""SpaceTime's building blocks around the companion SSM: preprocessing filters and the closed-loop decoder.
+
+Preprocessing SSMs are companion SSMs with A = S (a = 0), b = e_1 and a fixed c: then K_l = c_l, i.e. a fixed
+causal FIR filter with taps c.
+  differencing of order k: the signed binomial row (order 1: [1, -1]; order 2: [1, -2, 1]; ...)
+  moving-average residual of window w: u_t minus the mean of the last w values (taps delta_0 - 1/w on [0, w))
+Closed loop (the forecasting decoder): after encoding a lag window into the state x, feed the layer's own
+predicted next input k . x back in, i.e. roll x_t = (A + b k^T) x_{t-1} forward; the output is c . x_t.
+With A = S, b = e_1, c = e_1 and k = (phi_1, ..., phi_p, 0, ...) this is exactly the AR(p) recursion.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.companion_ssm import companion_ssm
+from pallas_kernels.companion_ssm.reference import apply_companion
+
+MAX_DIFFERENCE_ORDER = 4
+
+
+def difference_kernel(order: int, length: int | None = None):
+    """Taps of k-th order differencing: (-1)^j binomial(k, j), j = 0..k, zero-padded to `length`."""
+    if not 0 <= order <= MAX_DIFFERENCE_ORDER:
+        raise ValueError(f"difference_kernel: order must be in 0..{MAX_DIFFERENCE_ORDER}, got {order}")
+    taps = [(-1) ** j * math.comb(order, j) for j in range(order + 1)]
+    length = length or order + 1
+    return jnp.asarray(taps + [0] * (length - len(taps)), jnp.float32)
+
+
+def moving_average_residual_kernel(window: int, length: int | None = None):
+    """Taps of u_t - mean(u_{t-w+1..t}): 1 - 1/w at lag 0, -1/w at lags 1..w-1 (they sum to 0)."""
+    if window < 1:
+        raise ValueError(f"moving_average_residual_kernel: window must be >= 1, got {window}")
+    length = length or window
+    taps = jnp.zeros((length,), jnp.float32).at[:window].set(-1.0 / window)
+    return taps.at[0].add(1.0)
+
+
+def fir_filter(u_BSH, taps_HK):
+    """Fixed causal filters as companion SSMs with a = 0, b = e_1, c = taps: y_t = sum_l taps_l u_{t-l}."""
+    h, k = taps_HK.shape
+    a = jnp.zeros((h, k), taps_HK.dtype)
+    b = jnp.zeros((h, k), taps_HK.dtype).at[:, 0].set(1.0)
+    return companion_ssm(u_BSH, a, b, taps_HK)
+
+
+def closed_loop_rollout(x_BHD, a_HD, b_HD, c_HD, k_HD, horizon: int):
+    """From the encoded state x, roll x_t = (A + b k^T) x_{t-1} for `horizon` steps.
+
+    Returns (y [B, horizon, H] = c . x_t, u [B, horizon, H] = k . x_{t-1}, the predicted inputs).
+    """
+    def step(x, _):
+        u_next = jnp.sum(k_HD * x, axis=-1)
+        x = apply_companion(a_HD[None], x) + b_HD[None] * u_next[..., None]
+        return x, (jnp.sum(c_HD * x, axis=-1), u_next)
+
+    _, (y_TBH, u_TBH) = jax.lax.scan(step, x_BHD, None, length=horizon)
+    return jnp.swapaxes(y_TBH, 0, 1), jnp.swapaxes(u_TBH, 0, 1)

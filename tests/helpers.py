@@ -70,15 +70,27 @@ def assert_user_error(proc: subprocess.CompletedProcess, message: str) -> None:
     assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
 
 
-def decode_in_steps(apply, params, tokens_BS, prompt: int, caches):
-    """Logits of a prefill of `prompt` tokens, then one-token steps with the caches, concatenated: [B, S, V]."""
+def full_and_stepped_logits(cfg, prompt: int, seq: int = 13, batch: int = 2, edit_params=None):
+    """Logits of a tiny model of `cfg` on random tokens: the full forward, and a prefill of `prompt` tokens followed
+    by one-token steps with the decode caches. Also returns the initial caches (to check their shapes)."""
+    import flax.linen as nn
+    import jax
     import jax.numpy as jnp
 
-    b, s = tokens_BS.shape
-    out, caches, _ = apply({"params": params}, tokens_BS[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (b, prompt)),
-                           caches)
+    from jaxeff.models.lm import build_model, init_caches
+
+    model = build_model(cfg, 259, platform="cpu")
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, 259)
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens))["params"]
+    if edit_params is not None:
+        params = edit_params(params)
+    apply = jax.jit(model.apply)
+    full, _, _ = apply({"params": params}, tokens)
+    caches = init_caches(cfg, batch, seq, jnp.float32)
+    out, state, _ = apply({"params": params}, tokens[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (batch, prompt)),
+                          caches)
     outs = [out]
-    for t in range(prompt, s):
-        out, caches, _ = apply({"params": params}, tokens_BS[:, t:t + 1], jnp.full((b, 1), t), caches)
+    for t in range(prompt, seq):
+        out, state, _ = apply({"params": params}, tokens[:, t:t + 1], jnp.full((batch, 1), t), state)
         outs.append(out)
-    return jnp.concatenate(outs, 1)
+    return full, jnp.concatenate(outs, 1), caches

@@ -1,15 +1,13 @@
 """The companion SSM as an LM token mixer: decoding with the state = the full forward; it trains."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import decode_in_steps, tiny_config
+from helpers import full_and_stepped_logits, tiny_config
 from jaxeff.config import CompanionConfig, ConfigError, ModelConfig, load_config, validate
 from jaxeff.layers.companion import l1_normalise
-from jaxeff.models.lm import build_model, init_caches
 from jaxeff.train import train
 
 
@@ -22,15 +20,9 @@ def companion_config(**kw) -> ModelConfig:
 
 @pytest.mark.parametrize("prompt", [1, 6])
 def test_prefill_then_step_decoding_matches_the_full_forward(prompt):
-    cfg = companion_config()
-    model = build_model(cfg, 259, platform="cpu")
-    tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 259)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens))["params"]
-    apply = jax.jit(model.apply)
-    full, _, _ = apply({"params": params}, tokens)
-    caches = init_caches(cfg, 2, 11, jnp.float32)
+    full, stepped, caches = full_and_stepped_logits(companion_config(), prompt, seq=11)
     assert caches[0]["state"].shape == (2, 32, 8)
-    np.testing.assert_allclose(decode_in_steps(apply, params, tokens, prompt, caches), full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-5)
 
 
 def test_l1_normalisation_keeps_the_spectrum_in_the_unit_disc():

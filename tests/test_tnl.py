@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import decode_in_steps, tiny_config
+from helpers import full_and_stepped_logits, tiny_config
 from jaxeff.config import ConfigError, LightningConfig, ModelConfig, load_config, validate
 from jaxeff.infer.generate import generate_ids
 from jaxeff.layers.lightning import alibi_slopes, decay_rates, lrpe, lrpe_theta_init
-from jaxeff.models.lm import build_model, init_caches
+from jaxeff.models.lm import build_model
 from jaxeff.train import train
 
 
@@ -60,15 +60,8 @@ def test_lrpe_scores_depend_only_on_relative_position():
 
 @pytest.mark.parametrize("prompt", [5, 8])
 def test_prefill_then_step_decoding_matches_the_full_forward(prompt):
-    cfg = tnl_config()
-    model = build_model(cfg, 259, platform="cpu")
-    tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, 259)
-    params = nn.meta.unbox(model.init(jax.random.key(1), tokens))["params"]
-    apply = jax.jit(model.apply)
-    full, _, _ = apply({"params": params}, tokens)
-    caches = init_caches(cfg, 2, 13, jnp.float32)
+    full, stepped, caches = full_and_stepped_logits(tnl_config(), prompt)
     assert caches[0]["state"].shape == (2, 4, 16, 8) and caches[1]["state"].shape == (2, 4, 8, 8)  # LRPE doubles d_k
-    stepped = decode_in_steps(apply, params, tokens, prompt, caches)
     np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
 
 

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, decode_in_steps, tiny_config
+from helpers import REPO, full_and_stepped_logits, tiny_config
 from jaxeff.config import ConfigError, ModelConfig, MlstmConfig, load_config, validate
 from jaxeff.layers.mlstm import soft_cap
-from jaxeff.models.lm import build_model, flops_per_token, init_caches
+from jaxeff.models.lm import build_model, flops_per_token
 from jaxeff.train import train
 from jaxeff.train.state import count_params
 
@@ -62,18 +62,13 @@ def test_soft_cap_is_bounded_with_slope_one_at_zero():
 
 @pytest.mark.parametrize("prompt", [5, 8])
 def test_prefill_then_step_decoding_matches_the_full_forward(prompt):
-    cfg = xlstm_config()
-    model, params = init_params(cfg)
-    # random (not zero) gate weights, so that the gates depend on the input as after training
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.random.normal(jax.random.key(len(str(path))), x.shape) * 0.3
-        if "gate" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path) else x, params)
-    tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, 259)
-    apply = jax.jit(model.apply)
-    full, _, _ = apply({"params": params}, tokens)
-    caches = init_caches(cfg, 2, 13, jnp.float32)
+    def random_gates(params):  # random (not zero) gate weights: gates that depend on the input, as after training
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.random.normal(jax.random.key(len(str(path))), x.shape) * 0.3
+            if "gate" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path) else x, params)
+
+    full, stepped, caches = full_and_stepped_logits(xlstm_config(), prompt, edit_params=random_gates)
     assert caches[0]["state"][0].shape == (2, 2, 16, 32)  # C: [batch, heads, d_qk, d_v]
-    stepped = decode_in_steps(apply, params, tokens, prompt, caches)
     np.testing.assert_allclose(stepped, full, rtol=1e-4, atol=1e-5)
     assert float(jnp.max(jnp.abs(full))) < 30.0  # logits soft cap
 

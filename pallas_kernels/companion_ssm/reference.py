@@ -11,7 +11,7 @@ Kernels ([H, d] parameters -> [H, length]):
   krylov      repeated squaring: the Krylov block [b, A b, ..] doubles with A^m, O(d^2 length + d^3 log length)
   fast        generating function on a circle just inside the unit circle (an FFT of size length) with a rank-1
               (Sherman-Morrison) correction of the nilpotent shift, O((d + length) log(d + length)) plus forming
-              c^T A^length (O(d^3 log length) by repeated squaring of the d x d matrix)
+              c^T A^length (O(d^2 log length): x^length modulo the characteristic polynomial)
 """
 
 from __future__ import annotations
@@ -56,16 +56,40 @@ def krylov_kernel(a, b, c, length: int):
     return jnp.einsum("hd,hdl->hl", c, block[:, :, :length])
 
 
-def matrix_power_rows(a, c, n: int):
-    """c^T A^n for every head by repeated squaring of the d x d companion matrices (O(d^3 log n))."""
-    result, power, e = c, companion_matrix(a), n
+def _poly_mulmod(p, q, high_rows):
+    """(p * q) mod charpoly(A) for coefficient vectors of degree < d; high_rows[k] = x^(d+k) mod charpoly."""
+    d = p.shape[-1]
+    n = 2 * d - 1  # the product has degree <= 2d - 2: an FFT of this size does not wrap around
+    prod = jnp.fft.irfft(jnp.fft.rfft(p, n) * jnp.fft.rfft(q, n), n).astype(p.dtype)
+    return prod[..., :d] + jnp.einsum("hk,hkd->hd", prod[..., d:], high_rows, precision=jax.lax.Precision.HIGHEST)
+
+
+def companion_power_rows(a, c, n: int):
+    """c^T A^n for every head in O(d^2 log n), using A = multiplication by x modulo its characteristic polynomial.
+
+    In the basis 1, x, .., x^(d-1) (= e_1 .. e_d) the companion matrix multiplies a polynomial by x and reduces it
+    with x^d = sum_i a_i x^(i-1). So A^n = r(A) with r = x^n mod charpoly (square-and-multiply on polynomials),
+    and c^T A^n = sum_j r_j c^T A^j, whose rows c^T A^j take O(d) each (v^T A = shift_up(v) + (v . a) e_d).
+    """
+    d = a.shape[-1]
+    # x^(d+k) mod charpoly for k = 0..d-2: x^d = a, then multiply by x (= apply A) each time
+    _, high = jax.lax.scan(lambda row, _: (apply_companion(a, row), row), a, None, length=d - 1)
+    high_rows = jnp.swapaxes(high, 0, 1)  # [H, d-1, d]
+    one = jnp.zeros_like(a).at[..., 0].set(1.0)
+    result, base, e = one, apply_companion(a, one), n  # base: x mod charpoly
     while e:
         if e & 1:
-            result = jnp.einsum("hi,hij->hj", result, power)
+            result = _poly_mulmod(result, base, high_rows)
         e >>= 1
         if e:
-            power = jnp.einsum("hij,hjk->hik", power, power)
-    return result
+            base = _poly_mulmod(base, base, high_rows)
+
+    def row_times_a(v, _):
+        nxt = jnp.concatenate([v[..., 1:], jnp.zeros_like(v[..., :1])], axis=-1)
+        return nxt.at[..., -1].add(jnp.sum(v * a, axis=-1)), v
+
+    _, rows = jax.lax.scan(row_times_a, c, None, length=d)  # rows[j] = c^T A^j, [d, H, d]
+    return jnp.einsum("hj,jhd->hd", result, rows)
 
 
 def _cross_correlation(u, w):
@@ -99,7 +123,7 @@ def fast_kernel(a, b, c, length: int):
     """
     d = a.shape[-1]
     radius = jnp.exp(-1.0 / length).astype(a.dtype)
-    c_tilde = c - radius**length * matrix_power_rows(a, c, length)
+    c_tilde = c - radius**length * companion_power_rows(a, c, length)
     e_d = jnp.zeros_like(a).at[:, d - 1].set(1.0)
     q_cb, q_ca = _cross_correlation(c_tilde, b), _cross_correlation(c_tilde, a)
     q_eb, q_ea = _cross_correlation(e_d, b), _cross_correlation(e_d, a)

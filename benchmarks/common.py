@@ -81,6 +81,17 @@ def bench_softmax(grad, q, k, v) -> float:
         return bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (q, k, v))
 
 
+PALLAS_TABLE_HEADER = ["| batch x seq | pallas fwd+bwd ms | chunked fwd+bwd ms | softmax fwd+bwd ms | chunked / pallas "
+                       "| softmax / pallas |", "|---|---|---|---|---|---|"]
+
+
+def pallas_table_row(label: str, times: dict[str, float]) -> str:
+    """One row of the GPU scripts' table from seconds per step of "pallas", "chunked" and "softmax"."""
+    p = times["pallas"]
+    return (f"| {label} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {times['softmax'] * 1e3:.2f} "
+            f"| {times['chunked'] / p:.2f} | {times['softmax'] / p:.2f} |")
+
+
 def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str], float]:
     """(length, name) -> median seconds. `make_fns(length) -> ({name: jitted fn}, args)`; a name left out of the
     dict (e.g. too big for memory) is skipped. Op by op, length by length, each with its own warm-up: timing

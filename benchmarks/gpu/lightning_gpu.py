@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench, bench_softmax  # noqa: E402
+from common import PALLAS_TABLE_HEADER, bench, bench_softmax, pallas_table_row  # noqa: E402
 
 HEADS, DIM = 8, 128
 SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536)]  # (batch, seq): 64K tokens per step each
@@ -57,8 +57,7 @@ def main() -> None:
     err = check_correctness()
     print(f"pallas vs reference, float32, forward + grads, seq 300: max relative error {err:.2e}", flush=True)
 
-    rows = ["| batch x seq | pallas fwd+bwd ms | chunked fwd+bwd ms | softmax fwd+bwd ms | chunked / pallas | "
-            "softmax / pallas |", "|---|---|---|---|---|---|"]
+    rows = list(PALLAS_TABLE_HEADER)
     rate = jnp.asarray(2.0 ** -np.arange(1, HEADS + 1), jnp.float32)
     for batch, seq in SHAPES:
         keys = jax.random.split(jax.random.key(seq), 3)
@@ -68,9 +67,7 @@ def main() -> None:
         times = {"pallas": bench(grad(lambda q, k, v: lightning_attention(q, k, v, rate, impl="pallas")), (q, k, v)),
                  "chunked": bench(grad(lambda q, k, v: lightning_attention(q, k, v, rate, impl="chunked")), (q, k, v))}
         times["softmax"] = bench_softmax(grad, q, k, v)
-        p = times["pallas"]
-        rows.append(f"| {batch} x {seq} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {times['softmax'] * 1e3:.2f} "
-                    f"| {times['chunked'] / p:.2f} | {times['softmax'] / p:.2f} |")
+        rows.append(pallas_table_row(f"{batch} x {seq}", times))
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     print(f"\n{device.device_kind}: {HEADS} heads, d {DIM}, bfloat16, 64K tokens per step\n{table}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import bench, bench_softmax  # noqa: E402
+from common import PALLAS_TABLE_HEADER, bench, bench_softmax, pallas_table_row  # noqa: E402
 from pallas_kernels.mlstm import mlstm  # noqa: E402
 
 HEADS, D_QK, D_V = 8, 256, 512
@@ -58,8 +58,7 @@ def main() -> None:
     err = check_correctness()
     print(f"pallas vs reference, float32, forward + grads, seq 300: max relative error {err:.2e}", flush=True)
 
-    rows = ["| batch x seq | pallas fwd+bwd ms | chunked fwd+bwd ms | softmax fwd+bwd ms | chunked / pallas | "
-            "softmax / pallas |", "|---|---|---|---|---|---|"]
+    rows = list(PALLAS_TABLE_HEADER)
     for batch, seq in SHAPES:
         keys = jax.random.split(jax.random.key(seq), 5)
         q, k = (jax.random.normal(kk, (batch, seq, HEADS, D_QK), jnp.bfloat16) for kk in keys[:2])
@@ -71,9 +70,7 @@ def main() -> None:
         times = {impl: bench(grad(lambda q, k, v, impl=impl: mlstm(q, k, v, i, f, impl=impl)), (q, k, v))
                  for impl in ("pallas", "chunked")}
         times["softmax"] = bench_softmax(grad, q, k, v[..., :D_QK])
-        p = times["pallas"]
-        rows.append(f"| {batch} x {seq} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {times['softmax'] * 1e3:.2f} "
-                    f"| {times['chunked'] / p:.2f} | {times['softmax'] / p:.2f} |")
+        rows.append(pallas_table_row(f"{batch} x {seq}", times))
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     print(f"\n{device.device_kind}: {HEADS} heads, d_qk {D_QK}, d_v {D_V}, bfloat16, 64K tokens per step\n{table}")

@@ -145,14 +145,15 @@ def param_shapes(tree) -> dict[str, tuple[int, ...]]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def shape_mismatch(saved: dict[str, tuple], model: dict[str, tuple]) -> str | None:
+def shape_mismatch(saved: dict[str, tuple], model: dict[str, tuple], saved_name: str = "in the checkpoint") -> str | None:
+    """The first parameter whose presence or shape differs, in words; None when all agree."""
     for name in sorted(set(saved) | set(model)):
         if name not in model:
-            return f"parameter '{name}' {saved[name]} is in the checkpoint but not in this model"
+            return f"parameter '{name}' {saved[name]} is {saved_name} but not in this model"
         if name not in saved:
-            return f"parameter '{name}' {model[name]} of this model is not in the checkpoint"
+            return f"parameter '{name}' {model[name]} of this model is not {saved_name}"
         if saved[name] != model[name]:
-            return f"parameter '{name}' has shape {saved[name]} in the checkpoint but {model[name]} in this model"
+            return f"parameter '{name}' has shape {saved[name]} {saved_name} but {model[name]} in this model"
     return None
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+
 from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
 from jaxeff.config.resume import check_resume
 from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
@@ -17,9 +18,9 @@ from jaxeff.infer.generate import generate_text
 from jaxeff.layers.registry import check_mixer_names
 from jaxeff.models.lm import build_model, flops_per_token
 from jaxeff.parallel.mesh import build_mesh
-from jaxeff.paths import make_writable_dir
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
+from jaxeff.paths import make_writable_dir
 from jaxeff.train.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
@@ -172,9 +173,9 @@ def _initial_params(path: str, abstract_params):
     from jaxeff.infer import load_inference_model
 
     loaded = load_inference_model(path)
-    mismatch = shape_mismatch(param_shapes(loaded.params), param_shapes(abstract_params))
+    mismatch = shape_mismatch(param_shapes(loaded.params), param_shapes(abstract_params), saved_name="there")
     if mismatch:
-        raise ConfigError(f"train.init_from={path}: {mismatch.replace('the checkpoint', 'there')}; make the model "
+        raise ConfigError(f"train.init_from={path}: {mismatch}; make the model "
                           f"section describe the same model (see {path}/config.json)")
     return loaded.params
 

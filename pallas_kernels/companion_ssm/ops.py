@@ -58,8 +58,9 @@ def companion_ssm(u, a, b, c, skip=None, *, initial_state=None, return_final_sta
                   impl: str = "auto"):
     """The SSM over a sequence: x_t = A x_{t-1} + b u_t, y_t = c . x_t + skip * u_t, x_{-1} = initial_state or 0.
 
-    u: [batch, seq, heads]; a, b, c: [heads, d]; skip: [heads] or None. The zero-state response is a causal FFT
-    convolution with `companion_kernel(..., seq)`; a non-zero initial state adds c^T A^(t+1) x_{-1}. Returns y
+    u: [batch, seq, heads]; a, b, c: [heads, d]; skip: [heads] or None. From a zero state, y is a causal FFT
+    convolution with `companion_kernel(..., seq)` (training). With an initial state or when the final state is
+    wanted (decoding), the O(seq d) recurrence computes both in one pass. Returns y
     [batch, seq, heads], or (y, final state [batch, heads, d]) when return_final_state (computed by the O(seq d)
     structured recurrence).
     """
@@ -72,23 +73,19 @@ def companion_ssm(u, a, b, c, skip=None, *, initial_state=None, return_final_sta
     if initial_state is not None and jnp.shape(initial_state) != (bsz, h, d):
         raise _error("initial_state", jnp.shape(initial_state), f"[batch, heads, d] = {(bsz, h, d)}")
     acc = a.dtype
-    u_acc = u.astype(acc)
-    skip_term = 0.0 if skip is None else jnp.asarray(skip, acc) * u_acc
+    out_dtype = jnp.result_type(u.dtype, acc)
+    if initial_state is not None or return_final_state:
+        # Continuing a state (prefill in decoding) or returning one: the O(seq d) recurrence gives both at once.
+        skip_h = jnp.zeros((h,), acc) if skip is None else jnp.asarray(skip, acc)
+        x0 = None if initial_state is None else jnp.asarray(initial_state, acc)
+        y, final = _ref.recurrence(u.astype(acc), a, b, c, skip_h, x0)
+        return (y.astype(out_dtype), final) if return_final_state else y.astype(out_dtype)
     if s == 0:
-        y = u_acc
-    else:
-        y = _ref.causal_conv(u_acc, companion_kernel(a, b, c, s, impl=impl)) + skip_term
-    if initial_state is not None and s > 0:
-        # free response of the initial state: c^T A^(t+1) x0 = (A^T)^(t+1) c . x0, a kernel with b := A x0
-        x0 = jnp.asarray(initial_state, acc)
-        free = _ref.sequential_kernel(a[None].repeat(bsz, 0).reshape(-1, d), _ref.apply_companion(a[None], x0)
-                                      .reshape(-1, d), jnp.broadcast_to(c, (bsz, h, d)).reshape(-1, d), s)
-        y = y + free.reshape(bsz, h, s).transpose(0, 2, 1)
-    y = y.astype(jnp.result_type(u.dtype, acc))
-    if not return_final_state:
-        return y
-    _, final = _ref.recurrence(u_acc, a, b, c, jnp.zeros((h,), acc), initial_state)
-    return y, final
+        return u.astype(out_dtype)
+    y = _ref.causal_conv(u.astype(acc), companion_kernel(a, b, c, s, impl=impl))
+    if skip is not None:
+        y = y + jnp.asarray(skip, acc) * u.astype(acc)
+    return y.astype(out_dtype)
 
 
 def companion_step(u_BH, a, b, c, skip=None, state=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxeff.config import load_config
+from jaxeff.tasks.lm import lm_loss
 from jaxeff.models.lm import build_model
 from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import tree_bytes_per_device
@@ -26,12 +28,13 @@ def build_step(overrides: list[str], config: str = "configs/debug.yaml") -> dict
     model = build_model(cfg.model, 259)
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg)
-    abstract, shardings = abstract_state_and_shardings(model, tx, mesh, 0, cfg.data.seq_len)
-    state = init_state(model, tx, shardings, 0, cfg.data.seq_len)
+    init_input = jax.ShapeDtypeStruct((1, cfg.data.seq_len), np.int32)
+    abstract, shardings = abstract_state_and_shardings(model, tx, mesh, 0, init_input)
+    state = init_state(model, tx, shardings, 0, init_input)
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)
     batch_abstract = jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh))
     with jax.set_mesh(mesh):
-        step = jax.jit(make_train_step(model, tx, learning_rate_schedule(cfg.train), cfg.train.microbatches),
+        step = jax.jit(make_train_step(functools.partial(lm_loss, model), tx, learning_rate_schedule(cfg.train), cfg.train.microbatches),
                        in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
                        donate_argnums=0).lower(abstract, {"inputs": batch_abstract, "targets": batch_abstract}).compile()
     # Each process supplies its rows of one fixed random batch.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from jaxeff.config.base import ConfigError
-from jaxeff.config.sections import Config, MeshConfig
+from jaxeff.config.sections import FORECASTERS, Config, MeshConfig
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -40,10 +40,22 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
 
 def check_consistency(cfg: Config) -> None:
     """The device-independent cross-field checks, including those of the mixer sections in use."""
-    m, d, t = cfg.model, cfg.data, cfg.train
+    t = cfg.train
     if t.warmup_steps >= t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be smaller than train.steps={t.steps}; "
                           f"also set e.g. train.warmup_steps={t.steps // 10}")
+    if t.global_batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}"
+        )
+    TASK_CHECKS[cfg.task](cfg)
+
+
+def _check_lm(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    if m.architecture != "lm":
+        raise ConfigError(f"model.architecture={m.architecture!r} is a forecasting model; set task: forecast "
+                          "(or model.architecture: lm to train a language model)")
     if d.source != "stdlib" and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (a list of files or glob patterns)")
     n_kv = m.n_kv_heads or m.n_heads
@@ -59,12 +71,40 @@ def check_consistency(cfg: Config) -> None:
         )
     if (m.head_dim or m.d_model // m.n_heads) % 2:
         raise ConfigError("the head dimension must be even for rotary embeddings; change model.n_heads or model.head_dim")
-    if t.global_batch_size % t.microbatches:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}"
-        )
     for name, section in m.sections_in_use():
         section.check(cfg, f"model.{name}")
+
+
+def _check_forecast(cfg: Config) -> None:
+    m, f = cfg.model, cfg.forecast
+    if m.architecture not in FORECASTERS:
+        raise ConfigError(f"task: forecast needs a forecasting model; set model.architecture to one of "
+                          f"{', '.join(FORECASTERS)} (it is {m.architecture!r})")
+    if abs(sum(f.split) - 1) > 1e-6:
+        raise ConfigError(f"forecast.split={f.split} must sum to 1 (train, validation, test fractions)")
+    if f.source == "csv" and not f.csv:
+        raise ConfigError("forecast.source=csv needs forecast.csv (the path of the CSV file)")
+    if f.source != "csv" and f.csv:
+        raise ConfigError(f"forecast.csv is set but forecast.source={f.source!r}; set forecast.source=csv to read it")
+    if m.architecture == "spacetime":
+        sec, st = m.companion, m.spacetime
+        decoder_kernels = st.decoder_kernels or sec.n_kernels
+        for key, k in (("model.companion.n_kernels", sec.n_kernels), ("model.spacetime.decoder_kernels", decoder_kernels)):
+            if m.d_model % k:
+                raise ConfigError(f"{key}={k} does not divide model.d_model={m.d_model}; every SSM serves the same "
+                                  f"number of channels (pick one of {_divisors(m.d_model)})")
+        if st.ssm == "diagonal" and sec.state_dim % 2:
+            raise ConfigError(f"model.companion.state_dim={sec.state_dim} must be even for model.spacetime.ssm=diagonal "
+                              "(complex conjugate pairs)")
+        long = [w for w in st.ma_windows if w > f.lookback]
+        if long:
+            raise ConfigError(f"model.spacetime.ma_windows {long} are longer than forecast.lookback={f.lookback}; "
+                              "shorten them or lengthen the lookback")
+    if m.architecture == "dlinear" and m.linear.trend_window % 2 == 0:
+        raise ConfigError(f"model.linear.trend_window={m.linear.trend_window} must be odd (a centred moving average)")
+
+
+TASK_CHECKS = {"lm": _check_lm, "forecast": _check_forecast}
 
 
 def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
@@ -83,6 +123,8 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str,
     if t.global_batch_size % num_processes:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
                           f"{num_processes} processes; each process loads an equal share of every batch")
+    if cfg.task != "lm":
+        return mesh
     tp = mesh["tensor"]
     n_kv = m.n_kv_heads or m.n_heads
     for key, value in {"model.n_heads": m.n_heads, "model.n_kv_heads": n_kv, "model.mlp_dim": m.mlp_dim}.items():

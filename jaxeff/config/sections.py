@@ -14,12 +14,17 @@ from pydantic import Field
 
 from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                 Section)
+from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
 from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig
+
+FORECASTERS = ("spacetime", "linear", "dlinear")
 
 
 class ModelConfig(Section):
     """Model shape and numerics shared by every architecture; mixer-specific settings are in subsections."""
 
+    architecture: Literal["lm", "spacetime", "linear", "dlinear"] = "lm"
+    """`lm` (decoder language model, `task: lm`) or a forecaster for `task: forecast`: `spacetime`, `linear`, `dlinear`"""
     d_model: PositiveInt = 128
     """residual stream width"""
     n_layers: PositiveInt = 4
@@ -65,6 +70,10 @@ class ModelConfig(Section):
     """mLSTM mixers (xLSTM 7B)"""
     companion: CompanionConfig = Field(default_factory=CompanionConfig)
     """companion-matrix SSM mixers (SpaceTime)"""
+    spacetime: SpacetimeConfig = Field(default_factory=SpacetimeConfig)
+    """SpaceTime forecaster (`architecture: spacetime`)"""
+    linear: LinearForecasterConfig = Field(default_factory=LinearForecasterConfig)
+    """linear forecasting baselines (`architecture: linear | dlinear`)"""
 
     def mixer_sections(self) -> Iterator[tuple[str, MixerSection]]:
         """(name, section) for every mixer section, used or not."""
@@ -205,6 +214,8 @@ class SampleConfig(Section):
 class Config(Section):
     """A jaxeff run: `jaxeff train --config FILE.yaml [section.key=value ...]`."""
 
+    task: Literal["lm", "forecast"] = "lm"
+    """`lm` (next-token prediction on `data`) or `forecast` (time-series windows from `forecast`)"""
     model: ModelConfig = Field(default_factory=ModelConfig)
     """model shape and numerics"""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -219,6 +230,8 @@ class Config(Section):
     """logging"""
     sample: SampleConfig = Field(default_factory=SampleConfig)
     """end-of-training sample"""
+    forecast: ForecastConfig = Field(default_factory=ForecastConfig)
+    """forecasting data (`task: forecast`)"""
 
     def to_dict(self) -> dict:
         """Plain YAML/JSON-ready values (the form written to `<workdir>/config.yaml`)."""

@@ -99,27 +99,36 @@ def _allow_grain_workers() -> None:
 
 
 def train_dataset(corpus: Corpus, cfg: DataConfig, per_process_batch: int, start_row: int = 0) -> grain.IterDataset:
-    """Endless, reshuffled every epoch, this process's slice of every global batch.
+    """Endless, reshuffled every epoch, this process's slice of every global batch of text windows."""
+    return shuffled_batches(corpus.train, _to_example, cfg.shuffle_seed, cfg.num_workers, per_process_batch, start_row)
+
+
+def shuffled_batches(source, to_example, shuffle_seed: int, num_workers: int, per_process_batch: int,
+                     start_row: int = 0) -> grain.IterDataset:
+    """Endless, reshuffled every epoch, this process's slice of every global batch of `source`'s examples.
 
     Process p of n reads global rows start_row + p, start_row + p + n, ...: the global order does not
     depend on n, so `start_row = step * global_batch_size` resumes any topology exactly.
     """
     index, count = process_shard()
-    ds = grain.MapDataset.source(corpus.train).shuffle(seed=cfg.shuffle_seed).repeat(None)
-    ds = ds[start_row + index :: count].map(_to_example).to_iter_dataset()
-    if cfg.num_workers > 0:
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)
+    ds = ds[start_row + index :: count].map(to_example).to_iter_dataset()
+    if num_workers > 0:
         _allow_grain_workers()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     # Batch after prefetching so the batch order does not depend on the worker count.
     return ds.batch(per_process_batch, drop_remainder=True)
 
 
 def eval_batches(corpus: Corpus, per_process_batch: int, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """The same first `n_batches` validation batches every time (wrapping around a small split)."""
+    return fixed_batches(corpus.validation, _to_example, per_process_batch, n_batches)
+
+
+def fixed_batches(source, to_example, per_process_batch: int, n_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first `n_batches` batches of `source` in order, the same every time (wrapping around a small source)."""
     index, count = process_shard()
-    ds = grain.MapDataset.source(corpus.validation).repeat(None)[index::count].map(_to_example)
+    ds = grain.MapDataset.source(source).repeat(None)[index::count].map(to_example)
     it = iter(ds.batch(per_process_batch, drop_remainder=True))
     for _ in range(n_batches):
         yield next(it)
-
-

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.companion_ssm import companion_ssm
 from pallas_kernels.companion_ssm.reference import apply_companion
@@ -28,7 +29,7 @@ def difference_kernel(order: int, length: int | None = None):
         raise ValueError(f"difference_kernel: order must be in 0..{MAX_DIFFERENCE_ORDER}, got {order}")
     taps = [(-1) ** j * math.comb(order, j) for j in range(order + 1)]
     length = length or order + 1
-    return jnp.asarray(taps + [0] * (length - len(taps)), jnp.float32)
+    return np.asarray(taps + [0] * (length - len(taps)), np.float32)  # NumPy: a constant, also under jit
 
 
 def moving_average_residual_kernel(window: int, length: int | None = None):
@@ -36,8 +37,10 @@ def moving_average_residual_kernel(window: int, length: int | None = None):
     if window < 1:
         raise ValueError(f"moving_average_residual_kernel: window must be >= 1, got {window}")
     length = length or window
-    taps = jnp.zeros((length,), jnp.float32).at[:window].set(-1.0 / window)
-    return taps.at[0].add(1.0)
+    taps = np.zeros((length,), np.float32)
+    taps[:window] = -1.0 / window
+    taps[0] += 1.0
+    return taps
 
 
 def fir_filter(u_BSH, taps_HK):

@@ -13,10 +13,7 @@ import numpy as np
 
 from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
 from jaxeff.config.resume import check_resume
-from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
-from jaxeff.infer.generate import generate_text
 from jaxeff.layers.registry import check_mixer_names
-from jaxeff.models.lm import build_model, flops_per_token
 from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
@@ -27,7 +24,8 @@ from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
 from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, count_params, init_state,
                                 init_state_from_params, logical_axes)
-from jaxeff.train.step import make_eval_step, make_train_step
+from jaxeff.train.step import make_train_step
+from jaxeff.tasks import Task, build_task
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 
 @dataclasses.dataclass
@@ -35,7 +33,7 @@ class TrainResult:
     final_step: int
     losses: dict[int, float]  # step -> training loss (every step)
     eval_losses: dict[int, float]
-    sample: str | None
+    sample: str | None  # what the task showed at the end (a text sample, a forecast table)
     exit_code: int  # 0 finished; 128 + signal when stopped by SIGTERM / SIGINT
     params: Any = None
 
@@ -70,9 +68,7 @@ class _Run:
     workdir: Path
     devices: list
     notes: list[str]
-    tokenizer: Any
-    corpus: Any
-    model: Any
+    task: Task
     tx: Any
     mesh: Any
     abstract: Any  # ShapeDtypeStructs of the train state, carrying their shardings
@@ -97,10 +93,10 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     notes = apply_debug_mode(cfg) if debug else []
     devices = jax.devices()[:1] if debug else jax.devices()
     validate(cfg, len(devices), jax.process_count())
-    check_mixer_names(cfg.model)
+    if cfg.task == "lm":
+        check_mixer_names(cfg.model)
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    corpus = build_corpus(cfg.data, tokenizer)
+    task = build_task(cfg)
     make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -108,16 +104,15 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     if jax.process_index() == 0:
         dump_config(cfg, workdir / "config.yaml")
 
-    model = build_model(cfg.model, tokenizer.vocab_size)
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)
     if mesh.size < len(devices):
         notes.append(f"the mesh uses {mesh.size} of the {len(devices)} devices present; set one mesh axis to -1 "
                      "to use them all")
-    abstract, shardings = abstract_state_and_shardings(model, tx, mesh, cfg.train.seed, cfg.data.seq_len)
+    abstract, shardings = abstract_state_and_shardings(task.model, tx, mesh, cfg.train.seed, task.init_input)
     store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    data_meta = {"global_batch_size": cfg.train.global_batch_size, "num_workers": cfg.data.num_workers}
-    run = _Run(cfg, workdir, devices, notes, tokenizer, corpus, model, tx, mesh, abstract, shardings, store, data_meta)
+    data_meta = {"global_batch_size": cfg.train.global_batch_size, **task.data_meta}
+    run = _Run(cfg, workdir, devices, notes, task, tx, mesh, abstract, shardings, store, data_meta)
     _restore_or_init(run)
     return run
 
@@ -143,7 +138,7 @@ def _restore_or_init(run: _Run) -> None:
     cfg = run.cfg
 
     def new_iterator(start_row: int = 0):
-        return iter(train_dataset(run.corpus, cfg.data, run.per_process_batch, start_row=start_row))
+        return iter(run.task.train_batches(run.per_process_batch, start_row=start_row))
 
     def restore(step: int):
         iterator = new_iterator()  # a fresh one per attempt: a failed restore may have touched it
@@ -158,7 +153,7 @@ def _restore_or_init(run: _Run) -> None:
             run.state = init_state_from_params(params, run.tx, run.shardings, cfg.train.seed)
             run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer)")
         else:
-            run.state = init_state(run.model, run.tx, run.shardings, cfg.train.seed, cfg.data.seq_len)
+            run.state = init_state(run.task.model, run.tx, run.shardings, cfg.train.seed, run.task.init_input)
         return
     step, (run.state, run.data_iter, iterator_restored) = found
     if not iterator_restored:  # another topology wrote it: continue the same global order
@@ -183,16 +178,16 @@ def _initial_params(path: str, abstract_params):
 def _compile_steps(run: _Run):
     """(train_step, eval_step, compiled or None). Compiled ahead of time: the memory report needs it."""
     cfg, mesh = run.cfg, run.mesh
-    train_step = make_train_step(run.model, run.tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
-    eval_step = make_eval_step(run.model)
+    train_step = make_train_step(run.task.loss, run.tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
+    eval_step = run.task.eval_metrics
     if not cfg.train.jit:
         return train_step, eval_step, None
-    batch = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), np.int32,
-                                 sharding=batch_sharding(mesh))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
+             for k, v in run.task.batch_shapes(cfg.train.global_batch_size).items()}
     with jax.set_mesh(mesh):
         compiled = jax.jit(train_step, in_shardings=(run.shardings, batch_sharding(mesh)),
                            out_shardings=(run.shardings, replicated(mesh)), donate_argnums=0).lower(
-            run.abstract, {"inputs": batch, "targets": batch}).compile()
+            run.abstract, batch).compile()
     eval_step = jax.jit(eval_step, in_shardings=(run.shardings["params"], batch_sharding(mesh)),
                         out_shardings=replicated(mesh))
     return compiled, eval_step, compiled
@@ -201,10 +196,9 @@ def _compile_steps(run: _Run):
 def _print_header(run: _Run, progress: Progress, compiled) -> None:
     n_params = count_params(run.abstract["params"])
     progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} on {run.mesh.size} "
-                   f"{run.devices[0].platform} device(s), {run.corpus.n_documents} documents / "
-                   f"{run.corpus.n_tokens:,} tokens, workdir {run.workdir}")
+                   f"{run.devices[0].platform} device(s), {run.task.describe()}, workdir {run.workdir}")
     if run.mesh.size > 1:
-        boxed = abstract_boxed_state(run.model, run.tx, run.cfg.train.seed, run.cfg.data.seq_len)
+        boxed = abstract_boxed_state(run.task.model, run.tx, run.cfg.train.seed, run.task.init_input)
         for row in parameter_table(run.abstract["params"], logical_axes(boxed["params"]), run.shardings["params"]):
             progress.print("  " + row)
     progress.print(f"jaxeff: {memory_summary(run.abstract, run.shardings, compiled)}")
@@ -212,11 +206,14 @@ def _print_header(run: _Run, progress: Progress, compiled) -> None:
         progress.print(f"jaxeff: {note}")
 
 
-def _evaluate(run: _Run, eval_step, params) -> float:
-    batches = eval_batches(run.corpus, run.per_process_batch, run.cfg.train.eval_batches)
+def _evaluate(run: _Run, eval_step, params) -> dict[str, float]:
+    """The task's held-out metrics, averaged over `train.eval_batches` batches ("loss" among them)."""
+    batches = run.task.eval_batches(run.per_process_batch, run.cfg.train.eval_batches)
     with (contextlib.nullcontext() if run.cfg.train.jit else jax.disable_jit()):
-        values = [float(eval_step(params, run.global_batch(b))) for b in batches]
-    return float(np.mean(values)) if values else float("nan")
+        values = [jax.device_get(eval_step(params, run.global_batch(b))) for b in batches]
+    if not values:
+        return {"loss": float("nan")}
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
 def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: bool = True) -> TrainResult:
@@ -229,10 +226,11 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
     progress = Progress(tcfg.steps, run.start_step, cfg.logging.progress_bar and console)
     _print_header(run, progress, compiled)
     writer = TensorBoardWriter(run.workdir / "tb")
-    tokens_per_step = tcfg.global_batch_size * cfg.data.seq_len
-    throughput = Throughput(tokens_per_step,
-                            3 * flops_per_token(cfg.model, run.tokenizer.vocab_size, cfg.data.seq_len) * tokens_per_step,
-                            run.mesh.size, peak_flops_per_device(cfg.logging.peak_tflops_per_device))
+    task = run.task
+    units_per_step = tcfg.global_batch_size * task.units_per_example()
+    flops = task.flops_per_example()
+    throughput = Throughput(units_per_step, None if flops is None else 3 * flops * tcfg.global_batch_size,
+                            run.mesh.size, peak_flops_per_device(cfg.logging.peak_tflops_per_device), task.unit)
     telemetry = StepTelemetry(writer, progress, throughput, start_step=run.start_step, total_steps=tcfg.steps,
                               log_every=cfg.logging.every, max_consecutive_nonfinite=tcfg.max_consecutive_nonfinite)
     eval_losses: dict[int, float] = {}
@@ -250,9 +248,12 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
                 telemetry.dispatched(step, metrics)
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     telemetry.flush()
-                    eval_losses[step] = _evaluate(run, eval_step, state["params"])
-                    writer.scalars(step, {"eval_loss": eval_losses[step]})
-                    progress.print(f"step {step}: eval loss {eval_losses[step]:.4f}")
+                    metrics = _evaluate(run, eval_step, state["params"])
+                    eval_losses[step] = metrics["loss"]
+                    writer.scalars(step, {"eval_loss": metrics["loss"],
+                                          **{f"eval/{k}": v for k, v in metrics.items() if k != "loss"}})
+                    progress.print(f"step {step}: eval loss {metrics['loss']:.4f}" + "".join(
+                        f", {k} {v:.4g}" for k, v in metrics.items() if k != "loss"))
                     telemetry.restart_interval()  # keep evaluation time out of the step time
                 stop = guard.should_stop(step)
                 if step % cfg.checkpoint.every == 0 or stop:
@@ -282,7 +283,7 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
         elapsed = time.perf_counter() - run_start
         last_eval = eval_losses[max(eval_losses)] if eval_losses else float("nan")
         progress.print(f"jaxeff: done, step {step}, loss {telemetry.losses.get(step, float('nan')):.4f}, eval loss "
-                       f"{last_eval:.4f}, {(step - run.start_step) * tokens_per_step / elapsed:,.0f} tok/s over "
+                       f"{last_eval:.4f}, {(step - run.start_step) * units_per_step / elapsed:,.0f} {task.unit}/s over "
                        f"{elapsed:.0f}s, checkpoints in {run.store.directory}, TensorBoard: tensorboard --logdir "
                        f"{run.workdir / 'tb'}")
     return TrainResult(step, telemetry.losses, eval_losses, sample, exit_code, state["params"])
@@ -302,11 +303,9 @@ def _nothing_to_train(run: _Run) -> TrainResult:
 
 
 def _sample(run: _Run, params, progress: Progress) -> str | None:
-    # Every process joins the gather (parameters may live on other hosts); process 0 samples.
+    """The task's end-of-training output (a text sample, a test-split forecast table), on process 0."""
+    # Every process joins the gather (parameters may live on other hosts).
     params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(params))
-    s = run.cfg.sample
-    if s.max_new_tokens <= 0 or jax.process_index() != 0:
+    if jax.process_index() != 0:
         return None
-    text = generate_text(run.model, params, run.tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.seed)
-    progress.print(f"--- sample (prompt {s.prompt!r}) ---\n{text}\n---")
-    return text
+    return run.task.finish(params, progress)

@@ -70,10 +70,10 @@ class Progress:
             self._bar.start()
         self._start_time, self._start_step = time.perf_counter(), start_step
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, units_per_s: float, unit: str = "tok") -> None:
         if not self.enabled:
             return
-        status = f"loss {loss:.4f}  " + (f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "(compiled)")
+        status = f"loss {loss:.4f}  " + (f"{units_per_s:,.0f} {unit}/s" if units_per_s else "(compiled)")
         if self.live:
             self._bar.update(self._task, completed=step, status=status)
         else:

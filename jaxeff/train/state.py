@@ -1,7 +1,8 @@
 """Train state as a plain dict pytree, its shardings, and sharded initialisation.
 
 state = {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}. A plain dict keeps
-Orbax checkpoints readable without jaxeff.
+Orbax checkpoints readable without jaxeff. `init_input` is a batch-of-one model input (its shape and
+dtype: the task's `init_input`).
 """
 
 from __future__ import annotations
@@ -17,25 +18,25 @@ from jax.sharding import Mesh
 from jaxeff.parallel.sharding import logical_shardings
 
 
-def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int):
+def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, init_input: jax.ShapeDtypeStruct):
     init_key, train_key = jax.random.split(jax.random.key(seed))
-    params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    params = model.init(init_key, jnp.zeros(init_input.shape, init_input.dtype))["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
             "rng": jax.random.key_data(train_key)}
 
 
-def abstract_state_and_shardings(model, tx, mesh: Mesh, seed: int, seq_len: int) -> tuple[Any, Any]:
+def abstract_state_and_shardings(model, tx, mesh: Mesh, seed: int, init_input: jax.ShapeDtypeStruct) -> tuple[Any, Any]:
     """Shapes (unboxed ShapeDtypeStructs) and NamedShardings of the train state, without allocating it."""
-    boxed = abstract_boxed_state(model, tx, seed, seq_len)
+    boxed = abstract_boxed_state(model, tx, seed, init_input)
     shardings = logical_shardings(mesh, boxed)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.meta.unbox(boxed), shardings)
     return abstract, shardings
 
 
-def abstract_boxed_state(model, tx, seed: int, seq_len: int):
+def abstract_boxed_state(model, tx, seed: int, init_input: jax.ShapeDtypeStruct):
     """The state's shapes with parameters still boxed in their logical axis names."""
-    return jax.eval_shape(lambda: _boxed_state(model, tx, seed, seq_len))
+    return jax.eval_shape(lambda: _boxed_state(model, tx, seed, init_input))
 
 
 def logical_axes(boxed_params) -> Any:
@@ -43,9 +44,9 @@ def logical_axes(boxed_params) -> Any:
     return jax.tree.map(lambda b: tuple(b.names), boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def init_state(model, tx, shardings, seed: int, seq_len: int):
+def init_state(model, tx, shardings, seed: int, init_input: jax.ShapeDtypeStruct):
     """Create the state directly in its sharded layout (no full copy on one device first)."""
-    init = jax.jit(lambda: nn.meta.unbox(_boxed_state(model, tx, seed, seq_len)), out_shardings=shardings)
+    init = jax.jit(lambda: nn.meta.unbox(_boxed_state(model, tx, seed, init_input)), out_shardings=shardings)
     return init()
 
 

@@ -1,4 +1,4 @@
-"""The jit-compiled train and eval steps (language modelling task)."""
+"""The jit-compiled train and eval steps around a task's loss and metrics (jaxeff/tasks)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Batch = dict[str, jax.Array]  # {"inputs": int32[B, S], "targets": int32[B, S]}
-
-
-def lm_loss(model, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean next-token cross entropy (float32) plus any auxiliary losses the mixers report."""
-    logits_BSV, _, aux = model.apply({"params": params}, batch["inputs"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, batch["targets"]).mean()
-    aux_loss = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros((), jnp.float32))
-    return ce + aux_loss, {"ce_loss": ce, **aux}
+Batch = dict[str, jax.Array]  # the task's arrays, batch first
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]  # (params, batch) -> (loss, aux)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
-    """[B, S] -> [n, B/n, S] taking rows i*n + j into microbatch j, so each device keeps its own rows."""
+    """[B, ...] -> [n, B/n, ...] taking rows i*n + j into microbatch j, so each device keeps its own rows."""
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     microbatches: int) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
-    grad_fn = jax.value_and_grad(lambda p, b: lm_loss(model, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(params, batch):
         if microbatches == 1:
@@ -55,11 +48,3 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: optax.Sch
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(model) -> Callable[[Any, Batch], jax.Array]:
-    def eval_step(params, batch: Batch):
-        loss, _ = lm_loss(model, params, batch)
-        return loss
-
-    return eval_step

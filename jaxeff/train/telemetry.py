@@ -17,10 +17,15 @@ class TrainingStopped(RuntimeError):
 
 @dataclasses.dataclass
 class Throughput:
-    tokens_per_step: int
-    flops_per_step: float  # model FLOPs of one training step (forward + backward)
+    units_per_step: int  # tokens (language models), windows (forecasting), ...
+    flops_per_step: float | None  # model FLOPs of one training step (forward + backward); None: not counted
     n_devices: int
     peak_flops_per_device: float | None  # None: MFU unknown (CPU without an override)
+    unit: str = "tok"
+
+    @property
+    def scalar_name(self) -> str:
+        return "tokens_per_s" if self.unit == "tok" else f"{self.unit}_per_s"
 
 
 class StepTelemetry:
@@ -73,20 +78,21 @@ class StepTelemetry:
                    "grad_norm": float(metrics["grad_norm"]), "nonfinite_skipped_total": float(metrics["nonfinite_total"]),
                    **{k: float(v) for k, v in metrics.items() if k.startswith(("loss/", "aux/"))},
                    **device_memory_bytes()}
-        tokens_per_s = 0.0
+        units_per_s = 0.0
         if first:  # includes tracing and compilation: reported on its own, kept out of throughput
             scalars["first_step_with_compile_s"] = elapsed
         else:
             t = self.throughput
             finished = self._interval_steps - (1 if newer_in_flight else 0)
             step_time = elapsed / max(finished, 1)
-            tokens_per_s = t.tokens_per_step / step_time
-            scalars.update(tokens_per_s=tokens_per_s, step_time_s=step_time,
-                           model_tflops_per_s_per_device=t.flops_per_step / step_time / t.n_devices / 1e12)
-            if t.peak_flops_per_device:
+            units_per_s = t.units_per_step / step_time
+            scalars.update({t.scalar_name: units_per_s, "step_time_s": step_time})
+            if t.flops_per_step is not None:
+                scalars["model_tflops_per_s_per_device"] = t.flops_per_step / step_time / t.n_devices / 1e12
+            if t.peak_flops_per_device and t.flops_per_step is not None:
                 scalars["mfu"] = t.flops_per_step / step_time / (t.peak_flops_per_device * t.n_devices)
         self.writer.scalars(step, scalars)
-        self.progress.update(step, self.losses[step], tokens_per_s)
+        self.progress.update(step, self.losses[step], units_per_s, self.throughput.unit)
         self.restart_interval()
         if newer_in_flight:  # the step dispatched just before this read belongs to the new interval
             self._interval_steps = 1

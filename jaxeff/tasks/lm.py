@@ -1,0 +1,76 @@
+"""Language modelling: next-token cross entropy on packed text windows, a text sample at the end."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxeff.config import Config
+from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
+from jaxeff.models.lm import build_model, flops_per_token
+from jaxeff.tasks.base import Batch, Task
+
+
+def lm_loss(model, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross entropy (float32) plus any auxiliary losses the mixers report."""
+    logits_BSV, _, aux = model.apply({"params": params}, batch["inputs"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, batch["targets"]).mean()
+    aux_loss = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros((), jnp.float32))
+    return ce + aux_loss, {"ce_loss": ce, **aux}
+
+
+class LanguageModelTask(Task):
+    unit = "tok"
+
+    def __init__(self, cfg: Config, platform: str | None = None):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.corpus = build_corpus(cfg.data, self.tokenizer)
+        self.model = build_model(cfg.model, self.tokenizer.vocab_size, platform)
+
+    @property
+    def init_input(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((1, self.cfg.data.seq_len), np.int32)
+
+    def batch_shapes(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        tokens = jax.ShapeDtypeStruct((global_batch_size, self.cfg.data.seq_len), np.int32)
+        return {"inputs": tokens, "targets": tokens}
+
+    def train_batches(self, per_process_batch: int, start_row: int = 0):
+        return train_dataset(self.corpus, self.cfg.data, per_process_batch, start_row=start_row)
+
+    def eval_batches(self, per_process_batch: int, n_batches: int):
+        return eval_batches(self.corpus, per_process_batch, n_batches)
+
+    def loss(self, params, batch: Batch):
+        return lm_loss(self.model, params, batch)
+
+    def eval_metrics(self, params, batch: Batch) -> dict[str, jax.Array]:
+        return {"loss": lm_loss(self.model, params, batch)[0]}
+
+    @property
+    def data_meta(self) -> dict:
+        return {"num_workers": self.cfg.data.num_workers}
+
+    def units_per_example(self) -> int:
+        return self.cfg.data.seq_len
+
+    def flops_per_example(self) -> float:
+        seq_len = self.cfg.data.seq_len
+        return flops_per_token(self.cfg.model, self.tokenizer.vocab_size, seq_len) * seq_len
+
+    def describe(self) -> str:
+        return f"{self.corpus.n_documents} documents / {self.corpus.n_tokens:,} tokens"
+
+    def finish(self, params_host, progress) -> str | None:
+        from jaxeff.infer.generate import generate_text
+
+        s = self.cfg.sample
+        if s.max_new_tokens <= 0:
+            return None
+        text = generate_text(self.model, params_host, self.tokenizer, s.prompt, s.max_new_tokens, s.temperature,
+                             s.top_k, s.seed)
+        progress.print(f"--- sample (prompt {s.prompt!r}) ---\n{text}\n---")
+        return text

@@ -1,4 +1,4 @@
-"""The `jaxeff` command: train, export, generate, import, config-schema.
+"""The `jaxeff` command: train, export, generate, forecast, import, config-schema.
 
 Exit codes, decided here and only here: 0 done; 2 a user error (`jaxeff.errors.UserError`: config,
 data, paths, flags, workdir), printed as one line without a traceback; 1 training stopped (e.g.
@@ -42,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
     g.add_argument("--seed", type=int, default=0)
 
+    fc = sub.add_parser("forecast", help="forecast with a trained forecasting run (task: forecast): print, plot")
+    fc.add_argument("--workdir", required=True, help="the workdir of a `jaxeff train` forecasting run")
+    fc.add_argument("--csv", default=None, metavar="FILE",
+                    help="forecast this CSV (same columns as the training data) instead of the configured series")
+    fc.add_argument("--plot", default=None, metavar="OUT.png", help="draw history, forecast and truth into OUT.png")
+    fc.add_argument("--future", action="store_true",
+                    help="forecast past the end of the data (default: the last horizon steps, compared with the truth)")
+
     im = sub.add_parser("import", help="convert a Hugging Face checkpoint (xlstm, transnormer) into a jaxeff export")
     im.add_argument("--from", dest="source", required=True, metavar="DIR",
                     help="model directory: config.json, model.safetensors (or shards + index), tokenizer.json")
@@ -59,6 +67,16 @@ def _import(args) -> int:
     out, arch, n_params = import_checkpoint(args.source, args.out, args.dtype)
     print(f"imported {arch} ({n_params / 1e6:,.1f}M parameters, {args.dtype}) to {out}; generate from it with "
           f"`jaxeff generate --workdir {out}` or fine-tune with train.init_from={out}")
+    return 0
+
+
+def _forecast(args) -> int:
+    from jaxeff.infer.forecast import forecast_from_workdir, format_forecast, plot_forecast
+
+    fc = forecast_from_workdir(args.workdir, args.csv, args.future)
+    print(format_forecast(fc))
+    if args.plot:
+        print(f"plot: {plot_forecast(fc, args.plot)}")
     return 0
 
 
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     # exit_now: the explanation is the last line, and background threads (Orbax's asynchronous
     # saves, grain workers) cannot print over it while the interpreter shuts down.
     try:
-        commands = {"train": _train, "export": _export, "generate": _generate, "import": _import,
+        commands = {"train": _train, "export": _export, "generate": _generate, "import": _import, "forecast": _forecast,
                     "config-schema": _config_schema}
         return commands[args.command](args)
     except UserError as e:

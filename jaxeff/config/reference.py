@@ -112,10 +112,22 @@ def _section_tables(cls: type[BaseModel], name: str) -> list[str]:
     return out
 
 
+def _top_level_table() -> list[str]:
+    """Settings at the top level of the file (not inside a section), e.g. `task`."""
+    out = ["## top level", "", "| key | type | default | on resume | meaning |", "|---|---|---|---|---|"]
+    for key, field in Config.model_fields.items():
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            resume = "may change" if may_change_on_resume(Config, key) else "fixed"
+            out.append(f"| `{key}` | {_one_line(type_name(field.annotation))} | {_default(field)} | {resume} | "
+                       f"{_one_line(field.description)} |")
+    return out + [""]
+
+
 def markdown() -> str:
-    lines = [_INTRO]
+    lines = [_INTRO] + _top_level_table()
     for name, field in Config.model_fields.items():
-        lines += _section_tables(field.annotation, name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            lines += _section_tables(field.annotation, name)
     return "\n".join(lines).rstrip() + "\n"
 
 

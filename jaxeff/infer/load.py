@@ -36,6 +36,9 @@ def _from_workdir(workdir: Path) -> InferenceModel:
     from jaxeff.train.checkpoint import CheckpointStore, restore_newest
 
     cfg = read_saved_config(workdir / "config.yaml")
+    if cfg.task != "lm":
+        raise ConfigError(f"{workdir} is a forecasting run (task: {cfg.task}); use `jaxeff forecast --workdir {workdir}` "
+                          "(export and generate are for language models)")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer.vocab_size)
     store = CheckpointStore(workdir / "checkpoints", read_only=True)

@@ -149,7 +149,7 @@ class _DiagonalParams(nn.Module):
             im = self.param(f"{name}_im", _normal(std), shape, jnp.float32)
             return re + 1j * im
 
-        b = complex_param("b", 1.0)
+        b = complex_param("b", n**-0.5)
         c = complex_param("c", n**-0.5)
         return (log_lam, b, c, complex_param("k", n**-0.5)) if self.with_k else (log_lam, b, c)
 

@@ -41,7 +41,10 @@ def abstract_boxed_state(model, tx, seed: int, init_input: jax.ShapeDtypeStruct)
 
 def logical_axes(boxed_params) -> Any:
     """Tree of logical axis-name tuples, one per parameter."""
-    return jax.tree.map(lambda b: tuple(b.names), boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    def names(b):  # parameters declared without logical names are replicated
+        return tuple(b.names) if isinstance(b, nn.LogicallyPartitioned) else (None,) * len(b.shape)
+
+    return jax.tree.map(names, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def init_state(model, tx, shardings, seed: int, init_input: jax.ShapeDtypeStruct):

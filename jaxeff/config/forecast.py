@@ -15,7 +15,8 @@ numbers (1700-2008), quarterly US macroeconomic data (1959-2009)."""
 
 
 class ForecastConfig(Section):
-    """Windowed time-series forecasting data (read when `task: forecast`)."""
+    """Windowed time-series forecasting data (read when `task: forecast`); the window shuffle and loader workers
+    are `data.shuffle_seed` and `data.num_workers`."""
 
     source: Literal["co2", "sunspots", "macrodata", "synthetic_ar", "csv"] = "co2"
     """`co2`, `sunspots`, `macrodata` (shipped with statsmodels), `synthetic_ar` (an AR process plus two seasons), `csv` (`forecast.csv`)"""

@@ -77,13 +77,17 @@ class _CompanionParams(nn.Module):
         return a, b, c, self.param("k", _normal(d**-0.5), shape, jnp.float32)
 
 
-class CompanionSSMs(nn.Module):
-    """Open loop: y_i = K_i * u_i + skip_i u_i with K_l = c^T A^l b (FFT convolution)."""
+class _CompanionLayer(nn.Module):
+    """Sizes shared by the open- and closed-loop companion layers."""
 
     n_kernels: int
     state_dim: int
     norm_order: int = 1
     kernel_impl: str = "auto"
+
+
+class CompanionSSMs(_CompanionLayer):
+    """Open loop: y_i = K_i * u_i + skip_i u_i with K_l = c^T A^l b (FFT convolution)."""
 
     @nn.compact
     def __call__(self, u_BLH):
@@ -105,13 +109,8 @@ def companion_final_state(u_BLH, a_KD, b_KD, kernel_impl: str = "auto"):
     return jnp.einsum("hil,blh->bhi", repeat_over_channels(krylov, channels), u_BLH[:, ::-1])
 
 
-class ClosedLoopCompanion(nn.Module):
+class ClosedLoopCompanion(_CompanionLayer):
     """The decoder: encode u into the state, then x_t = (A + b k^T) x_{t-1}, y_t = c . x_t for `horizon` steps."""
-
-    n_kernels: int
-    state_dim: int
-    norm_order: int = 1
-    kernel_impl: str = "auto"
 
     @nn.compact
     def __call__(self, u_BLH, horizon: int):

@@ -194,4 +194,15 @@ def test_forecast_run_resumes_exactly_and_forecasts(tmp_path):
     assert "MSE" in table[-2] and (tmp_path / "f.png").stat().st_size > 10_000
     assert_user_error(run_jaxeff("generate", "--workdir", str(tmp_path / "full"), "--prompt", "x"),
                       "is a forecasting run")
+
+    export = tmp_path / "export"
+    proc = run_jaxeff("export", "--workdir", str(tmp_path / "full"), "--out", str(export))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from_export = run_jaxeff("forecast", "--workdir", str(export))
+    assert from_export.returncode == 0 and from_export.stdout == "\n".join(table[:-1]) + "\n", from_export.stderr[-2000:]
+    import orbax.checkpoint as ocp  # the export's parameters are a plain Orbax checkpoint
+
+    restored = ocp.StandardCheckpointer().restore(export / "params")
+    for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     shutil.rmtree(tmp_path / "resumed")

@@ -131,16 +131,24 @@ def shipped_series_path(name: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / "datasets" / _SHIPPED[name][0]
 
 
+# x_t = sum_j phi_j x_{t-j} + e_t with characteristic roots 0.9, -0.8, 0.5 +- 0.5i (stationary).
+SYNTHETIC_AR_PHI = -np.real(np.poly([0.9, -0.8, 0.5 + 0.5j, 0.5 - 0.5j]))[1:]
+
+
+def synthetic_season(t: np.ndarray) -> np.ndarray:
+    return 0.5 * np.sin(2 * np.pi * t / 24)
+
+
 def synthetic_ar_series(length: int, seed: int) -> Series:
-    """An AR(4) process (stationary; roots 0.9, -0.8, 0.5 +- 0.5i) plus a weak period-24 season."""
+    """The AR(4) process SYNTHETIC_AR_PHI with unit noise plus a weak period-24 season (synthetic_season)."""
     rng = np.random.default_rng(seed)
-    phi = np.real(np.poly([0.9, -0.8, 0.5 + 0.5j, 0.5 - 0.5j]))[1:] * -1  # x_t = sum_j phi_j x_{t-j} + e_t
+    phi = SYNTHETIC_AR_PHI
     burn = 200
     noise = rng.normal(0.0, 1.0, length + burn)
     x = np.zeros(length + burn)
     for t in range(4, length + burn):
         x[t] = phi @ x[t - 4 : t][::-1] + noise[t]
-    season = 0.5 * np.sin(2 * np.pi * np.arange(length) / 24)
+    season = synthetic_season(np.arange(length))
     values = (x[burn:] + season)[:, None]
     return Series(values, ["ar"], None, f"synthetic AR(4) phi={np.round(phi, 3).tolist()} + season 24, seed {seed}")
 

@@ -3,6 +3,9 @@
 <out>/params/        orbax StandardCheckpointer directory (a nested dict of float32 arrays)
 <out>/config.json    model hyper-parameters, vocabulary and tokenizer, training step
 <out>/tokenizer.json copied when training used a Hugging Face tokenizer
+
+Forecasting runs (task: forecast) export params/ the same way and a config.json with the model and forecast
+sections, the normaliser and the channel names (jaxeff/infer/forecast.py); `jaxeff forecast` reads either.
 """
 
 from __future__ import annotations
@@ -60,9 +63,21 @@ def write_meta(out: Path, model_config, tokenizer, padded_vocab_size: int, step:
     (out / "config.json").write_text(json.dumps(meta, indent=2))
 
 
+def _is_forecasting_run(workdir) -> bool:
+    from jaxeff.config import read_saved_config
+
+    path = Path(workdir) / "config.yaml"
+    return path.is_file() and read_saved_config(path).task == "forecast"
+
+
 def export_checkpoint(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
     """Write the export; returns (its directory, the training step exported)."""
     out = check_new_out_dir(out)
+    if _is_forecasting_run(workdir):
+        from jaxeff.infer.forecast import export_forecaster
+
+        make_writable_dir(out, "--out")
+        return out, export_forecaster(workdir, out)
     loaded = load_inference_model(workdir)
     make_writable_dir(out, "--out")
     write_params(out, jax.device_get(loaded.params))

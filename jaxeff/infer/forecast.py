@@ -8,13 +8,15 @@ one recorded in the checkpoint (fitted on the training split when the run traine
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.config import ConfigError, read_saved_config
+from jaxeff.config import Config, ConfigError, config_from_dict, read_saved_config
 from jaxeff.data.series import Normaliser, load_series, select_channels
 from jaxeff.models.forecast import build_forecaster
 from jaxeff.tasks.forecast import predict
@@ -31,43 +33,111 @@ class Forecast:
     step: int  # training step of the checkpoint used
 
 
-def _restore(workdir: Path, model, init_shape):
-    from jaxeff.train.checkpoint import CheckpointStore, restore_newest
+FORECAST_EXPORT_FORMAT = "jaxeff-forecast-export-v1"
 
+
+@dataclasses.dataclass
+class LoadedForecaster:
+    cfg: Config  # task, model and forecast sections as trained
+    model: Any
+    params: Any
+    meta: dict  # normaliser, channel names (the checkpoint meta, or an export's config.json)
+    step: int
+
+
+def _abstract_params(model, init_shape):
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(init_shape, jnp.float32))["params"])
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+def _model_for(cfg: Config, channel_names: list[str]):
+    """The forecaster of `cfg` for a series with these channels, and its batch-of-one input shape."""
+    f = cfg.forecast
+    target = f.target or channel_names[-1]
+    inputs = {"M": channel_names, "S": [target], "MS": channel_names}[f.features]
+    outputs = {"M": channel_names, "S": [target], "MS": [target]}[f.features]
+    model = build_forecaster(cfg.model, f.horizon, [inputs.index(o) for o in outputs])
+    return model, (1, f.lookback, len(inputs))
+
+
+def _from_workdir(workdir: Path) -> LoadedForecaster:
+    from jaxeff.train.checkpoint import CheckpointStore, restore_newest
+
+    cfg = read_saved_config(workdir / "config.yaml")
+    if cfg.task != "forecast":
+        raise ConfigError(f"--workdir {workdir} is a language-model run (task: {cfg.task}); use `jaxeff generate`")
     store = CheckpointStore(workdir / "checkpoints", read_only=True)
     try:
+        steps = store.steps_newest_first()
+        if not steps:
+            raise ConfigError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first (jaxeff train)")
+        meta = store.read_meta(steps[0])
+        if "normaliser" not in meta:
+            raise ConfigError(f"{workdir}: checkpoint {steps[0]} records no normaliser (not written by a forecasting "
+                              "run)")
+        model, init_shape = _model_for(cfg, meta["channels"])
+        abstract = _abstract_params(model, init_shape)
         found = restore_newest(store, abstract, lambda s: (store.restore_params(s, abstract), store.read_meta(s)))
     finally:
         store.close()
     if found is None:
-        raise ConfigError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first (jaxeff train)")
+        raise ConfigError(f"{workdir}/checkpoints holds no restorable checkpoint; train again (jaxeff train)")
     step, (params, meta) = found
-    return step, params, meta
+    return LoadedForecaster(cfg, model, params, meta, step)
+
+
+def _from_export(export_dir: Path) -> LoadedForecaster:
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((export_dir / "config.json").read_text())
+    cfg = config_from_dict({"task": "forecast", "model": meta["model"], "forecast": meta["forecast"]},
+                           where=f"{export_dir}/config.json: ")
+    model, init_shape = _model_for(cfg, meta["channels"])
+    params = ocp.StandardCheckpointer().restore((export_dir / "params").absolute(), _abstract_params(model, init_shape))
+    return LoadedForecaster(cfg, model, params, meta, int(meta.get("step", 0)))
+
+
+def load_forecaster(path: str | Path) -> LoadedForecaster:
+    """A trained forecaster from a training workdir or from its export."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "params").is_dir():
+        if json.loads((path / "config.json").read_text()).get("format") != FORECAST_EXPORT_FORMAT:
+            raise ConfigError(f"--workdir {path} is a language-model export; use `jaxeff generate`")
+        return _from_export(path)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return _from_workdir(path)
+    raise ConfigError(f"--workdir {path} is neither a forecasting workdir (config.yaml + checkpoints/) nor its export "
+                      "(config.json + params/)")
+
+
+def export_forecaster(workdir: str | Path, out: Path) -> int:
+    """Write `out/params` (plain Orbax) and `out/config.json` (model and forecast settings, normaliser, channels)."""
+    from jaxeff.infer.export import write_params
+    from jaxeff.train.state import count_params
+
+    loaded = load_forecaster(workdir)
+    write_params(out, jax.device_get(loaded.params))
+    meta = {"format": FORECAST_EXPORT_FORMAT, "task": "forecast", "architecture": loaded.cfg.model.architecture,
+            "model": loaded.cfg.model.model_dump(mode="json"), "forecast": loaded.cfg.forecast.model_dump(mode="json"),
+            "normaliser": loaded.meta["normaliser"], "channels": loaded.meta["channels"],
+            "param_count": count_params(loaded.params), "step": loaded.step}
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return loaded.step
 
 
 def forecast_from_workdir(workdir: str | Path, csv: str | None = None, future: bool = False) -> Forecast:
-    workdir = Path(workdir)
-    if not (workdir / "config.yaml").is_file():
-        raise ConfigError(f"--workdir {workdir} has no config.yaml; pass the workdir of a `jaxeff train` forecasting run")
-    cfg = read_saved_config(workdir / "config.yaml")
-    if cfg.task != "forecast":
-        raise ConfigError(f"--workdir {workdir} is a language-model run (task: {cfg.task}); use `jaxeff generate`")
-    f = cfg.forecast
+    """Forecast with a workdir or export: the last `horizon` steps (with the truth), or past the end (`future`)."""
+    loaded = load_forecaster(workdir)
+    f, model, params, step = loaded.cfg.forecast, loaded.model, loaded.params, loaded.step
     if csv is not None:
         f.source, f.csv = "csv", csv
     series = load_series(f)
     channels = select_channels(series, f.features, f.target)
-    model = build_forecaster(cfg.model, f.horizon, channels.out_in_inputs)
-    step, params, meta = _restore(workdir, model, (1, f.lookback, len(channels.inputs)))
-    if "normaliser" not in meta:
-        raise ConfigError(f"{workdir}: checkpoint {step} records no normaliser (not written by a forecasting run)")
-    if meta.get("channels", series.names) != series.names:
-        raise ConfigError(f"{series.origin} has channels {series.names}, the model was trained on {meta['channels']}; "
-                          "pass a CSV with the same columns")
-    normaliser = Normaliser.from_json(meta["normaliser"])
+    if loaded.meta["channels"] != series.names:
+        raise ConfigError(f"{series.origin} has channels {series.names}, the model was trained on "
+                          f"{loaded.meta['channels']}; pass a CSV with the same columns")
+    normaliser = Normaliser.from_json(loaded.meta["normaliser"])
     end = len(series) if future else len(series) - f.horizon  # the forecast starts at row `end`
     if end < f.lookback:
         raise ConfigError(f"{series.origin} has {len(series)} time steps; forecasting needs forecast.lookback="

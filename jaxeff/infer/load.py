@@ -38,7 +38,7 @@ def _from_workdir(workdir: Path) -> InferenceModel:
     cfg = read_saved_config(workdir / "config.yaml")
     if cfg.task != "lm":
         raise ConfigError(f"{workdir} is a forecasting run (task: {cfg.task}); use `jaxeff forecast --workdir {workdir}` "
-                          "(export and generate are for language models)")
+                          "(generate is for language models)")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer.vocab_size)
     store = CheckpointStore(workdir / "checkpoints", read_only=True)
@@ -55,6 +55,8 @@ def _from_workdir(workdir: Path) -> InferenceModel:
 
 def _from_export(export_dir: Path) -> InferenceModel:
     meta = json.loads((export_dir / "config.json").read_text())
+    if meta.get("task") == "forecast":
+        raise ConfigError(f"{export_dir} is a forecasting export; use `jaxeff forecast --workdir {export_dir}`")
     model_cfg = config_from_dict(migrate_moved_keys({"model": meta["model"]}), where=f"{export_dir}/config.json: ").model
     tokenizer = load_tokenizer(meta["tokenizer"], base_dir=export_dir)
     model = build_model(model_cfg, tokenizer.vocab_size)

@@ -37,7 +37,7 @@ def test_bad_keys_and_types_name_the_key(override, message):
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
-    (["train.global_batch_size=6", "mesh.data=4"], 4, r"not divisible by the data-parallel size mesh.data\*mesh.fsdp=4"),
+    (["train.global_batch_size=6", "mesh.data=4"], 4, r"not divisible by the batch-parallel size mesh.data\*mesh.fsdp\*mesh.expert=4"),
     (["train.global_batch_size=8", "train.microbatches=3"], 1, r"not divisible by train.microbatches=3"),
     (["model.d_model=130", "model.n_heads=4"], 1, r"model.n_heads=4 does not divide model.d_model=130"),
     (["model.n_heads=4", "model.n_kv_heads=3"], 1, r"model.n_kv_heads=3 must divide model.n_heads=4"),

@@ -112,12 +112,12 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str,
     check_consistency(cfg)
     m, t = cfg.model, cfg.train
     mesh = resolve_mesh_shape(cfg.mesh, num_devices)
-    batch_shards = mesh["data"] * mesh["fsdp"]
+    batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
     micro = t.global_batch_size // t.microbatches
     if micro % batch_shards:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} / train.microbatches={t.microbatches} = {micro} rows "
-            f"per microbatch is not divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}; "
+            f"per microbatch is not divisible by the batch-parallel size mesh.data*mesh.fsdp*mesh.expert={batch_shards}; "
             f"use a global batch that is a multiple of {batch_shards * t.microbatches}"
         )
     if t.global_batch_size % num_processes:

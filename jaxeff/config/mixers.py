@@ -116,3 +116,71 @@ class CompanionConfig(MixerSection):
         if cfg.model.d_model % self.n_kernels:
             raise ConfigError(f"{key}.n_kernels={self.n_kernels} does not divide model.d_model={cfg.model.d_model}; "
                               "every kernel serves the same number of channels")
+
+
+class MoeConfig(MixerSection):
+    """Mixture-of-experts channel mixers: `model.channel_mixer_pattern: [moe]` (or `[swiglu, moe]` for every other
+    layer); see [models/moe.md](models/moe.md). Experts live on the `mesh.expert` axis."""
+
+    mixers: ClassVar[tuple[str, ...]] = ("moe",)
+
+    structure: Literal["cdac", "dcca", "residual"] = "cdac"
+    """`cdac`: fine-grained experts h -> `expert_dim` -> h, tokens travel at width h; `dcca` (BigMac): a shared
+    h -> r h projection before the dispatch and r h -> h after the combine, experts r h -> `expert_dim` -> r h;
+    `residual` (DeepSpeed): a dense MLP (`model.mlp_dim`) plus a top-1 expert, mixed by a learned softmax"""
+    n_experts: PositiveInt | list[PositiveInt] = 8
+    """experts per MoE layer; a list gives each MoE layer its own count in order (pyramid MoE)"""
+    top_k: PositiveInt = 2
+    """experts per token (`residual` needs 1)"""
+    ratio: Annotated[Float, Field(gt=0, le=1)] = 0.25
+    """r: the width the tokens travel at in `dcca` (r h), and the default hidden width r h of `cdac` experts"""
+    expert_dim: PositiveInt | None = None
+    """hidden width of an expert; null = r h (`cdac`), h (`dcca`, as BigMac), `model.mlp_dim` (`residual`)"""
+    capacity_factor: Annotated[Float, Field(gt=0)] | None = 1.25
+    """slots per expert = ceil(factor * tokens * top_k / experts) per device; extra tokens are dropped (they pass
+    through the residual). null = dropless (sort by expert + `jax.lax.ragged_dot`; needs `mesh.expert=1`)"""
+    normalize_top_k: bool = True
+    """renormalise the top-k router probabilities of a token to sum to 1"""
+    load_balance_weight: Annotated[Float, Field(ge=0)] = 0.01
+    """weight of the load-balancing loss E * sum_i f_i P_i (f: share of assignments, P: mean probability)"""
+    z_loss_weight: Annotated[Float, Field(ge=0)] = 1e-3
+    """weight of the router z-loss mean(logsumexp(logits)^2)"""
+    bias_balancing: bool = False
+    """auxiliary-loss-free balancing: a per-expert bias added to the scores for the top-k choice only, pushed down
+    for overloaded experts and up for underloaded ones every step (by the optimiser; see models/moe.md)"""
+
+    def experts_in_layer(self, moe_layer: int) -> int:
+        """Experts of the `moe_layer`-th MoE layer (counting MoE layers only)."""
+        if isinstance(self.n_experts, int):
+            return self.n_experts
+        return self.n_experts[moe_layer]
+
+    def hidden_dim(self, d_model: int, mlp_dim: int) -> int:
+        if self.expert_dim is not None:
+            return self.expert_dim
+        return {"cdac": max(1, round(self.ratio * d_model)), "dcca": d_model, "residual": mlp_dim}[self.structure]
+
+    def low_dim(self, d_model: int) -> int:
+        """r h: the width of dcca's shared projections."""
+        return max(1, round(self.ratio * d_model))
+
+    def check(self, cfg: Config, key: str) -> None:
+        m = cfg.model
+        n_moe = sum(1 for i in range(m.n_layers) if m.channel_mixer_pattern[i % len(m.channel_mixer_pattern)] == "moe")
+        if isinstance(self.n_experts, list) and len(self.n_experts) != n_moe:
+            raise ConfigError(f"{key}.n_experts has {len(self.n_experts)} entries but the model has {n_moe} MoE layers; "
+                              "give one count per MoE layer (or a single number)")
+        counts = self.n_experts if isinstance(self.n_experts, list) else [self.n_experts]
+        if self.top_k > min(counts):
+            raise ConfigError(f"{key}.top_k={self.top_k} is larger than the {min(counts)} experts of a layer")
+        if self.structure == "residual" and self.top_k != 1:
+            raise ConfigError(f"{key}.structure=residual uses one expert per token; set {key}.top_k=1")
+        ep = cfg.mesh.expert
+        uneven = [n for n in counts if ep > 0 and n % ep]
+        if uneven:
+            raise ConfigError(f"{key}.n_experts {uneven} not divisible by mesh.expert={ep}; every expert-parallel "
+                              "device holds the same number of experts")
+        if self.capacity_factor is None and ep != 1:
+            raise ConfigError(f"{key}.capacity_factor=null (dropless) needs mesh.expert=1: expert parallelism "
+                              "dispatches with fixed capacity (ragged all-to-all is not wired up); set a capacity "
+                              "factor or mesh.expert=1")

@@ -15,7 +15,7 @@ from pydantic import Field
 from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                 Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
-from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig
+from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig
 
 FORECASTERS = ("spacetime", "linear", "dlinear")
 
@@ -38,9 +38,9 @@ class ModelConfig(Section):
     mlp_dim: PositiveInt = 384
     """hidden width of the channel mixer"""
     mixer_pattern: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
-    """token mixer per layer, cycled over the layers: `attention`, `lightning`"""
+    """token mixer per layer, cycled over the layers: `attention`, `lightning`, `mlstm`, `companion`"""
     channel_mixer_pattern: list[str] = Field(default_factory=lambda: ["swiglu"], min_length=1)
-    """channel mixer per layer, cycled over the layers: `swiglu`, `sglu`"""
+    """channel mixer per layer, cycled over the layers: `swiglu`, `sglu`, `moe`"""
     tie_embeddings: bool = True
     """output head reuses the embedding matrix"""
     rope_theta: PositiveFloat = 10000.0
@@ -70,6 +70,8 @@ class ModelConfig(Section):
     """mLSTM mixers (xLSTM 7B)"""
     companion: CompanionConfig = Field(default_factory=CompanionConfig)
     """companion-matrix SSM mixers (SpaceTime)"""
+    moe: MoeConfig = Field(default_factory=MoeConfig)
+    """mixture-of-experts channel mixers"""
     spacetime: SpacetimeConfig = Field(default_factory=SpacetimeConfig)
     """SpaceTime forecaster (`architecture: spacetime`)"""
     linear: LinearForecasterConfig = Field(default_factory=LinearForecasterConfig)
@@ -126,7 +128,7 @@ class MeshConfig(Section):
     tensor: int = 1
     """tensor parallelism (heads, MLP width, vocabulary)"""
     expert: int = 1
-    """expert parallelism (reserved for mixture-of-experts)"""
+    """expert parallelism: MoE experts are split over it; everywhere else it splits the batch rows like `data`"""
 
 
 class TrainConfig(Section):

@@ -41,7 +41,7 @@ class SGLU(GatedMLP):
     activation: Callable = identity
 
 
-def gated_mlp_flops_per_token(cfg: ModelConfig) -> float:
+def gated_mlp_flops_per_token(cfg: ModelConfig, layer: int = 0) -> float:
     return 2 * 3 * cfg.d_model * cfg.mlp_dim
 
 

@@ -33,7 +33,8 @@ class TokenMixerSpec:
 class ChannelMixerSpec:
     name: str
     module: type
-    flops_per_token: Callable[[ModelConfig], float]
+    # (cfg, layer) -> forward FLOPs per token (MoE: only the experts a token uses).
+    flops_per_token: Callable[[ModelConfig, int], float]
 
 
 TOKEN_MIXERS: dict[str, TokenMixerSpec] = {}

@@ -145,7 +145,7 @@ def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
-    layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len, i) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg)
+    layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len, i) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg, i)
                  for i in range(cfg.n_layers))
     return layers + 2 * cfg.d_model * padded_vocab_size(model_vocab_size(cfg, vocab_size), cfg.vocab_multiple)
 

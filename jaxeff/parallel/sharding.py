@@ -8,8 +8,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Batch rows are split over both data-parallel axes; FSDP shards parameters over "fsdp" as well.
-BATCH_AXES = ("data", "fsdp")
+# Batch rows are split over every axis that does not split the model's width: "data", "fsdp" (which also
+# shards parameters) and "expert" (which also holds different MoE experts; dense layers see it as data).
+BATCH_AXES = ("data", "fsdp", "expert")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),

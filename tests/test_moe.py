@@ -1,0 +1,182 @@
+"""Mixture of experts: routing rules, losses, capacity dropping, dropless, expert parallelism on 8 CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.config import ConfigError, check_consistency, load_config
+from jaxeff.layers.moe import (MoE, capacity, dispatch_slots, expert_layer, load_balance_loss, route,
+                               router_z_loss)
+from jaxeff.parallel.mesh import build_mesh
+
+
+def moe_config(**extra):
+    base = {"model.d_model": 32, "model.n_layers": 2, "model.mlp_dim": 48, "model.channel_mixer_pattern": "[moe]",
+            "model.moe.n_experts": 8, "model.moe.top_k": 2}
+    base.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+# ---------------------------------------------------------------------------------------------- routing rules
+
+
+def test_capacity_rule_on_a_hand_built_routing():
+    # 5 tokens, top-2 over 3 experts, 2 slots per expert. Order: all first choices (tokens 0..4), then seconds.
+    experts = jnp.array([[0, 1], [0, 2], [0, 1], [1, 0], [2, 1]])
+    slot, kept = dispatch_slots(experts, 3, 2)
+    # first choices: e0 <- t0 (pos 0), t1 (1), t2 (2: dropped); e1 <- t3 (0); e2 <- t4 (0)
+    # second choices: e1 <- t0 (1), t2 (2: dropped), t4 (3: dropped); e2 <- t1 (1); e0 <- t3 (3: dropped)
+    expected_kept = np.array([[1, 1], [1, 1], [0, 0], [1, 0], [1, 0]], bool)
+    np.testing.assert_array_equal(kept, expected_kept)
+    expected_slot = np.array([[0, 3], [1, 5], [6, 6], [2, 6], [4, 6]])  # expert * 2 + position; 6 = dropped
+    np.testing.assert_array_equal(slot, expected_slot)
+    assert capacity(tokens=5, top_k=2, n_experts=3, factor=1.0) == 4  # ceil(10 / 3)
+
+
+def test_route_and_losses_equal_their_formulas():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 6)).astype(np.float32) * 2
+    experts, gates, probs = route(jnp.asarray(logits), 2, True)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.argsort(-p, axis=-1)[:, :2]
+    np.testing.assert_array_equal(np.sort(experts, -1), np.sort(top, -1))
+    g = np.take_along_axis(p, np.asarray(experts), -1)
+    np.testing.assert_allclose(gates, g / g.sum(-1, keepdims=True), rtol=1e-5)
+    f = np.bincount(np.asarray(experts).ravel(), minlength=6) / experts.size
+    np.testing.assert_allclose(load_balance_loss(probs, experts), 6 * np.sum(f * p.mean(0)), rtol=1e-5)
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(router_z_loss(jnp.asarray(logits)), np.mean(lse**2), rtol=1e-5)
+    # a bias changes the choice, not the gate values
+    bias = np.zeros(6, np.float32)
+    bias[5] = 10.0
+    experts_b, gates_b, _ = route(jnp.asarray(logits), 2, False, jnp.asarray(bias))
+    assert (np.asarray(experts_b) == 5).any(axis=-1).all()
+    np.testing.assert_allclose(gates_b, np.take_along_axis(p, np.asarray(experts_b), -1), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def dense_loop(x_BSD, params, cfg):
+    """Every expert on every token, weighted by the token's gates (nothing dropped): the ground truth."""
+    sec = cfg.moe
+    x = x_BSD.reshape(-1, x_BSD.shape[-1]).astype(jnp.float32)
+    experts, gates, _ = route(x @ params["router"], sec.top_k, sec.normalize_top_k)
+    payload = x @ params["descend"]["kernel"] if sec.structure == "dcca" else x
+    y = jnp.zeros_like(payload)
+    for e in range(params["w_in"].shape[0]):
+        weight = jnp.sum(jnp.where(experts == e, gates, 0.0), axis=-1)
+        y = y + weight[:, None] * (jax.nn.gelu(payload @ params["w_in"][e]) @ params["w_out"][e])
+    if sec.structure == "dcca":
+        y = y @ params["ascend"]["kernel"]
+    if sec.structure == "residual":
+        dense = jax.nn.gelu(x @ params["dense_in"]["kernel"]) @ params["dense_out"]["kernel"]
+        mix = jax.nn.softmax(x @ params["mix"]["kernel"], -1)
+        y = mix[:, :1] * y + mix[:, 1:] * dense
+    return y.reshape(x_BSD.shape)
+
+
+def _layer_and_params(cfg, seed=0):
+    layer = MoE(cfg.model, layer_index=0)
+    x = jax.random.normal(jax.random.key(seed), (8, 6, cfg.model.d_model))
+    params = jax.tree.map(lambda b: b, layer.init(jax.random.key(seed + 1), x)["params"])
+    import flax.linen as nn
+
+    return layer, nn.meta.unbox(params), x
+
+
+@pytest.mark.parametrize("structure, mesh", [
+    ("cdac", {"mesh.data": 2, "mesh.expert": 4}),
+    ("dcca", {"mesh.data": 2, "mesh.expert": 4}),
+    ("residual", {"mesh.data": 2, "mesh.expert": 4}),
+    ("cdac", {"mesh.data": 2, "mesh.expert": 2, "mesh.tensor": 2}),
+])
+def test_expert_parallel_equals_the_dense_loop(structure, mesh):
+    top_k = 1 if structure == "residual" else 2
+    # capacity_factor = n_experts: C >= tokens * top_k, so nothing can be dropped
+    cfg = moe_config(**{"model.moe.structure": structure, "model.moe.top_k": top_k, "model.moe.capacity_factor": 8.0,
+                        **mesh})
+    layer, params, x = _layer_and_params(cfg)
+    ct = jax.random.normal(jax.random.key(9), x.shape)
+
+    def loss_ep(params, x):
+        y, aux = layer.apply({"params": params}, x)
+        return jnp.sum(y * ct), aux
+
+    def loss_ref(params, x):
+        return jnp.sum(dense_loop(x, params, cfg.model) * ct)
+
+    with jax.set_mesh(build_mesh(cfg)):
+        (value, aux), grads = jax.jit(jax.value_and_grad(loss_ep, argnums=(0, 1), has_aux=True))(params, x)
+    ref_value, ref_grads = jax.value_and_grad(loss_ref, argnums=(0, 1))(params, x)
+    assert float(aux["aux/moe/layer0/dropped"]) == 0.0
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for (path, g), r in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_dropless_equals_the_dense_loop():
+    cfg = moe_config(**{"model.moe.capacity_factor": "null", "mesh.data": 2})
+    layer, params, x = _layer_and_params(cfg, seed=3)
+    with jax.set_mesh(build_mesh(cfg)):
+        y, aux = jax.jit(lambda p, x: layer.apply({"params": p}, x))(params, x)
+    np.testing.assert_allclose(y, dense_loop(x, params, cfg.model), rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0] ** 2))(params)
+    r = jax.grad(lambda p: jnp.sum(dense_loop(x, p, cfg.model) ** 2))(params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(r)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_tight_capacity_drops_exactly_what_the_rule_drops():
+    cfg = moe_config(**{"model.moe.capacity_factor": 0.5})
+    layer, params, x = _layer_and_params(cfg, seed=5)
+    y, aux = layer.apply({"params": params}, x)  # one device: the rule applies to all 48 tokens at once
+    tokens = x.reshape(-1, x.shape[-1])
+    experts, gates, _ = route(tokens @ params["router"], 2, True)
+    _, kept = dispatch_slots(experts, 8, capacity(48, 2, 8, 0.5))
+    np.testing.assert_allclose(aux["aux/moe/layer0/dropped"], 1 - np.mean(kept), rtol=1e-6)
+    expected = jnp.zeros_like(tokens)
+    for e in range(8):
+        weight = jnp.sum(jnp.where((experts == e) & kept, gates, 0.0), -1)
+        expected += weight[:, None] * (jax.nn.gelu(tokens @ params["w_in"][e]) @ params["w_out"][e])
+    np.testing.assert_allclose(y.reshape(tokens.shape), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_balancing_evens_out_a_skewed_router():
+    import optax
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(512, 8)).astype(np.float32) + np.linspace(0, 3, 8, dtype=np.float32))
+    bias = jnp.zeros(8)
+    tx = optax.adam(0.05)
+    state = tx.init(bias)
+
+    def push(bias):  # the zero-valued term the layer adds; its gradient is load - mean(load)
+        experts, _, _ = route(logits, 2, True, bias)
+        from jaxeff.layers.moe import expert_load
+
+        load = expert_load(experts, 8)
+        term = jnp.sum(bias * jax.lax.stop_gradient(load - jnp.mean(load)))
+        return term - jax.lax.stop_gradient(term), load
+
+    loads = []
+    for _ in range(60):
+        (_, load), grad = jax.value_and_grad(push, has_aux=True)(bias)
+        updates, state = tx.update(grad, state)
+        bias = optax.apply_updates(bias, updates)
+        loads.append(float(jnp.max(load)) * 8)
+    assert loads[0] > 2.0 and loads[-1] < 1.3 and min(loads[-10:]) < loads[0] / 1.6, loads
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.moe.n_experts": "[4, 8, 8]"}, "has 3 entries but the model has 2 MoE layers"),
+    ({"model.moe.top_k": 9}, "top_k=9 is larger than the 8 experts"),
+    ({"model.moe.structure": "residual"}, "set model.moe.top_k=1"),
+    ({"mesh.expert": 3, "model.moe.n_experts": 8}, "not divisible by mesh.expert=3"),
+    ({"mesh.expert": 2, "model.moe.capacity_factor": "null"}, "needs mesh.expert=1"),
+])
+def test_moe_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        check_consistency(moe_config(**overrides))

@@ -204,3 +204,31 @@ def test_expert_parallel_checkpoint_resumes_on_fewer_expert_devices(tmp_path):
                                rtol=2e-5)
     for a, b in zip(jax.tree.leaves(third.params), jax.tree.leaves(reference.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # Adam magnifies reduction-order differences
+
+
+def test_all_to_all_bytes_match_the_closed_form_and_dcca_is_r_times_cdac():
+    import math
+
+    from helpers import tiny_overrides
+    from jaxeff.parallel.collectives import collective_stats
+    from jaxeff.train.comm_report import compile_train_step
+
+    def a2a(structure, ratio):
+        over = tiny_overrides(**{"model.channel_mixer_pattern": "[swiglu, moe]", "model.moe.n_experts": 8,
+                                 "model.moe.top_k": 2, "model.moe.structure": structure, "model.moe.ratio": ratio,
+                                 "mesh.data": 2, "mesh.expert": 4})
+        cfg = load_config(None, over)
+        stats = collective_stats(compile_train_step(cfg, jax.devices()[:8])[0])
+        m, t = cfg.model, cfg.train
+        tokens = t.global_batch_size // 8 * cfg.data.seq_len  # per device
+        slots = math.ceil(m.moe.capacity_factor * tokens * m.moe.top_k / m.moe.n_experts)
+        width = m.moe.low_dim(m.d_model) if structure == "dcca" else m.d_model
+        n_moe = m.n_layers // 2
+        # dispatch + combine, forward and backward, float32 buffers [E, C, width]
+        assert stats["all-to-all"]["bytes"] == n_moe * 4 * m.moe.n_experts * slots * width * 4, stats
+        assert stats["all-to-all"]["count"] == n_moe * 4, stats
+        return stats["all-to-all"]["bytes"]
+
+    cdac = a2a("cdac", 0.25)
+    assert a2a("dcca", 0.25) * 4 == cdac
+    assert a2a("dcca", 0.5) * 2 == cdac

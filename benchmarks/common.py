@@ -120,3 +120,24 @@ def write_section(path: Path, name: str, title: str, body: str) -> None:
     else:
         text += f"\n## {title}\n\n{block}\n"
     path.write_text(text)
+
+
+def plot_eval_curves(curves: dict[str, dict[int, float]], title: str, out: Path, dpi: int = 120) -> None:
+    """Eval loss against step, one line per model (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss (nats / byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)

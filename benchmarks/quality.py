@@ -46,23 +46,10 @@ def main() -> None:
         params[name] = sum(x.size for x in __import__("jax").tree.leaves(result.params))
         print(f"{name}: final eval loss {result.eval_losses[args.steps]:.4f}, {seconds[name]:.0f}s", flush=True)
 
-    import matplotlib
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import plot_eval_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("eval loss (nats / byte)")
-    ax.set_title(f"stdlib bytes, batch 16 x 128, {args.steps} steps")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = REPO / "docs/img/quality_debug_models.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    plot_eval_curves(curves, f"stdlib bytes, batch 16 x 128, {args.steps} steps", REPO / "docs/img/quality_debug_models.png")
 
     rows = ["| model | parameters | eval loss @ " + " | @ ".join(str(s) for s in (args.steps // 3, 2 * args.steps // 3,
                                                                                     args.steps)) + " | wall s |",

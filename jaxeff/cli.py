@@ -1,4 +1,4 @@
-"""The `jaxeff` command: train, export, generate, forecast, import, config-schema.
+"""The `jaxeff` command: train, export, generate, forecast, import, config-schema, comm-report.
 
 Exit codes, decided here and only here: 0 done; 2 a user error (`jaxeff.errors.UserError`: config,
 data, paths, flags, workdir), printed as one line without a traceback; 1 training stopped (e.g.
@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="model directory: config.json, model.safetensors (or shards + index), tokenizer.json")
     im.add_argument("--out", required=True, help="new output directory (the layout of `jaxeff export`)")
     im.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype written")
+
+    cr = sub.add_parser(
+        "comm-report", help="print the collectives of one train step (count, bytes per device) without training",
+        description="Compile the train step of a config as `jaxeff train` would (no training, no workdir) and print "
+                    "one JSON line per collective kind (count and bytes per device per step, read from the "
+                    "optimised HLO), the total last. It uses all visible devices; simulate N CPU devices with "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=N.")
+    cr.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
+    cr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.data=4")
 
     c = sub.add_parser("config-schema", help="print the JSON schema of config files (for editors' YAML language server)")
     c.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of printing it")
@@ -113,6 +122,18 @@ def _train(args) -> int:
     return train(cfg, workdir, debug=args.debug).exit_code
 
 
+def _comm_report(args) -> int:
+    import jax
+
+    from jaxeff.config import load_config
+    from jaxeff.train.comm_report import comm_report_lines
+
+    cfg = load_config(args.config, args.overrides)
+    for line in comm_report_lines(cfg, jax.devices()):
+        print(line)
+    return 0
+
+
 def _export(args) -> int:
     from jaxeff.infer import export_checkpoint
 
@@ -160,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # saves, grain workers) cannot print over it while the interpreter shuts down.
     try:
         commands = {"train": _train, "export": _export, "generate": _generate, "import": _import, "forecast": _forecast,
-                    "config-schema": _config_schema}
+                    "config-schema": _config_schema, "comm-report": _comm_report}
         return commands[args.command](args)
     except UserError as e:
         exit_now(f"jaxeff: error: {e}", EXIT_USER_ERROR)

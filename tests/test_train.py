@@ -48,7 +48,7 @@ class PoisonedSwiGLU(SwiGLU):
         return y * jnp.nan, aux
 
 
-register_channel_mixer(ChannelMixerSpec("poisoned_swiglu_for_tests", PoisonedSwiGLU, lambda cfg: 0.0))
+register_channel_mixer(ChannelMixerSpec("poisoned_swiglu_for_tests", PoisonedSwiGLU, lambda cfg, layer: 0.0))
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):

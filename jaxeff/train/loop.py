@@ -18,7 +18,9 @@ from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
 from jaxeff.paths import make_writable_dir
+from jaxeff.parallel.collectives import collective_stats
 from jaxeff.train.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
+from jaxeff.train.comm_report import aot_compile_train_step, comm_scalars, comm_summary
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
@@ -182,18 +184,26 @@ def _compile_steps(run: _Run):
     eval_step = run.task.eval_metrics
     if not cfg.train.jit:
         return train_step, eval_step, None
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
-             for k, v in run.task.batch_shapes(cfg.train.global_batch_size).items()}
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(train_step, in_shardings=(run.shardings, batch_sharding(mesh)),
-                           out_shardings=(run.shardings, replicated(mesh)), donate_argnums=0).lower(
-            run.abstract, batch).compile()
+    compiled = aot_compile_train_step(train_step, run.abstract, run.shardings, mesh,
+                                      run.task.batch_shapes(cfg.train.global_batch_size))
     eval_step = jax.jit(eval_step, in_shardings=(run.shardings["params"], batch_sharding(mesh)),
                         out_shardings=replicated(mesh))
     return compiled, eval_step, compiled
 
 
-def _print_header(run: _Run, progress: Progress, compiled) -> None:
+def _comm_stats(compiled) -> tuple[dict | None, str | None]:
+    """(collective statistics of the compiled step or None, a header line or None). A step whose HLO the
+    counter cannot read is reported in the header, never stops training."""
+    if compiled is None:
+        return None, None
+    try:
+        stats = collective_stats(compiled)
+    except ValueError as e:
+        return None, f"collectives not counted: {e}"
+    return stats, comm_summary(stats)
+
+
+def _print_header(run: _Run, progress: Progress, compiled, comm_line: str | None = None) -> None:
     n_params = count_params(run.abstract["params"])
     progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} on {run.mesh.size} "
                    f"{run.devices[0].platform} device(s), {run.task.describe()}, workdir {run.workdir}")
@@ -202,6 +212,8 @@ def _print_header(run: _Run, progress: Progress, compiled) -> None:
         for row in parameter_table(run.abstract["params"], logical_axes(boxed["params"]), run.shardings["params"]):
             progress.print("  " + row)
     progress.print(f"jaxeff: {memory_summary(run.abstract, run.shardings, compiled)}")
+    if comm_line:
+        progress.print(f"jaxeff: {comm_line}")
     for note in run.notes:
         progress.print(f"jaxeff: {note}")
 
@@ -224,8 +236,11 @@ def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: boo
         return _nothing_to_train(run)
     train_step, eval_step, compiled = _compile_steps(run)
     progress = Progress(tcfg.steps, run.start_step, cfg.logging.progress_bar and console)
-    _print_header(run, progress, compiled)
+    comm, comm_line = _comm_stats(compiled)
+    _print_header(run, progress, compiled, comm_line)
     writer = TensorBoardWriter(run.workdir / "tb")
+    if comm is not None:  # once per (re)start: what one jitted step exchanges between devices
+        writer.scalars(run.start_step, comm_scalars(comm))
     task = run.task
     units_per_step = tcfg.global_batch_size * task.units_per_example()
     flops = task.flops_per_example()

@@ -232,3 +232,20 @@ def test_all_to_all_bytes_match_the_closed_form_and_dcca_is_r_times_cdac():
     cdac = a2a("cdac", 0.25)
     assert a2a("dcca", 0.25) * 4 == cdac
     assert a2a("dcca", 0.5) * 2 == cdac
+
+
+def test_active_parameters_and_flops_count_only_the_chosen_experts():
+    import flax.linen as nn
+
+    from jaxeff.layers.moe import inactive_expert_params, moe_flops_per_token
+    from jaxeff.models.lm import build_model
+
+    cfg = moe_config(**{"model.moe.n_experts": "[4, 8]", "model.moe.structure": "dcca", "model.moe.ratio": 0.25})
+    model = build_model(cfg.model, 259, "cpu")
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
+    per_expert = {f"layer_{i}": params[f"layer_{i}"]["channel"]["w_in"].shape for i in range(2)}
+    assert per_expert == {"layer_0": (4, 8, 32), "layer_1": (8, 8, 32)}  # pyramid; dcca: r h = 8 -> h = 32 -> 8
+    unused = (4 - 2) * 2 * 8 * 32 + (8 - 2) * 2 * 8 * 32
+    assert inactive_expert_params(cfg.model) == unused
+    # forward FLOPs per token: router + top-2 experts (2 matmuls) + descend and ascend
+    assert moe_flops_per_token(cfg.model, 1) == 2 * 32 * 8 + 2 * 2 * 2 * 8 * 32 + 2 * 2 * 32 * 8

@@ -245,4 +245,13 @@ def moe_flops_per_token(cfg: ModelConfig, layer: int) -> float:
     return flops
 
 
+def inactive_expert_params(cfg: ModelConfig) -> int:
+    """Expert weights a token does not use: (E - top_k) experts of every MoE layer. Total minus this = active."""
+    sec, pattern = cfg.moe, cfg.channel_mixer_pattern
+    width = sec.low_dim(cfg.d_model) if sec.structure == "dcca" else cfg.d_model
+    per_expert = 2 * width * sec.hidden_dim(cfg.d_model, cfg.mlp_dim)
+    moe_layers = [i for i in range(cfg.n_layers) if pattern[i % len(pattern)] == "moe"]
+    return sum((sec.experts_in_layer(j) - sec.top_k) * per_expert for j in range(len(moe_layers)))
+
+
 register_channel_mixer(ChannelMixerSpec("moe", MoE, moe_flops_per_token))

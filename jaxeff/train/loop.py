@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
 from jaxeff.config.resume import check_resume
+from jaxeff.layers.moe import inactive_expert_params
 from jaxeff.layers.registry import check_mixer_names
 from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import memory_summary, parameter_table
@@ -205,7 +206,9 @@ def _comm_stats(compiled) -> tuple[dict | None, str | None]:
 
 def _print_header(run: _Run, progress: Progress, compiled, comm_line: str | None = None) -> None:
     n_params = count_params(run.abstract["params"])
-    progress.print(f"jaxeff: {n_params / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} on {run.mesh.size} "
+    inactive = inactive_expert_params(run.cfg.model) if run.cfg.task == "lm" else 0
+    active = f" ({(n_params - inactive) / 1e6:.2f}M active per token)" if inactive else ""
+    progress.print(f"jaxeff: {n_params / 1e6:.2f}M params{active}, mesh {dict(run.mesh.shape)} on {run.mesh.size} "
                    f"{run.devices[0].platform} device(s), {run.task.describe()}, workdir {run.workdir}")
     if run.mesh.size > 1:
         boxed = abstract_boxed_state(run.task.model, run.tx, run.cfg.train.seed, run.task.init_input)

@@ -193,7 +193,7 @@ ENTRY %main (p: bf16[64,32]) -> bf16[64,32] {
 """
     stats = collective_stats_from_hlo_text(text)
     assert stats["all-reduce"] == {"count": 2, "bytes": 2 * 64 * 32 * 2}
-    assert stats["all-to-all"] == {"count": 1, "bytes": 64 * 32 * 2}
+    assert stats["all-to-all"] == {"count": 1, "bytes": 64 * 32 * 2, "bytes_off_device": 64 * 32 * 2 * 7 // 8}
 
 
 def test_conditional_counts_each_branch_once():
@@ -266,7 +266,9 @@ def test_all_to_all_bytes_are_the_per_device_block(mesh):
     compiled = _compile(mesh, lambda v: jax.lax.all_to_all(v, "x", 0, 0), P("x"), P("x"), x)
     stats = collective_stats(compiled)
     expected = int(np.prod(per_device)) * x.dtype.itemsize
-    assert stats["all-to-all"] == {"count": 1, "bytes": expected}, compiled.as_text()
+    # 8 devices in the group: each keeps its own 1/8 chunk
+    assert stats["all-to-all"] == {"count": 1, "bytes": expected, "bytes_off_device": expected * 7 // 8}, \
+        compiled.as_text()
 
 
 def test_scan_with_psum_keeps_the_while_loop_and_counts_each_iteration(mesh):
@@ -292,3 +294,21 @@ def test_data_dependent_while_loop_reports_an_unknown_trip_count(mesh):
     stats = collective_stats(compiled)
     assert stats["all-reduce"]["count"] == 1, compiled.as_text()
     assert stats["total"]["unknown_trip_count"] == 1, compiled.as_text()
+
+
+def test_group_size_and_off_device_all_to_all_bytes():
+    from jaxeff.parallel.collectives import collective_stats_from_hlo_text, group_size
+
+    assert group_size("channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, metadata={}") == 4
+    assert group_size("replica_groups=[2,4]<=[8], x") == 4
+    assert group_size("replica_groups=mesh['a'=4,'b'=1,'c'=2], device_ids=([2,4]T(1,0)) {'a','c'}, x") == 8
+    assert group_size("replica_groups={}") is None
+    text = """HloModule m
+
+ENTRY %main (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %a2a = f32[4,8]{1,0} all-to-all(%p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+}
+"""
+    stats = collective_stats_from_hlo_text(text)
+    assert stats["all-to-all"] == {"count": 1, "bytes": 128, "bytes_off_device": 96}

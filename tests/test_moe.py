@@ -227,6 +227,8 @@ def test_all_to_all_bytes_match_the_closed_form_and_dcca_is_r_times_cdac():
         # dispatch + combine, forward and backward, float32 buffers [E, C, width]
         assert stats["all-to-all"]["bytes"] == n_moe * 4 * m.moe.n_experts * slots * width * 4, stats
         assert stats["all-to-all"]["count"] == n_moe * 4, stats
+        # each device keeps its own quarter (ep = 4): BigMac's (ep - 1) / ep volume factor
+        assert stats["all-to-all"]["bytes_off_device"] == stats["all-to-all"]["bytes"] * 3 // 4, stats
         return stats["all-to-all"]["bytes"]
 
     cdac = a2a("cdac", 0.25)

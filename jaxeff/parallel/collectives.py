@@ -22,6 +22,10 @@ Bounded dynamic dimensions (``<=N``) count at their bound. Which side is counted
   output buffer and the offset/size operands are not counted.
 * collective-permute in its in-place form (has ``slice_sizes=``): only the first operand (the input).
 
+All-to-alls also get ``bytes_off_device``: ``bytes * (g - 1) / g`` for replica groups of g devices (each
+device keeps its own 1/g chunk), when the groups are readable (``{{0,1,2,3},...}``, ``[2,4]<=[8]`` or
+``mesh[...] {axes}``); this is the figure closed-form all-to-all volumes (e.g. BigMac's) describe.
+
 Async pairs: ``all-gather-start``/``-done``, ``all-reduce-start``/``-done``, ``collective-permute-start``/
 ``-done`` and the sugared ``<kind>-start``/``-update``/``-done`` forms count once, at the start.
 ``async-start(...) calls=%c`` counts whatever collective the called computation ``%c`` contains;
@@ -225,6 +229,29 @@ def _operand_bytes(operand: str, computation: Computation, module_shapes: dict[s
     return shape_bytes(shape)
 
 
+_GROUP_LIST = re.compile(r"replica_groups=\{\{([^}]*)\}")
+_GROUP_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_GROUP_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\S+)?\s*\{([^}]*)\}")
+
+
+def group_size(attributes: str) -> int | None:
+    """Devices in one replica group of a collective (its first group), or None when the text does not say."""
+    if m := _GROUP_LIST.search(attributes):
+        return len(m.group(1).split(","))
+    if m := _GROUP_IOTA.search(attributes):
+        return int(m.group(1).split(",")[-1])
+    if m := _GROUP_MESH.search(attributes):
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
+    return None
+
+
+def _off_device_bytes(kind: str, nbytes: int, instruction: Instruction) -> int | None:
+    """All-to-alls keep 1/g of their buffer on the device (its own chunk): the rest crosses the interconnect."""
+    size = group_size(instruction.attributes) if kind in ("all-to-all", "ragged-all-to-all") else None
+    return None if size is None else nbytes * (size - 1) // size
+
+
 def _collective_bytes(kind: str, instruction: Instruction, computation: Computation,
                       module_shapes: dict[str, str]) -> int:
     operands = instruction.operands
@@ -260,28 +287,31 @@ class _Walker:
         self.memo: dict[str, tuple[Counter, Counter]] = {}
         self.unknown_loops: set[str] = set()
 
-    def stats(self, name: str) -> tuple[Counter, Counter]:
+    def stats(self, name: str) -> tuple[Counter, Counter, Counter]:
         if name not in self.memo:
             self.memo[name] = self._compute(self.computations[name])
         return self.memo[name]
 
-    def _compute(self, computation: Computation) -> tuple[Counter, Counter]:
-        counts, nbytes = Counter(), Counter()
+    def _compute(self, computation: Computation) -> tuple[Counter, Counter, Counter]:
+        """(count, bytes, off-device bytes) per kind for one execution of `computation`."""
+        counts, nbytes, off = Counter(), Counter(), Counter()
         for instruction in computation.instructions:
             if _is_ignored_async_part(instruction.opcode):
                 continue
             kind = _collective_kind(instruction.opcode)
             if kind is not None:
+                size = _collective_bytes(kind, instruction, computation, self.module_shapes)
                 counts[kind] += 1
-                nbytes[kind] += _collective_bytes(kind, instruction, computation, self.module_shapes)
+                nbytes[kind] += size
+                crossing = _off_device_bytes(kind, size, instruction)
+                if crossing is not None:
+                    off[kind] += crossing
                 continue
             for callee, multiplier in self._scaled_callees(instruction):
-                callee_counts, callee_bytes = self.stats(callee)
-                for k, v in callee_counts.items():
-                    counts[k] += multiplier * v
-                for k, v in callee_bytes.items():
-                    nbytes[k] += multiplier * v
-        return counts, nbytes
+                for mine, theirs in zip((counts, nbytes, off), self.stats(callee)):
+                    for k, v in theirs.items():
+                        mine[k] += multiplier * v
+        return counts, nbytes, off
 
     def _scaled_callees(self, instruction: Instruction) -> list[tuple[str, int]]:
         """Called computations with their multiplier: trip count for a while body, +1 for its condition."""
@@ -310,10 +340,12 @@ def collective_stats_from_hlo_text(text: str) -> dict[str, dict[str, int]]:
     """
     computations, entry = parse_hlo_module(text)
     walker = _Walker(computations)
-    counts, nbytes = walker.stats(entry)
+    counts, nbytes, off = walker.stats(entry)
     result: dict[str, dict[str, int]] = {
         kind: {"count": int(counts[kind]), "bytes": int(nbytes[kind])} for kind in KINDS if counts[kind]
     }
+    for kind, v in off.items():  # all-to-alls whose replica groups were readable
+        result[kind]["bytes_off_device"] = int(v)
     result["total"] = {
         "count": sum(v["count"] for v in result.values()),
         "bytes": sum(v["bytes"] for v in result.values()),
@@ -329,7 +361,8 @@ def collective_stats(compiled: Any) -> dict[str, dict[str, int]]:
 
 def format_report(stats: dict[str, dict[str, int]]) -> list[str]:
     """One JSON line per kind (``kind``, ``count``, ``bytes_per_device``), the ``total`` line last."""
-    lines = [json.dumps({"kind": kind, "count": v["count"], "bytes_per_device": v["bytes"]})
+    lines = [json.dumps({"kind": kind, "count": v["count"], "bytes_per_device": v["bytes"],
+                         **({"bytes_off_device": v["bytes_off_device"]} if "bytes_off_device" in v else {})})
              for kind, v in stats.items() if kind != "total"]
     total = stats.get("total", {"count": 0, "bytes": 0, "unknown_trip_count": 0})
     lines.append(json.dumps({"kind": "total", "count": total["count"], "bytes_per_device": total["bytes"],

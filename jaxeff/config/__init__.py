@@ -17,12 +17,12 @@ reference.py JSON schema and docs/config.md, generated from the sections
 from jaxeff.config.base import ConfigError
 from jaxeff.config.checks import check_consistency, resolve_mesh_shape, validate
 from jaxeff.config.loading import config_from_dict, dump_config, load_config, parse_override, read_saved_config
-from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig
+from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig, S2Config
 from jaxeff.config.sections import (CheckpointConfig, Config, DataConfig, LoggingConfig, MeshConfig, ModelConfig,
                                     SampleConfig, TrainConfig)
 
 __all__ = [
     "CheckpointConfig", "CompanionConfig", "Config", "ConfigError", "DataConfig", "LightningConfig", "LoggingConfig", "MeshConfig",
-    "MixerSection", "MlstmConfig", "MoeConfig", "ModelConfig", "SampleConfig", "TrainConfig", "check_consistency", "config_from_dict",
+    "MixerSection", "MlstmConfig", "MoeConfig", "S2Config", "ModelConfig", "SampleConfig", "TrainConfig", "check_consistency", "config_from_dict",
     "dump_config", "load_config", "parse_override", "read_saved_config", "resolve_mesh_shape", "validate",
 ]

@@ -184,3 +184,48 @@ class MoeConfig(MixerSection):
             raise ConfigError(f"{key}.capacity_factor=null (dropless) needs mesh.expert=1: expert parallelism "
                               "dispatches with fixed capacity (ragged all-to-all is not wired up); set a capacity "
                               "factor or mesh.expert=1")
+
+
+class S2Config(MixerSection):
+    """S2-Attention token mixers (`model.mixer_pattern: [s2, attention]` alternates sparse and dense layers) and
+    LongGen's `sink_window` mixer; see [models/s2.md](models/s2.md). Blocks are `block_size` tokens; patterns are
+    per KV head."""
+
+    mixers: ClassVar[tuple[str, ...]] = ("s2", "sink_window")
+
+    block_size: PositiveInt = 64
+    """tokens per block"""
+    local_blocks: PositiveInt = 4
+    """sliding window in blocks, the diagonal block included (both mixers)"""
+    vert_stride: PositiveInt = 4
+    """`s2`: every `vert_stride`-th block (by absolute position, shifted per head) is also read"""
+    head_sliding_step: Annotated[int, Field(ge=0)] | None = None
+    """shift of the vertical residue per KV head; null = max(1, vert_stride // n_heads); 0 = every head the same
+    residue (the homogeneous ablation)"""
+    head_offset: Annotated[int, Field(ge=0)] = 0
+    """added to every head's residue"""
+    num_dense_heads: Annotated[int, Field(ge=0)] = 0
+    """`s2`: the last this many KV heads read every causal block"""
+    sink_blocks: Annotated[int, Field(ge=0)] = 1
+    """`sink_window`: the first this many blocks are always read (attention sinks)"""
+    impl: Annotated[Literal["auto", "reference", "xla", "pallas"], MAY_CHANGE] = "auto"
+    """`auto` (Pallas on GPU/TPU, xla on CPU), `reference` (dense attention, masked), `xla` (gathers kept blocks), `pallas`"""
+
+    def check(self, cfg: Config, key: str) -> None:
+        import math
+        import warnings
+
+        m = cfg.model
+        n_kv = m.n_kv_heads or m.n_heads
+        if self.num_dense_heads > n_kv:
+            raise ConfigError(f"{key}.num_dense_heads={self.num_dense_heads} is more than the {n_kv} KV heads")
+        if "s2" in m.mixer_pattern:
+            from pallas_kernels.s2_attention import block_mask, check_coverage
+
+            blocks = math.ceil(cfg.data.seq_len / self.block_size)
+            mask = block_mask(n_kv, blocks, blocks, local_blocks=self.local_blocks, vert_stride=self.vert_stride,
+                              head_sliding_step=self.head_sliding_step, head_offset=self.head_offset,
+                              num_dense_heads=self.num_dense_heads, num_q_heads=m.n_heads)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                check_coverage(mask, f"{key} (s2 layers at data.seq_len={cfg.data.seq_len})")

@@ -15,7 +15,7 @@ from pydantic import Field
 from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                 Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
-from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig
+from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig, S2Config
 
 FORECASTERS = ("spacetime", "linear", "dlinear")
 
@@ -38,7 +38,8 @@ class ModelConfig(Section):
     mlp_dim: PositiveInt = 384
     """hidden width of the channel mixer"""
     mixer_pattern: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
-    """token mixer per layer, cycled over the layers: `attention`, `lightning`, `mlstm`, `companion`"""
+    """token mixer per layer, cycled over the layers (a list as long as `n_layers` places each layer): `attention`,
+    `lightning`, `mlstm`, `companion`, `s2`, `sink_window`"""
     channel_mixer_pattern: list[str] = Field(default_factory=lambda: ["swiglu"], min_length=1)
     """channel mixer per layer, cycled over the layers: `swiglu`, `sglu`, `moe`"""
     tie_embeddings: bool = True
@@ -72,6 +73,8 @@ class ModelConfig(Section):
     """companion-matrix SSM mixers (SpaceTime)"""
     moe: MoeConfig = Field(default_factory=MoeConfig)
     """mixture-of-experts channel mixers"""
+    s2: S2Config = Field(default_factory=S2Config)
+    """S2-Attention and sink + window attention mixers"""
     spacetime: SpacetimeConfig = Field(default_factory=SpacetimeConfig)
     """SpaceTime forecaster (`architecture: spacetime`)"""
     linear: LinearForecasterConfig = Field(default_factory=LinearForecasterConfig)

@@ -33,13 +33,20 @@ class SoftmaxAttention(nn.Module):
         k_BSGK = apply_rope(k_BSGK, positions_BS, cfg.rope_theta)
 
         if cache is None:
-            out_BSHK = jax.nn.dot_product_attention(q_BSHK, k_BSGK, v_BSGK, is_causal=True)
-            new_cache = None
+            out_BSHK, new_cache = self.attend(q_BSHK, k_BSGK, v_BSGK), None
         else:
-            out_BSHK, new_cache = _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache)
+            out_BSHK, new_cache = self.attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache)
 
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
         return out(out_BSHK), new_cache
+
+
+    # Subclasses with another attention pattern (S2, sink + window) override these two.
+    def attend(self, q_BSHK, k_BSGK, v_BSGK):
+        return jax.nn.dot_product_attention(q_BSHK, k_BSGK, v_BSGK, is_causal=True)
+
+    def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGK, cache):
+        return _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache)
 
 
 def _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache):

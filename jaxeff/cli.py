@@ -145,6 +145,7 @@ def _export(args) -> int:
 def _generate(args) -> int:
     from jaxeff.config import ConfigError
     from jaxeff.infer import generate_text, load_inference_model
+    from jaxeff.infer.generate import cache_report
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
@@ -157,6 +158,10 @@ def _generate(args) -> int:
     except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
         raise ConfigError("--prompt is not valid UTF-8 text; pass the prompt in UTF-8") from None
     loaded = load_inference_model(args.workdir)
+    prompt_tokens = 1 + len(loaded.tokenizer.encode(args.prompt))  # BOS + the prompt, as generate_text
+    report = cache_report(loaded.model_config, prompt_tokens + args.max_new_tokens)
+    if report:
+        print(f"jaxeff: {report}", file=sys.stderr, flush=True)
     text = generate_text(loaded.model, loaded.params, loaded.tokenizer, args.prompt, args.max_new_tokens,
                          args.temperature, args.top_k, args.seed)
     print(text)

@@ -153,3 +153,15 @@ def test_decoding_keeps_exactly_the_blocks_each_head_reads_again():
     for g, kept in enumerate(kept_kv_blocks(mask)):
         slots = {int(layout.slot(jnp.asarray(j), jnp.asarray(g))) for j in np.nonzero(mask[g, -1])[0]}
         assert len(slots) == kept <= layout.capacity  # distinct slots: nothing still needed was overwritten
+
+
+def test_cache_report_compares_with_a_dense_cache():
+    from jaxeff.infer.generate import cache_report
+
+    assert cache_report(s2_model("[attention]"), 64) is None
+    report = cache_report(s2_model("[s2, attention]"), 64)  # 16 blocks: the s2 layer keeps 2 + ceil(16 / 3) = 8
+    kv_bytes = 2 * 2 * 8 * 4  # k and v, 2 KV heads, head dim 8, float32: per token
+    used = kv_bytes * (8 * 4 + 64) + 2 * 8 * 4 + 2 * 4  # + the s2 layer's block ids and both layers' indices
+    dense = kv_bytes * 128 + 2 * 4
+    assert report == (f"decode cache {used / 1024:,.1f} KiB for 64 tokens (a dense KV cache: {dense / 1024:,.1f} KiB, "
+                      f"{used / dense:.0%})")

@@ -68,3 +68,25 @@ def generate_text(model, params, tokenizer, prompt: str, max_new_tokens: int, te
     ids = generate_ids(model, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                        vocab_size=tokenizer.vocab_size, stop_id=tokenizer.eos_id)
     return prompt + tokenizer.decode(ids)
+
+
+def cache_report(cfg, max_len: int, dtype=jnp.float32) -> str | None:
+    """'decode cache X for N tokens (a dense KV cache: Y)' when some layer keeps a pruned cache (S2, sink +
+    window); None otherwise. Per sequence, all layers."""
+    from jaxeff.layers.attention import init_kv_cache
+    from jaxeff.layers.registry import token_mixer_for_layer
+
+    pruned = {"s2", "sink_window"}
+    names = [token_mixer_for_layer(cfg, i).name for i in range(cfg.n_layers)]
+    if not pruned & set(names):
+        return None
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+    caches = init_caches(cfg, 1, max_len, dtype)
+    used = sum(nbytes(c) for c in caches)
+    dense = sum(nbytes(init_kv_cache(cfg, i, 1, max_len, dtype)) if name in pruned else nbytes(c)
+                for i, (name, c) in enumerate(zip(names, caches)))
+    return (f"decode cache {used / 2**10:,.1f} KiB for {max_len} tokens (a dense KV cache: {dense / 2**10:,.1f} KiB, "
+            f"{used / dense:.0%})")

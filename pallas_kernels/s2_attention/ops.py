@@ -97,7 +97,8 @@ def s2_attention(q, k, v, *, block_size: int = 64, local_blocks: int, vert_strid
     q [batch, seq, heads, d]; k, v [batch, seq, kv_heads, d] (grouped-query: the pattern is per KV head);
     scale 1/sqrt(d) by default. impl: "reference" (dense attention with the expanded mask), "xla" (gathers only
     the kept KV blocks), "pallas" (block-sparse flash-attention kernels, forward and backward; the interpreter
-    on CPU), "auto" (Pallas on GPU/TPU, xla on CPU; chosen when lowering). With return_lse, also the
+    on CPU; block_size a power of two >= 16), "auto" (Pallas on GPU/TPU, xla on CPU; chosen when lowering; xla
+    wherever the block size does not suit the kernels). With return_lse, also the
     log-sum-exp [batch, heads, seq] (float32) for merging partial results over KV partitions
     (`reference.merge_partitions`); gradients flow through `out` only.
     """
@@ -119,12 +120,18 @@ def s2_attention(q, k, v, *, block_size: int = 64, local_blocks: int, vert_strid
     def pallas(interpret: bool):
         return _pallas(q, k, v, mask_key, block_size, scale, interpret)
 
+    pallas_ok = block_size >= 16 and block_size & (block_size - 1) == 0
+    if impl == "pallas" and not pallas_ok:
+        raise ValueError(f"s2_attention: impl='pallas' needs a block_size that is a power of two >= 16 (one kernel tile "
+                         f"per block), got {block_size}; use impl='xla' or change the block size")
     if impl == "reference":
         out, lse = reference()
     elif impl == "xla":
         out, lse = xla()
     elif impl == "pallas":
         out, lse = lax.platform_dependent(cpu=lambda: pallas(True), default=lambda: pallas(False))
-    else:
+    elif pallas_ok:
         out, lse = lax.platform_dependent(cpu=xla, default=lambda: pallas(False))
+    else:  # the kernels cannot tile this block size: the gather form everywhere
+        out, lse = xla()
     return (out, lse) if return_lse else out

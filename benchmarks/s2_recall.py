@@ -2,9 +2,9 @@
 
     python benchmarks/s2_recall.py [--steps 800] [--write docs/benchmarks.md]
 
-Each sequence (256 tokens) is random filler with 8 key-value pairs planted at random depths, then the 8 keys
+Each sequence (128 tokens) is random filler with 6 key-value pairs planted at random depths, then the 6 keys
 again in a random order, each followed by its value: the model must find the key earlier in the context and
-copy the value after it (multi-query associative recall). Only the 8 answer positions are trained and scored.
+copy the value after it (multi-query associative recall). Only the 6 answer positions are trained and scored.
 Blocks of 8 tokens, a 2-block window, vertical stride 4: a pair usually lies outside a sparse head's window, so
 it is found only through the vertical blocks of some head, or through a dense layer. Same model (4 layers,
 d 64, 4 heads), data, optimiser and steps for every schedule; accuracy on 1024 fresh sequences; one CPU device.
@@ -29,7 +29,7 @@ from common import plot_eval_curves, write_section  # noqa: E402
 from jaxeff.config import load_config  # noqa: E402
 from jaxeff.models.lm import build_model  # noqa: E402
 
-SEQ, PAIRS, BATCH = 256, 8, 32
+SEQ, PAIRS, BATCH = 128, 6, 32
 FILLER, KEYS, VALUES = (0, 64), (64, 128), (128, 192)
 SCHEDULES = {
     "dense": ["[attention]"],
@@ -108,12 +108,12 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     repo = Path(__file__).resolve().parents[1]
-    plot_eval_curves(curves, f"associative recall, {SEQ} tokens, 8 pairs", repo / "docs/img/s2_recall.png", dpi=110)
+    plot_eval_curves(curves, f"associative recall, {SEQ} tokens, {PAIRS} pairs", repo / "docs/img/s2_recall.png", dpi=110)
     if args.write:
         write_section(repo / args.write, "s2-recall", "Quality: associative recall, dense vs S2 schedules (CPU)",
                       f"`python benchmarks/s2_recall.py --write docs/benchmarks.md`: {args.steps} steps, batch {BATCH}; "
                       "4 layers, d 64, 4 heads; blocks of 8, window 2 blocks, stride 4; loss and accuracy on the "
-                      "8 answers of 1024 fresh sequences (chance: 1/64).\n\n"
+                      "6 answers of 1024 fresh sequences (chance: 1/64).\n\n"
                       f"{table}\n\n![recall](img/s2_recall.png)")
 
 

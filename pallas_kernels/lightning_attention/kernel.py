@@ -36,6 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
+from ..common import dot as _dot
+
 F32 = jnp.float32
 PLATFORMS = ("triton", "tpu")
 
@@ -45,14 +47,6 @@ PLATFORMS = ("triton", "tpu")
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _dot(a, b, contract_a: int, contract_b: int):
-    """2-D matmul contracting a's dim `contract_a` with b's dim `contract_b`, accumulated in float32."""
-    if a.dtype != b.dtype:  # Triton needs equal operand types: promote to float32 (the state is float32)
-        a, b = a.astype(F32), b.astype(F32)
-    prec = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
-    return lax.dot_general(
-        a, b, (((contract_a,), (contract_b,)), ((), ())), precision=prec, preferred_element_type=F32
-    )
 
 
 def _block_consts(rate_11, blk: int):

@@ -54,6 +54,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
+from ..common import dot as _dot, next_pow2 as _next_pow2, pad_dim as _pad_dim
+
 F32 = jnp.float32
 PLATFORMS = ("triton", "tpu")
 _MIN_DIM = 16  # tl.dot needs >= 16 per dim; also the bf16 sublane tile on TPU
@@ -65,13 +67,6 @@ _PAR, _SEQ = "parallel", "arbitrary"
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _dot(a, b, contract_a: int, contract_b: int):
-    """2-D matmul contracting a's dim `contract_a` with b's dim `contract_b`, accumulated in float32."""
-    if a.dtype != b.dtype:  # Triton needs equal operand types
-        a, b = a.astype(F32), b.astype(F32)
-    prec = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=prec,
-                           preferred_element_type=F32)
 
 
 def _mask(i, j, bs: int, seq_len: int):
@@ -411,14 +406,8 @@ def _dkdv_call(qg, k, v, dog, lseg, deltag, idx, cnt, dm: _Dims, *, scale, platf
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _pad_dim(d: int, platform: str) -> int:
-    if platform == "tpu" and d > 128:
-        return -(-d // 128) * 128  # lane tile
-    return max(_MIN_DIM, _next_pow2(d))
 
 
 def _check_block(block_size: int, platform: str):

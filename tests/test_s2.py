@@ -186,3 +186,8 @@ def test_pallas_impl_through_the_op_equals_the_reference():
         np.testing.assert_allclose(a, b, atol=1e-4)
     with pytest.raises(ValueError, match="power of two >= 16"):
         s2_attention(q, k, v, block_size=12, local_blocks=1, vert_stride=2, impl="pallas")
+
+
+def test_fewer_query_blocks_are_the_latest_ones():
+    full = block_mask(4, 10, 10, local_blocks=2, vert_stride=4)
+    np.testing.assert_array_equal(block_mask(4, 3, 10, local_blocks=2, vert_stride=4), full[:, 7:])

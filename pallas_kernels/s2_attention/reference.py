@@ -29,7 +29,8 @@ def block_mask(num_heads: int, q_blocks: int, kv_blocks: int, *, local_blocks: i
     `heads` are KV heads under grouped-query attention (the pattern is shared by a group's query heads) while the
     default step divides by the number of *query* heads (`num_q_heads`, default `num_heads`). The last
     `num_dense_heads` heads are dense (every causal block). `vert_stride=None`: no vertical blocks (a sink +
-    window pattern)."""
+    window pattern). With fewer query than KV blocks the queries are the last ones (decoding after a prefix):
+    query row r is absolute block i = r + kv_blocks - q_blocks."""
     for name, value in (("num_heads", num_heads), ("q_blocks", q_blocks), ("kv_blocks", kv_blocks),
                         ("local_blocks", local_blocks)):
         if value < 1:
@@ -38,7 +39,7 @@ def block_mask(num_heads: int, q_blocks: int, kv_blocks: int, *, local_blocks: i
         raise ValueError(f"block_mask: vert_stride must be >= 1 or None, got {vert_stride}")
     if not 0 <= num_dense_heads <= num_heads:
         raise ValueError(f"block_mask: num_dense_heads={num_dense_heads} must be in 0..{num_heads}")
-    i = np.arange(q_blocks)[None, :, None]
+    i = np.arange(q_blocks)[None, :, None] + max(0, kv_blocks - q_blocks)  # queries are the latest blocks
     j = np.arange(kv_blocks)[None, None, :]
     h = np.arange(num_heads)[:, None, None]
     causal = j <= i

@@ -47,7 +47,7 @@ VARIANTS = {  # name -> (config, overrides)
     "dcca r=1/2 (expert_dim 64), data 2 x expert 4": (
         "configs/moe-debug.yaml", EP + ["model.moe.structure=dcca", "model.moe.ratio=0.5", "model.moe.expert_dim=64"]),
     "residual (top-1, expert_dim 32), data 2 x expert 4": (
-        "configs/moe-debug.yaml", EP + ["model.moe.structure=residual", "model.moe.top_k=1"]),
+        "configs/moe-debug.yaml", EP + ["model.moe.structure=residual", "model.moe.top_k=1", "model.moe.expert_dim=32"]),
     "cdac capacity, data 8": ("configs/moe-debug.yaml", ["mesh.data=8"]),
     "cdac dropless, data 8": ("configs/moe-debug.yaml", ["mesh.data=8", "model.moe.capacity_factor=null"]),
 }

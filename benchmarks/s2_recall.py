@@ -1,11 +1,11 @@
 """Associative recall with small models: dense vs all-S2 vs hybrid vs same-offset-for-all-heads vs LongGen.
 
-    python benchmarks/s2_recall.py [--steps 800] [--write docs/benchmarks.md]
+    python benchmarks/s2_recall.py [--steps 2000] [--write docs/benchmarks.md]
 
-Each sequence (128 tokens) is random filler with 6 key-value pairs planted at random depths, then the 6 keys
+Each sequence (64 tokens) is random filler with 4 key-value pairs planted at random depths, then the 4 keys
 again in a random order, each followed by its value: the model must find the key earlier in the context and
-copy the value after it (multi-query associative recall). Only the 6 answer positions are trained and scored.
-Blocks of 8 tokens, a 2-block window, vertical stride 4: a pair usually lies outside a sparse head's window, so
+copy the value after it (multi-query associative recall). Only the 4 answer positions are trained and scored.
+Blocks of 4 tokens, a 2-block window, vertical stride 4: a pair usually lies outside a sparse head's window, so
 it is found only through the vertical blocks of some head, or through a dense layer. Same model (4 layers,
 d 64, 4 heads), data, optimiser and steps for every schedule; accuracy on 1024 fresh sequences; one CPU device.
 """
@@ -29,7 +29,7 @@ from common import plot_eval_curves, write_section  # noqa: E402
 from jaxeff.config import load_config  # noqa: E402
 from jaxeff.models.lm import build_model  # noqa: E402
 
-SEQ, PAIRS, BATCH = 128, 6, 32
+SEQ, PAIRS, BATCH = 64, 4, 64
 FILLER, KEYS, VALUES = (0, 64), (64, 128), (128, 192)
 SCHEDULES = {
     "dense": ["[attention]"],
@@ -59,7 +59,7 @@ def make_batch(rng: np.random.Generator, batch: int):
 def train_schedule(overrides: list[str], steps: int, seed: int = 0):
     pattern, *rest = overrides
     cfg = load_config(None, [f"model.mixer_pattern={pattern}", "model.d_model=64", "model.n_layers=4",
-                             "model.n_heads=4", "model.n_kv_heads=4", "model.mlp_dim=128", "model.s2.block_size=8",
+                             "model.n_heads=4", "model.n_kv_heads=4", "model.mlp_dim=128", "model.s2.block_size=4",
                              "model.s2.local_blocks=2", "model.s2.vert_stride=4", "model.s2.sink_blocks=1",
                              "model.s2.impl=xla", "model.vocab_multiple=64", *rest]).model
     model = build_model(cfg, 192, platform="cpu")
@@ -95,7 +95,7 @@ def train_schedule(overrides: list[str], steps: int, seed: int = 0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--write", default=None, metavar="MARKDOWN")
     args = parser.parse_args()
     rows = ["| schedule | answer loss | recall accuracy | seconds |", "|---|---|---|---|"]
@@ -112,8 +112,8 @@ def main() -> None:
     if args.write:
         write_section(repo / args.write, "s2-recall", "Quality: associative recall, dense vs S2 schedules (CPU)",
                       f"`python benchmarks/s2_recall.py --write docs/benchmarks.md`: {args.steps} steps, batch {BATCH}; "
-                      "4 layers, d 64, 4 heads; blocks of 8, window 2 blocks, stride 4; loss and accuracy on the "
-                      "6 answers of 1024 fresh sequences (chance: 1/64).\n\n"
+                      "4 layers, d 64, 4 heads; blocks of 4, window 2 blocks, stride 4; loss and accuracy on the "
+                      f"{PAIRS} answers of 1024 fresh sequences (chance: 1/64).\n\n"
                       f"{table}\n\n![recall](img/s2_recall.png)")
 
 

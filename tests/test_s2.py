@@ -167,10 +167,13 @@ def test_cache_report_compares_with_a_dense_cache():
                       f"{used / dense:.0%})")
 
 
-def test_pallas_impl_through_the_op_equals_the_reference():
+@pytest.mark.parametrize("pattern", [{"vert_stride": 2}, {"vert_stride": 3, "num_dense_heads": 1},
+                                     {"vert_stride": None, "sink_blocks": 1}])
+def test_pallas_impl_through_the_op_equals_the_reference(pattern):
     # the kernels themselves are tested in test_s2_kernels.py; this checks the op's custom VJP wiring (interpreter)
+    # on a ragged length with GQA, dense heads mixed in, and sink blocks
     q, k, v = _qkv(b=1, s=40, hq=4, g=2, d=16, seed=4)
-    kw = {"block_size": 16, "local_blocks": 1, "vert_stride": 2}
+    kw = {"block_size": 16, "local_blocks": 1, **pattern}
     ct = jax.random.normal(jax.random.key(5), q.shape)
     results = {}
     for impl in ("pallas", "reference"):

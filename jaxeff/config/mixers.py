@@ -138,7 +138,8 @@ class MoeConfig(MixerSection):
     """hidden width of an expert; null = r h (`cdac`), h (`dcca`, as BigMac), `model.mlp_dim` (`residual`)"""
     capacity_factor: Annotated[Float, Field(gt=0)] | None = 1.25
     """slots per expert = ceil(factor * tokens * top_k / experts) per device; extra tokens are dropped (they pass
-    through the residual). null = dropless (sort by expert + `jax.lax.ragged_dot`; needs `mesh.expert=1`)"""
+    through the residual). null = dropless (sort by expert + `jax.lax.ragged_dot`; across expert-parallel devices
+    by ragged all-to-all, emulated with a padded all-to-all on CPU)"""
     normalize_top_k: bool = True
     """renormalise the top-k router probabilities of a token to sum to 1"""
     load_balance_weight: Annotated[Float, Field(ge=0)] = 0.01
@@ -180,10 +181,6 @@ class MoeConfig(MixerSection):
         if uneven:
             raise ConfigError(f"{key}.n_experts {uneven} not divisible by mesh.expert={ep}; every expert-parallel "
                               "device holds the same number of experts")
-        if self.capacity_factor is None and ep != 1:
-            raise ConfigError(f"{key}.capacity_factor=null (dropless) needs mesh.expert=1: expert parallelism "
-                              "dispatches with fixed capacity (ragged all-to-all is not wired up); set a capacity "
-                              "factor or mesh.expert=1")
 
 
 class S2Config(MixerSection):

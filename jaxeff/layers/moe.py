@@ -139,6 +139,65 @@ def _dropless_moe(logits_TE, payload_TP, w_in, w_out, bias_E, *, top_k, normaliz
     return jnp.sum(unsorted * gates[..., None].astype(out.dtype), axis=1), jnp.zeros((), jnp.float32)
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name, axis_size: int):
+    """`jax.lax.ragged_all_to_all` built from a dense all-to-all (each peer's slice padded to the operand's length):
+    the same result, for XLA:CPU, which cannot compile the ragged collective. Tests run the dropless
+    expert-parallel path through it."""
+    n = operand.shape[0]
+    rows = jnp.arange(n)
+    send = jnp.take(operand, jnp.clip(input_offsets[:, None] + rows[None], 0, n - 1), axis=0)  # [ep, N, P]
+    send = jnp.where((rows[None] < send_sizes[:, None])[..., None], send, 0)
+    got = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)  # [ep (source), N, P]
+    where_on_me = jax.lax.all_to_all(output_offsets.reshape(axis_size, 1), axis_name, 0, 0, tiled=True)[:, 0]
+    target = jnp.where(rows[None] < recv_sizes[:, None], where_on_me[:, None] + rows[None], output.shape[0])
+    return output.at[target.reshape(-1)].set(got.reshape(-1, got.shape[-1]), mode="drop")
+
+
+def _exchange_offsets(values_ep, axis_name, ep):
+    """Each device's [ep] vector, transposed across devices: entry s of the result is device s's entry for me."""
+    return jax.lax.all_to_all(values_ep.reshape(ep, 1), axis_name, 0, 0, tiled=True)[:, 0]
+
+
+def _dropless_ep_moe(logits_TE, payload_TP, w_in, w_out, bias_E, *, top_k, normalize, expert_axis, ep,
+                     tensor_axis, ragged_exchange, **_):
+    """Dropless with experts on several devices: token-choices sorted by expert travel by ragged all-to-all
+    (exact sizes, nothing dropped), are regrouped by local expert for grouped matmuls, and go back the same way."""
+    n_experts = logits_TE.shape[-1]
+    local = n_experts // ep
+    experts, gates, _ = route(logits_TE, top_k, normalize, bias_E)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = payload_TP[order // top_k]  # [A, P], sorted by global expert, so contiguous per destination device
+    per_expert = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    send_sizes = per_expert.reshape(ep, local).sum(-1)
+    input_offsets = jnp.cumsum(send_sizes) - send_sizes
+    recv_counts = jax.lax.all_to_all(per_expert.reshape(ep, local), expert_axis, 0, 0, tiled=True)  # [src, local]
+    recv_sizes = recv_counts.sum(-1)
+    my_offsets = jnp.cumsum(recv_sizes) - recv_sizes  # where each source's slice starts in my buffer
+    output_offsets = _exchange_offsets(my_offsets, expert_axis, ep)  # where my slices start on each receiver
+    capacity_rows = ep * rows.shape[0]  # every device could send me all of its token-choices
+    # Output buffers derived from `rows` so that they vary over the devices like the data they receive.
+    received = ragged_exchange(rows, jnp.broadcast_to(rows[:1] * 0, (capacity_rows, rows.shape[-1])), input_offsets,
+                               send_sizes, output_offsets, recv_sizes, axis_name=expert_axis)
+    # group by local expert (stable: source order kept inside a group); unused rows sort last
+    expert_of_row = jnp.repeat(jnp.tile(jnp.arange(local), ep), recv_counts.reshape(-1),
+                               total_repeat_length=capacity_rows)
+    expert_of_row = jnp.where(jnp.arange(capacity_rows) < recv_sizes.sum(), expert_of_row, local)
+    regroup = jnp.argsort(expert_of_row, stable=True)
+    group_sizes = recv_counts.sum(0)
+    hidden = nn.gelu(jax.lax.ragged_dot(received[regroup], w_in, group_sizes))
+    out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
+    if tensor_axis is not None:
+        out = jax.lax.psum(out, tensor_axis)
+    out = jnp.zeros_like(out).at[regroup].set(out)  # back to the received order
+    back_offsets = _exchange_offsets(input_offsets, expert_axis, ep)  # where each source keeps its slice for me
+    returned = ragged_exchange(out, rows * 0, my_offsets, recv_sizes, back_offsets, send_sizes,
+                               axis_name=expert_axis)
+    unsorted = jnp.zeros_like(returned).at[order].set(returned).reshape(*experts.shape, -1)
+    return jnp.sum(unsorted * gates[..., None].astype(returned.dtype), axis=1), jnp.zeros((), jnp.float32)
+
+
 def expert_layer(logits_BSE, payload_BSP, w_in_EPF, w_out_EFP, bias_E=None, *, top_k: int, normalize: bool,
                  capacity_factor: float | None):
     """(y [B, S, P], dropped share) for the whole batch. Under a mesh (`jax.set_mesh`) the work is split by
@@ -153,6 +212,17 @@ def expert_layer(logits_BSE, payload_BSP, w_in_EPF, w_out_EFP, bias_E=None, *, t
         return y.reshape(payload_BSP.shape), dropped
     ep, tp = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    if capacity_factor is None and ep > 1:  # dropless across devices: ragged all-to-all (emulated on CPU)
+        def ragged_exchange(*args, axis_name):
+            def emulated():
+                return emulated_ragged_all_to_all(*args, axis_name=axis_name, axis_size=ep)
+
+            def native():
+                return jax.lax.ragged_all_to_all(*args, axis_name=axis_name)
+
+            return jax.lax.platform_dependent(cpu=emulated, default=native)
+
+        local = functools.partial(_dropless_ep_moe, top_k=top_k, normalize=normalize, ragged_exchange=ragged_exchange)
 
     def body(logits, payload, w_in, w_out, bias):
         y, dropped = local(flat(logits), flat(payload), w_in, w_out, bias, expert_axis="expert", ep=ep,

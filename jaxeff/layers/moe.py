@@ -13,8 +13,9 @@ With expert parallelism (`mesh.expert` = ep > 1) the layer runs under `jax.shard
 split over the `expert` mesh axis by an all-to-all, each device runs its E / ep experts on the tokens of all
 ep devices, and a second all-to-all brings the results home, where the gates are applied. Only payloads travel
 (gates stay where the token lives), so dcca's all-to-alls carry exactly r times cdac's bytes. With
-`capacity_factor: null` (dropless, one expert-parallel device) assignments are sorted by expert and the
-experts run as grouped matmuls (`jax.lax.ragged_dot`).
+`capacity_factor: null` (dropless) assignments are sorted by expert and the experts run as grouped matmuls
+(`jax.lax.ragged_dot`); across expert-parallel devices the sorted token-choices travel by ragged all-to-all
+(emulated by a padded dense all-to-all on XLA:CPU, which cannot compile the ragged one).
 """
 
 from __future__ import annotations

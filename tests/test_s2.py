@@ -194,3 +194,11 @@ def test_pallas_impl_through_the_op_equals_the_reference(pattern):
 def test_fewer_query_blocks_are_the_latest_ones():
     full = block_mask(4, 10, 10, local_blocks=2, vert_stride=4)
     np.testing.assert_array_equal(block_mask(4, 3, 10, local_blocks=2, vert_stride=4), full[:, 7:])
+
+
+def test_pallas_with_an_untileable_block_is_a_config_error():
+    from jaxeff.config import ConfigError, check_consistency
+
+    cfg = load_config(None, ["model.mixer_pattern=[s2]", "model.s2.impl=pallas", "model.s2.block_size=12"])
+    with pytest.raises(ConfigError, match=r"model.s2.impl=pallas needs a block_size that is a power of two >= 16"):
+        check_consistency(cfg)

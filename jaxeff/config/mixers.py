@@ -216,6 +216,10 @@ class S2Config(MixerSection):
         n_kv = m.n_kv_heads or m.n_heads
         if self.num_dense_heads > n_kv:
             raise ConfigError(f"{key}.num_dense_heads={self.num_dense_heads} is more than the {n_kv} KV heads")
+        bs = self.block_size
+        if self.impl == "pallas" and (bs < 16 or bs & (bs - 1)):
+            raise ConfigError(f"{key}.impl=pallas needs a block_size that is a power of two >= 16 (one kernel tile "
+                              f"per block), got {key}.block_size={bs}; use {key}.impl=auto (xla for this block size)")
         if "s2" in m.mixer_pattern:
             from pallas_kernels.s2_attention import block_mask, check_coverage
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.config import load_config
@@ -72,6 +73,17 @@ def bench(fn, args, reps: int = 10) -> float:
     """Median seconds of `reps` calls after one warm-up (compile) call."""
     timed(fn, args)
     return float(np.median([timed(fn, args) for _ in range(reps)]))
+
+
+def fwd_bwd(fn, argnums=(0, 1, 2)):
+    """The jitted gradient of sum(fn(...)^2) in float32: one forward + backward of `fn`, the thing to time."""
+    return jax.jit(jax.grad(lambda *args: jnp.sum(fn(*args).astype(jnp.float32) ** 2), argnums=argnums))
+
+
+def max_relative_error(reference, candidate) -> float:
+    """max over the leaves of two matching pytrees of max|a - b| / max|a| (GPU scripts' correctness checks)."""
+    return max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+               for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(candidate)))
 
 
 def bench_softmax(grad, q, k, v) -> float:

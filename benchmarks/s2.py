@@ -20,17 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jaxeff  # noqa: E402,F401
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from common import bench, write_section  # noqa: E402
+from common import bench, fwd_bwd, write_section  # noqa: E402
 from pallas_kernels.s2_attention import block_mask, kept_kv_blocks, s2_attention  # noqa: E402
 
 HEADS, DIM, BLOCK, LOCAL, STRIDE = 4, 64, 64, 4, 8
 DENSE_LIMIT_BYTES = 4 * 2**30
-
-
-def fwd_bwd(fn):
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
 
 
 def main() -> None:

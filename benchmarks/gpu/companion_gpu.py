@@ -24,7 +24,7 @@ import jaxeff  # noqa: E402,F401  (XLA work-arounds)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import bench, write_section  # noqa: E402
+from common import bench, fwd_bwd, write_section  # noqa: E402
 from pallas_kernels.companion_ssm import causal_conv, companion_kernel  # noqa: E402
 from pallas_kernels.companion_ssm.reference import recurrence  # noqa: E402
 
@@ -62,10 +62,6 @@ def scan_path(u, a, b, c):
 PATHS = {"fft": fft_path, "toeplitz": toeplitz_path, "scan": scan_path}
 
 
-def fwd_bwd(path):
-    return jax.jit(jax.grad(lambda u, a, b, c: jnp.sum(path(u, a, b, c) ** 2), argnums=(0, 1, 2, 3)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", default=None, metavar="MARKDOWN")
@@ -84,7 +80,7 @@ def main() -> None:
         for name, path in PATHS.items():
             if name == "toeplitz" and n > TOEPLITZ_MAX:
                 continue
-            times[name] = bench(fwd_bwd(path), (u, a, b, c), reps=5)
+            times[name] = bench(fwd_bwd(path, argnums=(0, 1, 2, 3)), (u, a, b, c), reps=5)
             print(f"{batch} x {n} {name}: {times[name] * 1e3:.2f} ms", flush=True)
         f = times["fft"]
         tz = f"{times['toeplitz'] * 1e3:.2f}" if "toeplitz" in times else "-"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import PALLAS_TABLE_HEADER, bench, bench_softmax, pallas_table_row  # noqa: E402
+from common import PALLAS_TABLE_HEADER, bench, bench_softmax, fwd_bwd, max_relative_error, pallas_table_row  # noqa: E402
 
 HEADS, DIM = 8, 128
 SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536)]  # (batch, seq): 64K tokens per step each
@@ -43,9 +43,7 @@ def check_correctness() -> float:
 
     ref = jax.jit(jax.value_and_grad(loss("reference"), argnums=(0, 1, 2, 3)))(q, k, v, s0)
     pal = jax.jit(jax.value_and_grad(loss("pallas"), argnums=(0, 1, 2, 3)))(q, k, v, s0)
-    errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-            for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(pal))]
-    return max(errs)
+    return max_relative_error(ref, pal)
 
 
 def main() -> None:
@@ -62,11 +60,9 @@ def main() -> None:
     for batch, seq in SHAPES:
         keys = jax.random.split(jax.random.key(seq), 3)
         q, k, v = (jax.random.normal(kk, (batch, seq, HEADS, DIM), jnp.bfloat16) * 0.1 for kk in keys)
-        grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2),
-                                          argnums=(0, 1, 2)))
-        times = {"pallas": bench(grad(lambda q, k, v: lightning_attention(q, k, v, rate, impl="pallas")), (q, k, v)),
-                 "chunked": bench(grad(lambda q, k, v: lightning_attention(q, k, v, rate, impl="chunked")), (q, k, v))}
-        times["softmax"] = bench_softmax(grad, q, k, v)
+        times = {impl: bench(fwd_bwd(lambda q, k, v, impl=impl: lightning_attention(q, k, v, rate, impl=impl)),
+                             (q, k, v)) for impl in ("pallas", "chunked")}
+        times["softmax"] = bench_softmax(fwd_bwd, q, k, v)
         rows.append(pallas_table_row(f"{batch} x {seq}", times))
         print(rows[-1], flush=True)
     table = "\n".join(rows)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import PALLAS_TABLE_HEADER, bench, bench_softmax, pallas_table_row  # noqa: E402
+from common import PALLAS_TABLE_HEADER, bench, bench_softmax, fwd_bwd, max_relative_error, pallas_table_row  # noqa: E402
 from pallas_kernels.mlstm import mlstm  # noqa: E402
 
 HEADS, D_QK, D_V = 8, 256, 512
@@ -44,9 +44,7 @@ def check_correctness() -> float:
     args = (q, k, v, i, f, c0, n0)
     ref = jax.jit(jax.value_and_grad(loss("reference"), argnums=tuple(range(7))))(*args)
     pal = jax.jit(jax.value_and_grad(loss("pallas"), argnums=tuple(range(7))))(*args)
-    errs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-            for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(pal))]
-    return max(errs)
+    return max_relative_error(ref, pal)
 
 
 def main() -> None:
@@ -65,11 +63,9 @@ def main() -> None:
         v = jax.random.normal(keys[2], (batch, seq, HEADS, D_V), jnp.bfloat16)
         i = jax.random.normal(keys[3], (batch, seq, HEADS)) - 5.0
         f = jax.random.normal(keys[4], (batch, seq, HEADS)) + 3.0
-        grad = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2),  # noqa: E731
-                                           argnums=(0, 1, 2)))
-        times = {impl: bench(grad(lambda q, k, v, impl=impl: mlstm(q, k, v, i, f, impl=impl)), (q, k, v))
+        times = {impl: bench(fwd_bwd(lambda q, k, v, impl=impl: mlstm(q, k, v, i, f, impl=impl)), (q, k, v))
                  for impl in ("pallas", "chunked")}
-        times["softmax"] = bench_softmax(grad, q, k, v[..., :D_QK])
+        times["softmax"] = bench_softmax(fwd_bwd, q, k, v[..., :D_QK])
         rows.append(pallas_table_row(f"{batch} x {seq}", times))
         print(rows[-1], flush=True)
     table = "\n".join(rows)

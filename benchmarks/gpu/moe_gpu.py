@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import bench, write_section  # noqa: E402
+from common import bench, fwd_bwd, write_section  # noqa: E402
 
 CASES = [(16384, 64, 1024, 512), (65536, 64, 2048, 1024), (65536, 16, 4096, 2048)]  # (T, E, model width, hidden)
 
@@ -54,10 +54,6 @@ def make_loop(sizes):
     return loop
 
 
-def grad_of(f):
-    return jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2), argnums=tuple(range(3))))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", default=None, metavar="MARKDOWN")
@@ -76,9 +72,9 @@ def main() -> None:
         ref = jax.jit(make_loop(sizes))(x, w_in, w_out)
         err = float(jnp.max(jnp.abs(jax.jit(ragged)(x, w_in, w_out, jnp.asarray(sizes)).astype(jnp.float32)
                                     - ref.astype(jnp.float32))))
-        times = {"ragged": bench(grad_of(lambda x, a, b: ragged(x, a, b, jnp.asarray(sizes))), (x, w_in, w_out), 5),
-                 "capacity": bench(grad_of(capacity_buffers), (buf, w_in, w_out), 5),
-                 "loop": bench(grad_of(make_loop(sizes)), (x, w_in, w_out), 5)}
+        times = {"ragged": bench(fwd_bwd(lambda x, a, b: ragged(x, a, b, jnp.asarray(sizes))), (x, w_in, w_out), 5),
+                 "capacity": bench(fwd_bwd(capacity_buffers), (buf, w_in, w_out), 5),
+                 "loop": bench(fwd_bwd(make_loop(sizes)), (x, w_in, w_out), 5)}
         r = times["ragged"]
         rows.append(f"| {t} x {e}, {p} -> {f} | {r * 1e3:.2f} | {times['capacity'] * 1e3:.2f} | "
                     f"{times['loop'] * 1e3:.2f} | {times['capacity'] / r:.2f} | {times['loop'] / r:.2f} |")

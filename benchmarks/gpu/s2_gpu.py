@@ -21,7 +21,7 @@ import jaxeff  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import bench, write_section  # noqa: E402
+from common import bench, bench_softmax, fwd_bwd, max_relative_error, write_section  # noqa: E402
 from pallas_kernels.s2_attention import s2_attention  # noqa: E402
 
 HQ, HKV, D, BLOCK, LOCAL, STRIDE = 32, 8, 128, 64, 16, 8
@@ -39,20 +39,7 @@ def check_correctness() -> float:
         return jax.jit(jax.value_and_grad(
             lambda q, k, v: jnp.sum(s2_attention(q, k, v, impl=impl, **kw) * ct), argnums=(0, 1, 2)))
 
-    ref, pal = loss("reference")(q, k, v), loss("pallas")(q, k, v)
-    return max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-               for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(pal)))
-
-
-def dense(q, k, v):
-    try:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    except Exception:  # no cuDNN flash attention for this shape / build
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-
-
-def fwd_bwd(fn):
-    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+    return max_relative_error(loss("reference")(q, k, v), loss("pallas")(q, k, v))
 
 
 def main() -> None:
@@ -64,14 +51,13 @@ def main() -> None:
     print(f"device: {device.device_kind}; pallas vs reference (fwd + grads) max relative error {err:.2e}", flush=True)
     s2 = fwd_bwd(lambda q, k, v: s2_attention(q, k, v, block_size=BLOCK, local_blocks=LOCAL, vert_stride=STRIDE,
                                               impl="pallas"))
-    full = fwd_bwd(dense)
     rows = ["| length | S2 pallas fwd+bwd ms | dense fwd+bwd ms | dense / S2 |", "|---|---|---|---|"]
     for n in LENGTHS:
         q = jax.random.normal(jax.random.key(1), (1, n, HQ, D), jnp.bfloat16)
         k, v = (jax.random.normal(jax.random.key(i), (1, n, HKV, D), jnp.bfloat16) for i in (2, 3))
         t_s2 = bench(s2, (q, k, v), reps=3)
         try:
-            t_dense = bench(full, (q, k, v), reps=3)
+            t_dense = bench_softmax(fwd_bwd, q, k, v)
         except Exception as e:  # out of memory at the longest lengths without flash attention
             print(f"dense at {n}: {type(e).__name__}", flush=True)
             t_dense = None

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.config import Config, ConfigError, config_from_dict, read_saved_config
-from jaxeff.data.series import Normaliser, load_series, select_channels
+from jaxeff.data.series import Normaliser, Series, load_series, select_channels
 from jaxeff.models.forecast import build_forecaster
 from jaxeff.tasks.forecast import predict
 
@@ -54,11 +54,10 @@ def _abstract_params(model, init_shape):
 def _model_for(cfg: Config, channel_names: list[str]):
     """The forecaster of `cfg` for a series with these channels, and its batch-of-one input shape."""
     f = cfg.forecast
-    target = f.target or channel_names[-1]
-    inputs = {"M": channel_names, "S": [target], "MS": channel_names}[f.features]
-    outputs = {"M": channel_names, "S": [target], "MS": [target]}[f.features]
-    model = build_forecaster(cfg.model, f.horizon, [inputs.index(o) for o in outputs])
-    return model, (1, f.lookback, len(inputs))
+    shape_only = Series(np.zeros((0, len(channel_names))), list(channel_names), None, "the trained model")
+    channels = select_channels(shape_only, f.features, f.target)
+    model = build_forecaster(cfg.model, f.horizon, channels.out_in_inputs)
+    return model, (1, f.lookback, len(channels.inputs))
 
 
 def _from_workdir(workdir: Path) -> LoadedForecaster:

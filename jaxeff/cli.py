@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     fc = sub.add_parser("forecast", help="forecast with a trained forecasting run (task: forecast): print, plot")
-    fc.add_argument("--workdir", required=True, help="the workdir of a `jaxeff train` forecasting run")
+    fc.add_argument("--workdir", required=True, help="a forecasting run's workdir or its export")
     fc.add_argument("--csv", default=None, metavar="FILE",
                     help="forecast this CSV (same columns as the training data) instead of the configured series")
     fc.add_argument("--plot", default=None, metavar="OUT.png", help="draw history, forecast and truth into OUT.png")
@@ -144,8 +144,8 @@ def _export(args) -> int:
 
 def _generate(args) -> int:
     from jaxeff.config import ConfigError
-    from jaxeff.infer import generate_text, load_inference_model
-    from jaxeff.infer.generate import cache_report
+    from jaxeff.infer.generate import load_inference_model
+    from jaxeff.models.decoding import cache_report, generate_text
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")

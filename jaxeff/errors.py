@@ -12,3 +12,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 class UserError(ValueError):
     """A mistake in the user's input; never a bug in jaxeff. The message is one line."""
+
+
+class ConfigError(UserError):
+    """A user error in the configuration (bad key, type or value). Never a bug in jaxeff."""

@@ -5,7 +5,8 @@ import textwrap
 import pytest
 
 from helpers import REPO, assert_user_error, run_jaxeff
-from jaxeff.config import ConfigError, load_config, resolve_mesh_shape, validate
+from jaxeff.config import ConfigError, load_config, validate
+from jaxeff.parallel.mesh import resolve_mesh_shape
 
 
 def test_defaults_and_overrides_are_typed():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxeff.config import ModelConfig
-from jaxeff.infer.generate import generate_ids, sample_next
+from jaxeff.models.decoding import generate_ids, sample_next
 from jaxeff.layers.attention import head_dims
 from jaxeff.models.lm import build_model, flops_per_token, init_caches
 

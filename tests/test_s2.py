@@ -156,7 +156,7 @@ def test_decoding_keeps_exactly_the_blocks_each_head_reads_again():
 
 
 def test_cache_report_compares_with_a_dense_cache():
-    from jaxeff.infer.generate import cache_report
+    from jaxeff.models.decoding import cache_report
 
     assert cache_report(s2_model("[attention]"), 64) is None
     report = cache_report(s2_model("[s2, attention]"), 64)  # 16 blocks: the s2 layer keeps 2 + ceil(16 / 3) = 8

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import full_and_stepped_logits, tiny_config
 from jaxeff.config import ConfigError, LightningConfig, ModelConfig, load_config, validate
-from jaxeff.infer.generate import generate_ids
+from jaxeff.models.decoding import generate_ids
 from jaxeff.layers.lightning import alibi_slopes, decay_rates, lrpe, lrpe_theta_init
 from jaxeff.models.lm import build_model
 from jaxeff.train import train

@@ -11,7 +11,7 @@ from jaxeff.config import ConfigError, ModelConfig, MlstmConfig, load_config, va
 from jaxeff.layers.mlstm import soft_cap
 from jaxeff.models.lm import build_model, flops_per_token
 from jaxeff.train import train
-from jaxeff.train.state import count_params
+from jaxeff.models.params import count_params
 
 
 def xlstm_config(impl: str = "chunked", **kw) -> ModelConfig:

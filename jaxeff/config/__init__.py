@@ -5,7 +5,7 @@ Everything a user can get wrong is checked before JAX compiles anything and repo
 
 base.py      the Section base class, ConfigError, field types, the MAY_CHANGE marker
 sections.py  Config and its sections (model, data, mesh, train, checkpoint, logging, sample)
-mixers.py    one section per mixer family (model.lightning, ...)
+mixers.py    one section per mixer family (model.lightning, ...): plain settings
 loading.py   YAML + overrides -> Config; saved configs; dump
 errors.py    pydantic errors -> one-line messages
 legacy.py    keys that moved (refused in user input, migrated in saved configs)
@@ -15,14 +15,14 @@ reference.py JSON schema and docs/config.md, generated from the sections
 """
 
 from jaxeff.config.base import ConfigError
-from jaxeff.config.checks import check_consistency, resolve_mesh_shape, validate
+from jaxeff.config.checks import check_consistency, validate
 from jaxeff.config.loading import config_from_dict, dump_config, load_config, parse_override, read_saved_config
-from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig, S2Config
+from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
 from jaxeff.config.sections import (CheckpointConfig, Config, DataConfig, LoggingConfig, MeshConfig, ModelConfig,
                                     SampleConfig, TrainConfig)
 
 __all__ = [
     "CheckpointConfig", "CompanionConfig", "Config", "ConfigError", "DataConfig", "LightningConfig", "LoggingConfig", "MeshConfig",
-    "MixerSection", "MlstmConfig", "MoeConfig", "S2Config", "ModelConfig", "SampleConfig", "TrainConfig", "check_consistency", "config_from_dict",
-    "dump_config", "load_config", "parse_override", "read_saved_config", "resolve_mesh_shape", "validate",
+    "MlstmConfig", "MoeConfig", "S2Config", "ModelConfig", "SampleConfig", "TrainConfig", "check_consistency", "config_from_dict",
+    "dump_config", "load_config", "parse_override", "read_saved_config", "validate",
 ]

@@ -12,11 +12,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from jaxeff.errors import UserError
-
-
-class ConfigError(UserError):
-    """A user error in the configuration (bad key, type or value). Never a bug in jaxeff."""
+from jaxeff.errors import ConfigError  # noqa: F401  (re-exported: config code raises it)
 
 
 class Section(BaseModel):

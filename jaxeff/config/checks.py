@@ -6,40 +6,15 @@ when the config was loaded; the checks of a mixer section run only when a layer 
 
 from __future__ import annotations
 
-import math
-
 from jaxeff.config.base import ConfigError
-from jaxeff.config.sections import FORECASTERS, Config, MeshConfig
+from jaxeff.config.sections import FORECASTERS, Config
+from jaxeff.layers.registry import check_mixers
+from jaxeff.parallel.mesh import resolve_mesh_shape
 
 
-def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with the -1 axis filled in; ConfigError when they do not fit the devices."""
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor, "expert": mesh.expert}
-    free = [k for k, v in sizes.items() if v == -1]
-    for k, v in sizes.items():
-        if v == 0 or v < -1:
-            raise ConfigError(f"mesh.{k}={v}: axis sizes must be positive, or -1 for 'the remaining devices'")
-    if len(free) > 1:
-        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + k for k in free)}")
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if free:
-        if num_devices % fixed:
-            raise ConfigError(
-                f"mesh: the fixed axes use {fixed} devices, which does not divide the {num_devices} devices "
-                f"present; change mesh.{'/'.join(k for k in sizes if k not in free)}"
-            )
-        sizes[free[0]] = num_devices // fixed
-    total = math.prod(sizes.values())
-    if total > num_devices:
-        raise ConfigError(
-            f"mesh: data*fsdp*tensor*expert = {'*'.join(str(v) for v in sizes.values())} = {total} devices, "
-            f"but only {num_devices} {'is' if num_devices == 1 else 'are'} present; shrink the mesh (e.g. mesh.data=-1)"
-        )
-    return sizes
-
-
-def check_consistency(cfg: Config) -> None:
-    """The device-independent cross-field checks, including those of the mixer sections in use."""
+def check_consistency(cfg: Config, mesh_shape: dict[str, int] | None = None) -> None:
+    """The cross-field checks, including those of the mixers in use; `mesh_shape` (resolved axis sizes) adds the
+    checks that depend on the mesh."""
     t = cfg.train
     if t.warmup_steps >= t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be smaller than train.steps={t.steps}; "
@@ -48,10 +23,10 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}"
         )
-    TASK_CHECKS[cfg.task](cfg)
+    TASK_CHECKS[cfg.task](cfg, mesh_shape)
 
 
-def _check_lm(cfg: Config) -> None:
+def _check_lm(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
     m, d = cfg.model, cfg.data
     if m.architecture != "lm":
         raise ConfigError(f"model.architecture={m.architecture!r} is a forecasting model; set task: forecast "
@@ -71,11 +46,10 @@ def _check_lm(cfg: Config) -> None:
         )
     if (m.head_dim or m.d_model // m.n_heads) % 2:
         raise ConfigError("the head dimension must be even for rotary embeddings; change model.n_heads or model.head_dim")
-    for name, section in m.sections_in_use():
-        section.check(cfg, f"model.{name}")
+    check_mixers(cfg, mesh_shape)
 
 
-def _check_forecast(cfg: Config) -> None:
+def _check_forecast(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
     m, f = cfg.model, cfg.forecast
     if m.architecture not in FORECASTERS:
         raise ConfigError(f"task: forecast needs a forecasting model; set model.architecture to one of "
@@ -109,9 +83,9 @@ TASK_CHECKS = {"lm": _check_lm, "forecast": _check_forecast}
 
 def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
     """All cross-field checks for this many devices and processes; returns the resolved mesh shape."""
-    check_consistency(cfg)
-    m, t = cfg.model, cfg.train
     mesh = resolve_mesh_shape(cfg.mesh, num_devices)
+    check_consistency(cfg, mesh)
+    m, t = cfg.model, cfg.train
     batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
     micro = t.global_batch_size // t.microbatches
     if micro % batch_shards:

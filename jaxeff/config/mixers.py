@@ -1,38 +1,25 @@
-"""One config section per mixer family: `model.lightning` now; `model.mlstm`, `model.moe`, ... later.
+"""One config section per mixer family (`model.lightning`, `model.mlstm`, ...): plain settings, nothing else.
 
-A section's own fields are type- and range-checked whenever a config is loaded, whether or not a
-layer uses the mixer. Checks that relate the section to the rest of the config (its layers, the
-sequence length) live in `check()` and run only when `model.mixer_pattern` or
-`model.channel_mixer_pattern` names one of `mixers` (see `ModelConfig.sections_in_use`).
+A section's fields are type- and range-checked whenever a config is loaded, whether or not a layer uses the
+mixer. Which mixers read a section, and the checks that relate it to the rest of the config (its layers, the
+sequence length, the mesh), live with the mixer in its layer file (`jaxeff/layers/<mixer>.py`, its
+`TokenMixerSpec` / `ChannelMixerSpec`) and run only when a layer uses it.
 
-To add a family: a `Section` subclass here with `mixers = ("name",)`, a field for it on
-`ModelConfig`, and its module reads `cfg.<section>.<key>`.
+To add a family: a `Section` subclass here, and a field for it on `ModelConfig` (sections.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from jaxeff.config.base import MAY_CHANGE, ConfigError, Float, PositiveFloat, PositiveInt, Section
-
-if TYPE_CHECKING:
-    from jaxeff.config.sections import Config
+from jaxeff.config.base import MAY_CHANGE, Float, PositiveFloat, PositiveInt, Section
 
 
-class MixerSection(Section):
-    # Registered mixer names whose layers read this section.
-    mixers: ClassVar[tuple[str, ...]] = ()
-
-    def check(self, cfg: Config, key: str) -> None:
-        """Consistency with the rest of the config; called only when a layer uses the mixer."""
-
-
-class LightningConfig(MixerSection):
+class LightningConfig(Section):
     """Lightning attention (TransNormerLLM) token mixers: `model.mixer_pattern: [lightning]`."""
 
-    mixers: ClassVar[tuple[str, ...]] = ("lightning",)
 
     impl: Annotated[Literal["auto", "reference", "chunked", "pallas"], MAY_CHANGE] = "auto"
     """implementation: `auto` (Pallas on GPU/TPU, chunked on CPU), `reference`, `chunked`, `pallas`"""
@@ -43,21 +30,11 @@ class LightningConfig(MixerSection):
     lrpe_layers: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
     """layers whose lightning mixer applies LRPE-d to q and k"""
 
-    def check(self, cfg: Config, key: str) -> None:
-        n_layers, seq_len = cfg.model.n_layers, cfg.data.seq_len
-        outside = [i for i in self.lrpe_layers if i >= n_layers]
-        if outside:
-            raise ConfigError(f"{key}.lrpe_layers={self.lrpe_layers}: layers {outside} are outside "
-                              f"0..{n_layers - 1} (model.n_layers={n_layers})")
-        if self.block_size > seq_len:
-            raise ConfigError(f"{key}.block_size={self.block_size} is longer than data.seq_len={seq_len}: the whole "
-                              f"sequence would be one quadratic block; set {key}.block_size to at most {seq_len}")
 
 
-class MlstmConfig(MixerSection):
+class MlstmConfig(Section):
     """mLSTM token mixers (xLSTM 7B blocks): `model.mixer_pattern: [mlstm]`; see [models/xlstm.md](models/xlstm.md)."""
 
-    mixers: ClassVar[tuple[str, ...]] = ("mlstm",)
 
     impl: Annotated[Literal["auto", "reference", "chunked", "pallas"], MAY_CHANGE] = "auto"
     """cell implementation: `auto` (Pallas on GPU/TPU, chunked on CPU), `reference` (quadratic), `chunked`, `pallas`"""
@@ -78,28 +55,16 @@ class MlstmConfig(MixerSection):
     fgate_bias_init: list[Float] = Field(default_factory=lambda: [3.0, 6.0], min_length=2, max_length=2)
     """forget-gate biases start as linspace(a, b) over the heads (xLSTM 7B: 3 to 6)"""
 
-    def check(self, cfg: Config, key: str) -> None:
-        m = cfg.model
-        for name, factor in (("qk_dim_factor", self.qk_dim_factor), ("v_dim_factor", self.v_dim_factor)):
-            width = m.d_model * factor
-            if width != int(width) or int(width) % m.n_heads:
-                raise ConfigError(f"{key}.{name}={factor}: model.d_model * {name} = {width:g} must be a whole "
-                                  f"multiple of model.n_heads={m.n_heads}; change {key}.{name} or model.n_heads")
-        if self.chunk_size > cfg.data.seq_len:
-            raise ConfigError(f"{key}.chunk_size={self.chunk_size} is longer than data.seq_len={cfg.data.seq_len}: "
-                              f"the whole sequence would be one quadratic chunk; set {key}.chunk_size to at most "
-                              f"{cfg.data.seq_len}")
 
     def head_dims(self, d_model: int, n_heads: int) -> tuple[int, int]:
         """(d_qk, d_v) per head."""
         return int(d_model * self.qk_dim_factor) // n_heads, int(d_model * self.v_dim_factor) // n_heads
 
 
-class CompanionConfig(MixerSection):
+class CompanionConfig(Section):
     """Companion-matrix SSM token mixers (SpaceTime): `model.mixer_pattern: [companion]`. Every channel of the
     residual stream runs its own SSM (kernel `i mod n_kernels`), then a linear layer mixes the channels."""
 
-    mixers: ClassVar[tuple[str, ...]] = ("companion",)
 
     state_dim: PositiveInt = 64
     """state size d of each SSM (the companion matrix is d x d)"""
@@ -112,17 +77,12 @@ class CompanionConfig(MixerSection):
     kernel_impl: Annotated[Literal["auto", "reference", "krylov", "fast"], MAY_CHANGE] = "auto"
     """how the convolution kernel is computed: `fast` (= auto), `krylov`, `reference` (sequential)"""
 
-    def check(self, cfg: Config, key: str) -> None:
-        if cfg.model.d_model % self.n_kernels:
-            raise ConfigError(f"{key}.n_kernels={self.n_kernels} does not divide model.d_model={cfg.model.d_model}; "
-                              "every kernel serves the same number of channels")
 
 
-class MoeConfig(MixerSection):
+class MoeConfig(Section):
     """Mixture-of-experts channel mixers: `model.channel_mixer_pattern: [moe]` (or `[swiglu, moe]` for every other
     layer); see [models/moe.md](models/moe.md). Experts live on the `mesh.expert` axis."""
 
-    mixers: ClassVar[tuple[str, ...]] = ("moe",)
 
     structure: Literal["cdac", "dcca", "residual"] = "cdac"
     """`cdac`: fine-grained experts h -> `expert_dim` -> h, tokens travel at width h; `dcca` (BigMac): a shared
@@ -165,30 +125,13 @@ class MoeConfig(MixerSection):
         """r h: the width of dcca's shared projections."""
         return max(1, round(self.ratio * d_model))
 
-    def check(self, cfg: Config, key: str) -> None:
-        m = cfg.model
-        n_moe = sum(1 for i in range(m.n_layers) if m.channel_mixer_pattern[i % len(m.channel_mixer_pattern)] == "moe")
-        if isinstance(self.n_experts, list) and len(self.n_experts) != n_moe:
-            raise ConfigError(f"{key}.n_experts has {len(self.n_experts)} entries but the model has {n_moe} MoE layers; "
-                              "give one count per MoE layer (or a single number)")
-        counts = self.n_experts if isinstance(self.n_experts, list) else [self.n_experts]
-        if self.top_k > min(counts):
-            raise ConfigError(f"{key}.top_k={self.top_k} is larger than the {min(counts)} experts of a layer")
-        if self.structure == "residual" and self.top_k != 1:
-            raise ConfigError(f"{key}.structure=residual uses one expert per token; set {key}.top_k=1")
-        ep = cfg.mesh.expert
-        uneven = [n for n in counts if ep > 0 and n % ep]
-        if uneven:
-            raise ConfigError(f"{key}.n_experts {uneven} not divisible by mesh.expert={ep}; every expert-parallel "
-                              "device holds the same number of experts")
 
 
-class S2Config(MixerSection):
+class S2Config(Section):
     """S2-Attention token mixers (`model.mixer_pattern: [s2, attention]` alternates sparse and dense layers) and
     LongGen's `sink_window` mixer; see [models/s2.md](models/s2.md). Blocks are `block_size` tokens; patterns are
     per KV head."""
 
-    mixers: ClassVar[tuple[str, ...]] = ("s2", "sink_window")
 
     block_size: PositiveInt = 64
     """tokens per block"""
@@ -207,26 +150,3 @@ class S2Config(MixerSection):
     """`sink_window`: the first this many blocks are always read (attention sinks)"""
     impl: Annotated[Literal["auto", "reference", "xla", "pallas"], MAY_CHANGE] = "auto"
     """`auto` (Pallas on GPU/TPU, xla on CPU), `reference` (dense attention, masked), `xla` (gathers kept blocks), `pallas`"""
-
-    def check(self, cfg: Config, key: str) -> None:
-        import math
-        import warnings
-
-        m = cfg.model
-        n_kv = m.n_kv_heads or m.n_heads
-        if self.num_dense_heads > n_kv:
-            raise ConfigError(f"{key}.num_dense_heads={self.num_dense_heads} is more than the {n_kv} KV heads")
-        bs = self.block_size
-        if self.impl == "pallas" and (bs < 16 or bs & (bs - 1)):
-            raise ConfigError(f"{key}.impl=pallas needs a block_size that is a power of two >= 16 (one kernel tile "
-                              f"per block), got {key}.block_size={bs}; use {key}.impl=auto (xla for this block size)")
-        if "s2" in m.mixer_pattern:
-            from pallas_kernels.s2_attention import block_mask, check_coverage
-
-            blocks = math.ceil(cfg.data.seq_len / self.block_size)
-            mask = block_mask(n_kv, blocks, blocks, local_blocks=self.local_blocks, vert_stride=self.vert_stride,
-                              head_sliding_step=self.head_sliding_step, head_offset=self.head_offset,
-                              num_dense_heads=self.num_dense_heads, num_q_heads=m.n_heads)
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                check_coverage(mask, f"{key} (s2 layers at data.seq_len={cfg.data.seq_len})")

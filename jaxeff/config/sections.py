@@ -8,16 +8,36 @@ resumed (resume.py). docs/config.md and configs/jaxeff.schema.json are generated
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Iterator, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from jaxeff.config.base import (MAY_CHANGE, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                 Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
-from jaxeff.config.mixers import CompanionConfig, LightningConfig, MixerSection, MlstmConfig, MoeConfig, S2Config
+from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
+from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, unknown_name_message
+
+import jaxeff.layers  # noqa: F401,E402  (imports every layer module: the registries are complete)
 
 FORECASTERS = ("spacetime", "linear", "dlinear")
+
+
+def _registered_in(table: dict[str, Any], key: str):
+    """A list of mixer names checked against a registry when the config loads (with a did-you-mean), whose JSON
+    schema enumerates the registered names (read when the schema is generated, so it is never hand-kept)."""
+
+    def check(names: list[str]) -> list[str]:
+        for name in names:
+            message = unknown_name_message(name, table)
+            if message:
+                raise ConfigError(f"{key}: {message}")
+        return names
+
+    def schema(field_schema: dict[str, Any]) -> None:
+        field_schema["items"] = {"type": "string", "enum": sorted(table)}
+
+    return AfterValidator(check), schema
 
 
 class ModelConfig(Section):
@@ -37,11 +57,12 @@ class ModelConfig(Section):
     """per-head width; null = `d_model / n_heads` (must be even, for RoPE)"""
     mlp_dim: PositiveInt = 384
     """hidden width of the channel mixer"""
-    mixer_pattern: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
-    """token mixer per layer, cycled over the layers (a list as long as `n_layers` places each layer): `attention`,
-    `lightning`, `mlstm`, `companion`, `s2`, `sink_window`"""
-    channel_mixer_pattern: list[str] = Field(default_factory=lambda: ["swiglu"], min_length=1)
-    """channel mixer per layer, cycled over the layers: `swiglu`, `sglu`, `moe`"""
+    mixer_pattern: Annotated[list[str], _registered_in(TOKEN_MIXERS, "model.mixer_pattern")[0]] = Field(
+        default_factory=lambda: ["attention"], min_length=1, json_schema_extra=_registered_in(TOKEN_MIXERS, "model.mixer_pattern")[1])
+    """token mixer per layer, cycled over the layers (a list as long as `n_layers` places each layer)"""
+    channel_mixer_pattern: Annotated[list[str], _registered_in(CHANNEL_MIXERS, "model.channel_mixer_pattern")[0]] = Field(
+        default_factory=lambda: ["swiglu"], min_length=1, json_schema_extra=_registered_in(CHANNEL_MIXERS, "model.channel_mixer_pattern")[1])
+    """channel mixer per layer, cycled over the layers"""
     tie_embeddings: bool = True
     """output head reuses the embedding matrix"""
     rope_theta: PositiveFloat = 10000.0
@@ -80,19 +101,12 @@ class ModelConfig(Section):
     linear: LinearForecasterConfig = Field(default_factory=LinearForecasterConfig)
     """linear forecasting baselines (`architecture: linear | dlinear`)"""
 
-    def mixer_sections(self) -> Iterator[tuple[str, MixerSection]]:
-        """(name, section) for every mixer section, used or not."""
-        for name in type(self).model_fields:
-            section = getattr(self, name)
-            if isinstance(section, MixerSection):
-                yield name, section
+    def token_mixer(self, layer: int) -> str:
+        """The token mixer of layer `layer` (the pattern cycles over the layers)."""
+        return self.mixer_pattern[layer % len(self.mixer_pattern)]
 
-    def sections_in_use(self) -> Iterator[tuple[str, MixerSection]]:
-        """The mixer sections read by at least one layer of the patterns."""
-        used = set(self.mixer_pattern) | set(self.channel_mixer_pattern)
-        for name, section in self.mixer_sections():
-            if used & set(section.mixers):
-                yield name, section
+    def channel_mixer(self, layer: int) -> str:
+        return self.channel_mixer_pattern[layer % len(self.channel_mixer_pattern)]
 
 
 class DataConfig(Section):

@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.config import ConfigError, LightningConfig, MlstmConfig, ModelConfig
+from jaxeff.artifacts.export import check_new_out_dir, write_config, write_params
+from jaxeff.config import Config, ConfigError, LightningConfig, MlstmConfig, ModelConfig
 from jaxeff.data.tokenizer import ByteTokenizer, load_tokenizer
 from jaxeff.errors import UserError
-from jaxeff.infer.export import check_new_out_dir, write_meta, write_params
+from jaxeff.models.params import abstract_params
 from jaxeff.paths import make_writable_dir
-from jaxeff.models.lm import build_model
+from jaxeff.tasks.lm import LanguageModelTask, tokenizer_meta
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -215,13 +216,6 @@ ARCHITECTURES = {"xlstm": _xlstm, "transnormer": _transnormer}
 # ----------------------------------------------------------------------------- conversion
 
 
-def _abstract_params(model) -> dict[str, Any]:
-    import flax.linen as nn
-
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    return nn.meta.unbox(shapes)
-
-
 def _set(tree: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None:
     for part in path[:-1]:
         tree = tree.setdefault(part, {})
@@ -255,8 +249,9 @@ def import_checkpoint(src: str | Path, out: str | Path, dtype: str = "float32") 
     except ConfigError as e:  # a value our config refuses (e.g. a non-integral head width)
         raise UserError(f"--from {src}: {e}") from None
     tokenizer = _tokenizer_for(src, model_cfg.vocab_size)
-    model = build_model(model_cfg, tokenizer.vocab_size)
-    expected = _abstract_params(model)
+    cfg, meta = Config(task="lm", model=model_cfg), tokenizer_meta(tokenizer)
+    model = LanguageModelTask.build_model(cfg, meta)
+    expected = abstract_params(model, LanguageModelTask.model_input(cfg, meta))
     reader = SafetensorsDir(src)
     np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
 
@@ -293,8 +288,8 @@ def import_checkpoint(src: str | Path, out: str | Path, dtype: str = "float32") 
         shutil.rmtree(out, ignore_errors=True)  # it was new or empty (check_new_out_dir): leave nothing half-written
         raise
     writer.finish()
-    write_meta(out, model_cfg, tokenizer, model.vocab_size, step=0, param_count=n_params, param_dtype=dtype,
-               source={"from": str(src.absolute()), "model_type": arch})
+    write_config(out, cfg, meta, step=0, param_count=n_params, param_dtype=dtype,
+                 source={"from": str(src.absolute()), "model_type": arch})
     return out, arch, n_params
 
 

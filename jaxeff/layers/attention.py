@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxeff.config import ModelConfig
 from jaxeff.layers.common import head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from jaxeff.layers.rope import apply_rope
+
+if TYPE_CHECKING:
+    from jaxeff.config import ModelConfig
 
 
 def head_dims(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -76,4 +80,5 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     return projections + scores_and_values
 
 
-register_token_mixer(TokenMixerSpec("attention", SoftmaxAttention, attention_flops_per_token, init_kv_cache))
+register_token_mixer(TokenMixerSpec("attention", SoftmaxAttention, attention_flops_per_token, init_kv_cache,
+                                    cache_kind="kv"))

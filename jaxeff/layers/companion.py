@@ -11,13 +11,18 @@ as in SpaceTime, which keeps the companion matrix's eigenvalues in the unit disc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxeff.config import ModelConfig
+from jaxeff.errors import ConfigError
 from jaxeff.layers.common import output_std, projection
-from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
 from pallas_kernels.companion_ssm import companion_ssm, companion_step
+
+if TYPE_CHECKING:
+    from jaxeff.config import Config, ModelConfig
 
 
 def l1_normalise(a_KD, eps: float = 1e-4):
@@ -54,17 +59,20 @@ class CompanionMixer(nn.Module):
         a, b, c, skip = self._ssm_params()
         impl = self.cfg.companion.kernel_impl
         u = x_BSD.astype(jnp.float32)  # FFTs and the recurrence in float32
-        if cache is None:
-            y_BSD, new_cache = companion_ssm(u, a, b, c, skip, impl=impl), None
-        elif x_BSD.shape[1] == 1:  # one decoding step
-            y_BD, state = companion_step(u[:, 0], a, b, c, skip, cache["state"])
-            y_BSD, new_cache = y_BD[:, None], {"state": state}
-        else:  # prefill: continue from the cached state
-            y_BSD, state = companion_ssm(u, a, b, c, skip, initial_state=cache["state"], return_final_state=True,
-                                         impl=impl)
-            new_cache = {"state": state}
+        y_BSD, new_cache = recurrent_call(
+            cache, x_BSD.shape[1],
+            full=lambda: companion_ssm(u, a, b, c, skip, impl=impl),
+            step=lambda state: _one_token(companion_step(u[:, 0], a, b, c, skip, state)),
+            prefill=lambda state: companion_ssm(u, a, b, c, skip, initial_state=state, return_final_state=True,
+                                                impl=impl))
         out = projection(self.cfg.d_model, -1, (None, "embed"), output_std(self.cfg), self.dtype, "out")
         return out(y_BSD.astype(self.dtype)), new_cache
+
+
+def _one_token(step_output):
+    """(y_BD, state) of one recurrence step -> (y_BSD with S = 1, state)."""
+    y_BD, state = step_output
+    return y_BD[:, None], state
 
 
 def init_companion_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
@@ -81,4 +89,12 @@ def companion_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     return 2 * cfg.d_model * cfg.d_model + fft
 
 
-register_token_mixer(TokenMixerSpec("companion", CompanionMixer, companion_flops_per_token, init_companion_cache))
+def check_companion(cfg: Config, key: str, mesh_shape=None) -> None:
+    n_kernels, d_model = cfg.model.companion.n_kernels, cfg.model.d_model
+    if d_model % n_kernels:
+        raise ConfigError(f"{key}.n_kernels={n_kernels} does not divide model.d_model={d_model}; every kernel "
+                          "serves the same number of channels")
+
+
+register_token_mixer(TokenMixerSpec("companion", CompanionMixer, companion_flops_per_token, init_companion_cache,
+                                    cache_kind="state", section="companion", check=check_companion))

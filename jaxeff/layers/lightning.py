@@ -14,6 +14,8 @@ decoding see the same phases.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import flax.linen as nn
@@ -21,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.config import ModelConfig
+from jaxeff.errors import ConfigError
 from jaxeff.layers.common import head_dim, output_std, projection
-from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
+
+if TYPE_CHECKING:
+    from jaxeff.config import Config, ModelConfig
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
@@ -97,18 +102,14 @@ class LightningMixer(nn.Module):
             q_BSHD, k_BSHD = lrpe(q_BSHD, positions_BS, theta_HD), lrpe(k_BSHD, positions_BS, theta_HD)
         rate_H = jnp.asarray(decay_rates(h, cfg.n_layers, layer, cfg.lightning.decay_convention), jnp.float32)
 
-        if cache is None:
-            a_BSHD = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, block_size=cfg.lightning.block_size,
-                                         impl=cfg.lightning.impl)
-            new_cache = None
-        elif x_BSD.shape[1] == 1:  # one decoding step: the recurrence, no blocks
-            a_BHD, state = lightning_attention_step(q_BSHD[:, 0], k_BSHD[:, 0], v_BSHD[:, 0], rate_H, cache["state"])
-            a_BSHD, new_cache = a_BHD[:, None], {"state": state}
-        else:  # prefill (or a chunk of it): continue from the cached state
-            a_BSHD, state = lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, initial_state=cache["state"],
-                                                return_final_state=True, block_size=cfg.lightning.block_size,
-                                                impl=cfg.lightning.impl)
-            new_cache = {"state": state}
+        block, impl = cfg.lightning.block_size, cfg.lightning.impl
+        a_BSHD, new_cache = recurrent_call(
+            cache, x_BSD.shape[1],
+            full=lambda: lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, block_size=block, impl=impl),
+            step=lambda state: _one_token(lightning_attention_step(q_BSHD[:, 0], k_BSHD[:, 0], v_BSHD[:, 0], rate_H,
+                                                                   state)),
+            prefill=lambda state: lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, initial_state=state,
+                                                      return_final_state=True, block_size=block, impl=impl))
 
         b, s = x_BSD.shape[:2]
         a_BSF = a_BSHD.reshape(b, s, h * d).astype(jnp.float32)
@@ -117,6 +118,12 @@ class LightningMixer(nn.Module):
         gated_BSHD = (a_BSF.reshape(b, s, h, d) * u_BSHD.astype(jnp.float32)).astype(self.dtype)
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
         return out(gated_BSHD), new_cache
+
+
+def _one_token(step_output):
+    """(a_BHD, state) of one recurrence step -> (a_BSHD with S = 1, state)."""
+    a_BHD, state = step_output
+    return a_BHD[:, None], state
 
 
 def init_lightning_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
@@ -139,4 +146,16 @@ def lightning_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     return projections + intra + inter_and_state
 
 
-register_token_mixer(TokenMixerSpec("lightning", LightningMixer, lightning_flops_per_token, init_lightning_cache))
+def check_lightning(cfg: Config, key: str, mesh_shape=None) -> None:
+    sec, n_layers, seq_len = cfg.model.lightning, cfg.model.n_layers, cfg.data.seq_len
+    outside = [i for i in sec.lrpe_layers if i >= n_layers]
+    if outside:
+        raise ConfigError(f"{key}.lrpe_layers={sec.lrpe_layers}: layers {outside} are outside "
+                          f"0..{n_layers - 1} (model.n_layers={n_layers})")
+    if sec.block_size > seq_len:
+        raise ConfigError(f"{key}.block_size={sec.block_size} is longer than data.seq_len={seq_len}: the whole "
+                          f"sequence would be one quadratic block; set {key}.block_size to at most {seq_len}")
+
+
+register_token_mixer(TokenMixerSpec("lightning", LightningMixer, lightning_flops_per_token, init_lightning_cache,
+                                    cache_kind="state", section="lightning", check=check_lightning))

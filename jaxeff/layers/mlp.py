@@ -1,13 +1,17 @@
 """Gated MLP channel mixers: SwiGLU (silu gate) and TransNormerLLM's SGLU (no activation)."""
 
-from typing import Callable
+from __future__ import annotations
+
+from typing import Callable, TYPE_CHECKING
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxeff.config import ModelConfig
 from jaxeff.layers.common import output_std, projection
 from jaxeff.layers.registry import ChannelMixerSpec, register_channel_mixer
+
+if TYPE_CHECKING:
+    from jaxeff.config import ModelConfig
 
 
 def identity(x):

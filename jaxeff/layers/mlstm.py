@@ -14,14 +14,19 @@ linspace(`fgate_bias_init`) over the heads (3 to 6).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxeff.config import ModelConfig
+from jaxeff.errors import ConfigError
 from jaxeff.layers.common import projection
-from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
 from pallas_kernels.mlstm import mlstm, mlstm_step
+
+if TYPE_CHECKING:
+    from jaxeff.config import Config, ModelConfig
 
 
 def soft_cap(x, cap: float | None):
@@ -90,22 +95,25 @@ class MlstmMixer(nn.Module):
         i_BSH, f_BSH = soft_cap(i_BSH, sec.gate_soft_cap), soft_cap(f_BSH, sec.gate_soft_cap)
 
         cell = dict(eps=sec.cell_eps)
-        if cache is None:
-            h_BSHV = mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, chunk_size=sec.chunk_size, impl=sec.impl, **cell)
-            new_cache = None
-        elif x_BSD.shape[1] == 1:  # one decoding step: the recurrence
-            h_BHV, state = mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHV[:, 0], i_BSH[:, 0], f_BSH[:, 0],
-                                      cache["state"], **cell)
-            h_BSHV, new_cache = h_BHV[:, None], {"state": state}
-        else:  # prefill: continue from the cached state
-            h_BSHV, state = mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, initial_state=cache["state"],
-                                  return_final_state=True, chunk_size=sec.chunk_size, impl=sec.impl, **cell)
-            new_cache = {"state": state}
+        chunk, impl = sec.chunk_size, sec.impl
+        h_BSHV, new_cache = recurrent_call(
+            cache, x_BSD.shape[1],
+            full=lambda: mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, chunk_size=chunk, impl=impl, **cell),
+            step=lambda state: _one_token(mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHV[:, 0], i_BSH[:, 0],
+                                                     f_BSH[:, 0], state, **cell)),
+            prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, initial_state=state,
+                                        return_final_state=True, chunk_size=chunk, impl=impl, **cell))
 
         h_BSHV = MultiHeadLayerNorm(sec.norm_eps, self.dtype, name="norm")(h_BSHV.astype(self.dtype))
         gated_BSHV = jax.nn.sigmoid(o_BSHV.astype(jnp.float32)).astype(self.dtype) * h_BSHV
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), wang_init_std(cfg), self.dtype, "out")
         return out(gated_BSHV), new_cache
+
+
+def _one_token(step_output):
+    """(h_BHV, state) of one recurrence step -> (h_BSHV with S = 1, state)."""
+    h_BHV, state = step_output
+    return h_BHV[:, None], state
 
 
 def init_mlstm_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
@@ -128,4 +136,18 @@ def mlstm_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> float:
     return projections + intra + inter_and_state
 
 
-register_token_mixer(TokenMixerSpec("mlstm", MlstmMixer, mlstm_flops_per_token, init_mlstm_cache))
+def check_mlstm(cfg: Config, key: str, mesh_shape=None) -> None:
+    m, sec = cfg.model, cfg.model.mlstm
+    for name, factor in (("qk_dim_factor", sec.qk_dim_factor), ("v_dim_factor", sec.v_dim_factor)):
+        width = m.d_model * factor
+        if width != int(width) or int(width) % m.n_heads:
+            raise ConfigError(f"{key}.{name}={factor}: model.d_model * {name} = {width:g} must be a whole "
+                              f"multiple of model.n_heads={m.n_heads}; change {key}.{name} or model.n_heads")
+    if sec.chunk_size > cfg.data.seq_len:
+        raise ConfigError(f"{key}.chunk_size={sec.chunk_size} is longer than data.seq_len={cfg.data.seq_len}: "
+                          f"the whole sequence would be one quadratic chunk; set {key}.chunk_size to at most "
+                          f"{cfg.data.seq_len}")
+
+
+register_token_mixer(TokenMixerSpec("mlstm", MlstmMixer, mlstm_flops_per_token, init_mlstm_cache, cache_kind="state",
+                                    section="mlstm", check=check_mlstm))

@@ -1,22 +1,37 @@
-"""Name -> mixer registries. New architectures plug in here without touching the model or trainer.
+"""Name -> mixer registries: the one place a mixer is bound to its name, module, config section, checks, FLOPs
+and decode cache. Each layer file registers its own spec; nothing else lists mixer names (the config validates
+`model.mixer_pattern` / `model.channel_mixer_pattern` against these tables, and the JSON schema and docs/config.md
+list them from here).
 
-A token mixer is a Linen module built as `module(cfg=ModelConfig, layer_index=int, dtype=dtype)`
-and called as `mixer(x_BSD, positions_BS, cache) -> (y_BSD, new_cache)`. `cache` is None in
-training; in decoding it is whatever the spec's `init_cache` returned (a KV cache, a recurrent
-state, a pruned per-head cache, ...), and the mixer returns its updated version.
+A token mixer is a Linen module built as `module(cfg=ModelConfig, layer_index=int, dtype=dtype)` and called as
+`mixer(x_BSD, positions_BS, cache) -> (y_BSD, new_cache)`. `cache` is None in training; in decoding it is
+whatever the spec's `init_cache` returned (a KV cache, a recurrent state, a pruned per-head cache, ...), and the
+mixer returns its updated version.
 
-A channel mixer is built the same way and called as `mixer(x_BSD) -> (y_BSD, aux)`, where `aux` is
-a dict of scalars: keys starting with "loss/" are added to the training loss (MoE balance losses),
-the rest are logged as metrics.
+A channel mixer is built the same way and called as `mixer(x_BSD) -> (y_BSD, aux)`, where `aux` is a dict of
+scalars: keys starting with "loss/" are added to the training loss (MoE balance losses), the rest are logged.
+
+This module reads configs only through their attributes (no import of `jaxeff.config`): the config package sits
+above the layers and asks them which names exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-from jaxeff.config import ConfigError, ModelConfig
+from jaxeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jaxeff.config import Config, ModelConfig
+
+# (cfg, "model.<section>", mesh axis sizes or None before the mesh is resolved) -> None, or ConfigError
+Check = Callable[["Config", str, "Mapping[str, int] | None"], None]
+
+# What a decoding cache holds, for reports: every key and value (`kv`), a fixed-size recurrent state (`state`),
+# or the keys and values of the blocks a sparse pattern reads again (`pruned`).
+CacheKind = Literal["kv", "state", "pruned"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +42,9 @@ class TokenMixerSpec:
     flops_per_token: Callable[[ModelConfig, int, int], float]
     # (cfg, layer, batch, max_len, dtype) -> cache pytree for decoding.
     init_cache: Callable[[ModelConfig, int, int, int, Any], Any]
+    cache_kind: CacheKind
+    section: str | None = None  # the ModelConfig field this mixer reads (`model.<section>`), if any
+    check: Check | None = None  # consistency of the section with the rest of the config; runs when a layer uses it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +53,10 @@ class ChannelMixerSpec:
     module: type
     # (cfg, layer) -> forward FLOPs per token (MoE: only the experts a token uses).
     flops_per_token: Callable[[ModelConfig, int], float]
+    section: str | None = None
+    check: Check | None = None
+    # (cfg, layer) -> parameters of this layer a token does not use (MoE: the experts it is not routed to).
+    inactive_params: Callable[[ModelConfig, int], int] | None = None
 
 
 TOKEN_MIXERS: dict[str, TokenMixerSpec] = {}
@@ -51,26 +73,55 @@ def register_channel_mixer(spec: ChannelMixerSpec) -> ChannelMixerSpec:
     return spec
 
 
-def _lookup(table: dict, name: str, key: str):
-    if name not in table:
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{key}: unknown mixer '{name}'{hint}; registered: {', '.join(sorted(table))}")
+def unknown_name_message(name: str, table: Mapping[str, Any]) -> str | None:
+    """None for a registered name; otherwise 'unknown mixer ... (did you mean ...); registered: ...'."""
+    if name in table:
+        return None
+    close = difflib.get_close_matches(name, list(table), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown mixer '{name}'{hint}; registered: {', '.join(sorted(table))}"
+
+
+def _lookup(table: Mapping[str, Any], name: str, key: str):
+    message = unknown_name_message(name, table)
+    if message:
+        raise ConfigError(f"{key}: {message}")
     return table[name]
 
 
 def token_mixer_for_layer(cfg: ModelConfig, layer: int) -> TokenMixerSpec:
-    return _lookup(TOKEN_MIXERS, cfg.mixer_pattern[layer % len(cfg.mixer_pattern)], "model.mixer_pattern")
+    return _lookup(TOKEN_MIXERS, cfg.token_mixer(layer), "model.mixer_pattern")
 
 
 def channel_mixer_for_layer(cfg: ModelConfig, layer: int) -> ChannelMixerSpec:
-    name = cfg.channel_mixer_pattern[layer % len(cfg.channel_mixer_pattern)]
-    return _lookup(CHANNEL_MIXERS, name, "model.channel_mixer_pattern")
+    return _lookup(CHANNEL_MIXERS, cfg.channel_mixer(layer), "model.channel_mixer_pattern")
 
 
-def check_mixer_names(cfg: ModelConfig) -> None:
-    """Raise ConfigError for any unknown mixer name in the patterns."""
+def specs_in_use(cfg: ModelConfig) -> list[TokenMixerSpec | ChannelMixerSpec]:
+    """The distinct specs the model's layers use, token mixers first, in pattern order."""
+    seen: dict[str, Any] = {}
     for name in cfg.mixer_pattern:
-        _lookup(TOKEN_MIXERS, name, "model.mixer_pattern")
+        seen.setdefault(f"token/{name}", _lookup(TOKEN_MIXERS, name, "model.mixer_pattern"))
     for name in cfg.channel_mixer_pattern:
-        _lookup(CHANNEL_MIXERS, name, "model.channel_mixer_pattern")
+        seen.setdefault(f"channel/{name}", _lookup(CHANNEL_MIXERS, name, "model.channel_mixer_pattern"))
+    return list(seen.values())
+
+
+def check_mixers(cfg: Config, mesh_shape: Mapping[str, int] | None = None) -> None:
+    """Run the cross-field check of every mixer the model uses (`mesh_shape`: resolved axis sizes, when known)."""
+    for spec in specs_in_use(cfg.model):
+        if spec.check is not None:
+            spec.check(cfg, f"model.{spec.section}" if spec.section else "model", mesh_shape)
+
+
+def recurrent_call(cache, seq_len: int, *, full: Callable[[], Any], step: Callable[[Any], tuple[Any, Any]],
+                   prefill: Callable[[Any], tuple[Any, Any]]):
+    """The cache path shared by recurrent mixers: (y, new_cache) with new_cache = {"state": ...} or None.
+
+    No cache (training): `full()`. One token with a cache: `step(state)`, the recurrence. Several tokens with a
+    cache (prefill, or a chunk of it): `prefill(state)`, the parallel form continued from the state.
+    """
+    if cache is None:
+        return full(), None
+    y, state = (step if seq_len == 1 else prefill)(cache["state"])
+    return y, {"state": state}

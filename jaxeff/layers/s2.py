@@ -13,17 +13,23 @@ head's residue), instead of `max_blocks`. With dense heads in the layer every he
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.config import ModelConfig
+from jaxeff.errors import ConfigError
 from jaxeff.layers.attention import SoftmaxAttention, attention_flops_per_token, head_dims
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
-from pallas_kernels.s2_attention import s2_attention
+from pallas_kernels.s2_attention import block_mask, check_coverage, s2_attention
 from pallas_kernels.s2_attention.reference import default_step
+
+if TYPE_CHECKING:
+    from jaxeff.config import Config, ModelConfig
 
 
 def pattern_kwargs(cfg: ModelConfig, mixer: str) -> dict:
@@ -90,10 +96,6 @@ class S2Attention(SoftmaxAttention):
         return _decode_step(layout, q_BSHK, cache, start), cache
 
 
-class SinkWindowAttention(S2Attention):
-    mixer: str = "sink_window"
-
-
 def _write(layout: _Layout, cache, k_BSGK, v_BSGK, start):
     """Store the chunk's keys/values in their slots; ring entries a later block of the same chunk overwrites are
     skipped (slot index out of range: dropped), so every slot is written at most once per call."""
@@ -134,7 +136,7 @@ def _decode_step(layout: _Layout, q_B1HK, cache, pos):
     return out.reshape(b, 1, h, d).astype(q_B1HK.dtype)
 
 
-def _init_cache(mixer: str):
+def init_pruned_cache(mixer: str):
     def init(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
         layout = _Layout(cfg, mixer, max_len)
         _, kv, dh = head_dims(cfg)
@@ -148,8 +150,6 @@ def _init_cache(mixer: str):
 def s2_flops_per_token(mixer: str):
     """Projections as dense attention; scores and values only over the blocks a head reads (its density)."""
     def flops(cfg: ModelConfig, seq_len: int, layer: int) -> float:
-        from pallas_kernels.s2_attention import block_mask
-
         n_q, n_kv, dh = head_dims(cfg)
         blocks = math.ceil(seq_len / cfg.s2.block_size)
         mask = block_mask(n_kv, blocks, blocks, num_q_heads=n_q, **pattern_kwargs(cfg, mixer))
@@ -161,6 +161,26 @@ def s2_flops_per_token(mixer: str):
     return flops
 
 
-register_token_mixer(TokenMixerSpec("s2", S2Attention, s2_flops_per_token("s2"), _init_cache("s2")))
-register_token_mixer(TokenMixerSpec("sink_window", SinkWindowAttention, s2_flops_per_token("sink_window"),
-                                    _init_cache("sink_window")))
+def check_pallas_block_size(cfg: Config, key: str) -> None:
+    sec = cfg.model.s2
+    bs = sec.block_size
+    if sec.impl == "pallas" and (bs < 16 or bs & (bs - 1)):
+        raise ConfigError(f"{key}.impl=pallas needs a block_size that is a power of two >= 16 (one kernel tile "
+                          f"per block), got {key}.block_size={bs}; use {key}.impl=auto (xla for this block size)")
+
+
+def check_s2(cfg: Config, key: str, mesh_shape=None) -> None:
+    m, sec = cfg.model, cfg.model.s2
+    n_kv = m.n_kv_heads or m.n_heads
+    if sec.num_dense_heads > n_kv:
+        raise ConfigError(f"{key}.num_dense_heads={sec.num_dense_heads} is more than the {n_kv} KV heads")
+    check_pallas_block_size(cfg, key)
+    blocks = math.ceil(cfg.data.seq_len / sec.block_size)
+    mask = block_mask(n_kv, blocks, blocks, num_q_heads=m.n_heads, **pattern_kwargs(m, "s2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        check_coverage(mask, f"{key} (s2 layers at data.seq_len={cfg.data.seq_len})")
+
+
+register_token_mixer(TokenMixerSpec("s2", S2Attention, s2_flops_per_token("s2"), init_pruned_cache("s2"),
+                                    cache_kind="pruned", section="s2", check=check_s2))

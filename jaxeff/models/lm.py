@@ -143,6 +143,12 @@ def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
     return [token_mixer_for_layer(cfg, i).init_cache(cfg, i, batch, max_len, dtype) for i in range(cfg.n_layers)]
 
 
+def inactive_params(cfg: ModelConfig) -> int:
+    """Parameters a token does not use (MoE experts it is not routed to): total minus this = active per token."""
+    specs = [channel_mixer_for_layer(cfg, i) for i in range(cfg.n_layers)]
+    return sum(spec.inactive_params(cfg, i) for i, spec in enumerate(specs) if spec.inactive_params is not None)
+
+
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
     layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len, i) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg, i)

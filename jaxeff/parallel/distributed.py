@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from jaxeff.config import ConfigError
+from jaxeff.errors import ConfigError
 
 log = logging.getLogger("jaxeff")
 

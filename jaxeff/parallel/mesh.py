@@ -7,12 +7,40 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from jaxeff.config import Config, resolve_mesh_shape
+import math
+
+from jaxeff.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
-def build_mesh(cfg: Config, devices: list | None = None) -> Mesh:
+def resolve_mesh_shape(mesh, num_devices: int) -> dict[str, int]:
+    """Axis sizes of the `mesh:` section with the -1 axis filled in; ConfigError when they do not fit the devices."""
+    sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+    free = [k for k, v in sizes.items() if v == -1]
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{k}={v}: axis sizes must be positive, or -1 for 'the remaining devices'")
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + k for k in free)}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"mesh: the fixed axes use {fixed} devices, which does not divide the {num_devices} devices "
+                f"present; change mesh.{'/'.join(k for k in sizes if k not in free)}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total > num_devices:
+        raise ConfigError(
+            f"mesh: {'*'.join(MESH_AXES)} = {'*'.join(str(v) for v in sizes.values())} = {total} devices, "
+            f"but only {num_devices} {'is' if num_devices == 1 else 'are'} present; shrink the mesh (e.g. mesh.data=-1)"
+        )
+    return sizes
+
+
+def build_mesh(cfg, devices: list | None = None) -> Mesh:
     """A mesh over `devices` (default: all global devices) with the config's axis sizes.
 
     Axis types are Auto (GSPMD propagation): jax.make_mesh now defaults to Explicit, under which

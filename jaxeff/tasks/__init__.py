@@ -1,19 +1,26 @@
-"""Tasks: one module each (data, model, loss, metrics, output), chosen by `task:` in the config."""
+"""Tasks: one module each (data, model contract, loss, metrics, output), chosen by `task:` in the config."""
 
 from __future__ import annotations
 
-from jaxeff.tasks.base import Task
+import importlib
+
+from jaxeff.errors import ConfigError
+from jaxeff.tasks.base import Meta, Task
+
+# task name -> "module:class"; a module is imported only when its task is used.
+TASKS = {"lm": "jaxeff.tasks.lm:LanguageModelTask", "forecast": "jaxeff.tasks.forecast:ForecastTask"}
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def build_task(cfg, platform: str | None = None) -> Task:
-    """The task object of a validated config (imports only the task in use)."""
-    if cfg.task == "forecast":
-        from jaxeff.tasks.forecast import ForecastTask
-
-        return ForecastTask(cfg)
-    from jaxeff.tasks.lm import LanguageModelTask
-
-    return LanguageModelTask(cfg, platform)
+    """The task object of a validated config: loads its data."""
+    return task_class(cfg.task)(cfg, platform)
 
 
-__all__ = ["Task", "build_task"]
+__all__ = ["Meta", "TASKS", "Task", "build_task", "task_class"]

@@ -1,31 +1,86 @@
-"""What the shared training loop needs from a task (`task:` in the config).
+"""What the training loop and inference need from a task (`task:` in the config).
 
-The loop owns the mesh, the train state, checkpoints, preemption, evaluation cadence and TensorBoard;
-a task owns its data, its model, its loss and metrics, and what to show when training is done. One
-module per task: lm.py (next-token prediction), forecast.py (time-series windows).
+A task has two halves:
+
+- **The model contract** (class methods): the model is built from the config plus a small JSON `meta` that the
+  task derives from its data (LM: tokenizer and vocabulary; forecasting: channels and normaliser). No data is
+  read, so inference, export, import and fine-tuning build the model from a checkpoint's or export's meta alone.
+  The meta is written into every checkpoint and every export.
+- **Training** (an instance, built from the config): loads the data, computes `meta`, and supplies batches, the
+  loss and held-out metrics under jit, throughput units, FLOPs and an end-of-run output.
+
+The loop owns the mesh, the train state, checkpoints, preemption, evaluation cadence and TensorBoard. One module
+per task: lm.py (next-token prediction), forecast.py (time-series windows).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator
 
+import flax.linen as nn
 import jax
 
+from jaxeff.config import Config
 
 Batch = dict[str, Any]  # arrays with the batch first: int32[B, S] tokens, float32[B, L, C] windows, ...
+Meta = dict[str, Any]  # JSON values: what the model's shape depends on besides the config
 
 
 class Task(abc.ABC):
     """Data, model, loss and metrics of one kind of training problem."""
 
-    unit: str = "examples"  # what the throughput line counts per example ("tok", "windows")
-    model: Any  # a Flax module: model.init(key, init_input) -> {"params": ...}
+    name: ClassVar[str]  # the `task:` value
+    command: ClassVar[str]  # the CLI command that runs this task's trained models ("generate", "forecast")
+    # Config sections an export keeps besides `model` (what the model contract and inference read).
+    export_sections: ClassVar[tuple[str, ...]] = ()
+    unit: ClassVar[str] = "examples"  # what the throughput line counts per example ("tok", "windows")
+
+    # ------------------------------------------------------------------ the model contract: config + meta, no data
+
+    @classmethod
+    @abc.abstractmethod
+    def build_model(cls, cfg: Config, meta: Meta, platform: str | None = None) -> nn.Module:
+        """The Flax module: `model.init(key, model_input) -> {"params": ...}`."""
+
+    @classmethod
+    @abc.abstractmethod
+    def model_input(cls, cfg: Config, meta: Meta) -> jax.ShapeDtypeStruct:
+        """A batch-of-one model input for `model.init` (only its shape and dtype matter)."""
+
+    @classmethod
+    def legacy_meta(cls, cfg: Config, checkpoint_meta: dict[str, Any]) -> Meta:
+        """The meta of a checkpoint written before tasks recorded one (from its config and checkpoint meta)."""
+        raise NotImplementedError(f"task {cls.name} has no checkpoints from before task meta")
+
+    @classmethod
+    def export_meta(cls, meta: Meta, source_dir: Path | None, out: Path) -> Meta:
+        """The meta as an export in `out` records it, after copying any file it names there (a tokenizer)."""
+        return meta
+
+    @classmethod
+    def inactive_params(cls, cfg: Config) -> int:
+        """Parameters a token or example does not use (MoE experts it is not routed to); 0 for dense models."""
+        return 0
+
+    # ------------------------------------------------------------------ training
+
+    model: nn.Module
+    meta: Meta
+
+    def __init__(self, cfg: Config, platform: str | None = None):
+        self.cfg = cfg
+        self.meta = self.load_data()
+        self.model = self.build_model(cfg, self.meta, platform)
+
+    @abc.abstractmethod
+    def load_data(self) -> Meta:
+        """Read the training data (kept on `self`); return the meta it implies."""
 
     @property
-    @abc.abstractmethod
     def init_input(self) -> jax.ShapeDtypeStruct:
-        """A batch-of-one model input for `model.init` (only its shape and dtype matter)."""
+        return self.model_input(self.cfg, self.meta)
 
     @abc.abstractmethod
     def batch_shapes(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -69,5 +124,3 @@ class Task(abc.ABC):
         """After training, on process 0 with the parameters on the host: a sample, a test table, ... Returns
         the text shown (kept in TrainResult.sample)."""
         return None
-
-

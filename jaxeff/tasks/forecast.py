@@ -4,6 +4,10 @@ Data flow: series (forecast.source) -> chronological train/validation/test split
 on the training rows (recorded in every checkpoint's meta) -> windows {inputs [L, C_in], targets [H, C_out]}.
 Around the model, `forecast.window_norm` subtracts each window's last value or mean and adds it back to the
 forecast. Metrics: MSE / MAE on the normalised scale and on the original one (times the channel's std).
+
+Model meta: `{"channels": names of the series' channels, "inputs": ..., "outputs": ..., "normaliser": ...}`: the
+model's shape follows from the channels and `forecast.features` / `forecast.target`; `jaxeff forecast` normalises
+new data with the recorded normaliser (fitted on the training rows), never a refitted one.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.config import Config
+from jaxeff.config import Config, ConfigError
 from jaxeff.data.pipeline import fixed_batches, shuffled_batches
 from jaxeff.data.series import (Channels, ForecastWindows, Normaliser, Series, chronological_split, load_series,
                                 select_channels)
 from jaxeff.models.forecast import build_forecaster
-from jaxeff.tasks.base import Batch, Task
+from jaxeff.tasks.base import Batch, Meta, Task
 
 METRIC_BATCH = 256  # windows per call when scoring a whole split
 
@@ -77,23 +81,46 @@ class ForecastData:
         return self.normaliser.std[self.channels.outputs].astype(np.float32)
 
 
+def channels_of(cfg: Config, meta: Meta) -> Channels:
+    """The input and output channels of the model, from the series' channel names the meta records."""
+    f = cfg.forecast
+    shape_only = Series(np.zeros((0, len(meta["channels"]))), list(meta["channels"]), None, "the trained model")
+    return select_channels(shape_only, f.features, f.target)
+
+
 class ForecastTask(Task):
+    name = "forecast"
+    command = "forecast"
+    export_sections = ("forecast",)
     unit = "windows"
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.data = ForecastData.build(cfg)
-        self.model = build_forecaster(cfg.model, cfg.forecast.horizon, self.data.channels.out_in_inputs)
+    @classmethod
+    def build_model(cls, cfg: Config, meta: Meta, platform: str | None = None):
+        return build_forecaster(cfg.model, cfg.forecast.horizon, channels_of(cfg, meta).out_in_inputs)
+
+    @classmethod
+    def model_input(cls, cfg: Config, meta: Meta) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((1, cfg.forecast.lookback, len(channels_of(cfg, meta).inputs)), np.float32)
+
+    @classmethod
+    def legacy_meta(cls, cfg: Config, checkpoint_meta) -> Meta:
+        if "normaliser" not in checkpoint_meta:
+            raise ConfigError("the checkpoint records no normaliser (not written by a forecasting run)")
+        return {k: checkpoint_meta[k] for k in ("channels", "inputs", "outputs", "normaliser")}
+
+    # ------------------------------------------------------------------ training
+
+    def load_data(self) -> Meta:
+        self.data = ForecastData.build(self.cfg)
         self._std_O = jnp.asarray(self.data.output_std())
         self._score = jax.jit(self.eval_metrics)
+        ch, names = self.data.channels, self.data.series.names
+        return {"channels": names, "inputs": [names[i] for i in ch.inputs], "outputs": [names[i] for i in ch.outputs],
+                "normaliser": self.data.normaliser.to_json()}
 
     def predict(self, params, x_BLC):
         f = self.cfg.forecast
         return predict(self.model, params, x_BLC, f.window_norm, self.data.channels.out_in_inputs)
-
-    @property
-    def init_input(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((1, self.cfg.forecast.lookback, len(self.data.channels.inputs)), np.float32)
 
     def batch_shapes(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         f, ch = self.cfg.forecast, self.data.channels
@@ -118,10 +145,7 @@ class ForecastTask(Task):
 
     @property
     def data_meta(self) -> dict[str, Any]:
-        ch = self.data.channels
-        names = self.data.series.names
-        return {"num_workers": self.cfg.data.num_workers, "normaliser": self.data.normaliser.to_json(),
-                "channels": names, "inputs": [names[i] for i in ch.inputs], "outputs": [names[i] for i in ch.outputs]}
+        return {"num_workers": self.cfg.data.num_workers}
 
     def describe(self) -> str:
         w = self.data.windows

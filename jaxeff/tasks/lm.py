@@ -1,6 +1,13 @@
-"""Language modelling: next-token cross entropy on packed text windows, a text sample at the end."""
+"""Language modelling: next-token cross entropy on packed text windows, a text sample at the end.
+
+Model meta: `{"tokenizer": "byte" | path of a tokenizer.json, "vocab_size": ids, "special_tokens": {...}}`; an
+export copies the tokenizer file next to it and records `"tokenizer.json"` (resolved against the export).
+"""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +16,10 @@ import optax
 
 from jaxeff.config import Config
 from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
-from jaxeff.models.lm import build_model, flops_per_token
-from jaxeff.tasks.base import Batch, Task
+from jaxeff.data.tokenizer import Tokenizer
+from jaxeff.models.decoding import generate_text
+from jaxeff.models.lm import build_model, flops_per_token, inactive_params
+from jaxeff.tasks.base import Batch, Meta, Task
 
 
 def lm_loss(model, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -21,18 +30,50 @@ def lm_loss(model, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array
     return ce + aux_loss, {"ce_loss": ce, **aux}
 
 
+def tokenizer_meta(tokenizer: Tokenizer) -> Meta:
+    return {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size,
+            "special_tokens": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}}
+
+
 class LanguageModelTask(Task):
+    name = "lm"
+    command = "generate"
     unit = "tok"
 
-    def __init__(self, cfg: Config, platform: str | None = None):
-        self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.corpus = build_corpus(cfg.data, self.tokenizer)
-        self.model = build_model(cfg.model, self.tokenizer.vocab_size, platform)
+    @classmethod
+    def build_model(cls, cfg: Config, meta: Meta, platform: str | None = None):
+        return build_model(cfg.model, meta["vocab_size"], platform)
 
-    @property
-    def init_input(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((1, self.cfg.data.seq_len), np.int32)
+    @classmethod
+    def model_input(cls, cfg: Config, meta: Meta) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((1, cfg.data.seq_len), np.int32)
+
+    @classmethod
+    def legacy_meta(cls, cfg: Config, checkpoint_meta) -> Meta:
+        return tokenizer_meta(load_tokenizer(cfg.data.tokenizer))  # what the old loader did: the config's tokenizer
+
+    @classmethod
+    def export_meta(cls, meta: Meta, source_dir: Path | None, out: Path) -> Meta:
+        if meta["tokenizer"] == "byte":
+            return meta
+        shutil.copyfile(cls.tokenizer_of(meta, source_dir).spec, out / "tokenizer.json")
+        return {**meta, "tokenizer": "tokenizer.json"}
+
+    @classmethod
+    def inactive_params(cls, cfg: Config) -> int:
+        return inactive_params(cfg.model)
+
+    @staticmethod
+    def tokenizer_of(meta: Meta, base_dir: Path | None = None) -> Tokenizer:
+        """The tokenizer the meta names (a relative file resolves against `base_dir`, an export's directory)."""
+        return load_tokenizer(meta["tokenizer"], base_dir=base_dir)
+
+    # ------------------------------------------------------------------ training
+
+    def load_data(self) -> Meta:
+        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        self.corpus = build_corpus(self.cfg.data, self.tokenizer)
+        return tokenizer_meta(self.tokenizer)
 
     def batch_shapes(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         tokens = jax.ShapeDtypeStruct((global_batch_size, self.cfg.data.seq_len), np.int32)
@@ -59,14 +100,12 @@ class LanguageModelTask(Task):
 
     def flops_per_example(self) -> float:
         seq_len = self.cfg.data.seq_len
-        return flops_per_token(self.cfg.model, self.tokenizer.vocab_size, seq_len) * seq_len
+        return flops_per_token(self.cfg.model, self.meta["vocab_size"], seq_len) * seq_len
 
     def describe(self) -> str:
         return f"{self.corpus.n_documents} documents / {self.corpus.n_tokens:,} tokens"
 
     def finish(self, params_host, progress) -> str | None:
-        from jaxeff.infer.generate import generate_text
-
         s = self.cfg.sample
         if s.max_new_tokens <= 0:
             return None

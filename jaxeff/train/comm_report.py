@@ -33,7 +33,6 @@ def compile_train_step(cfg, devices: list) -> tuple[Any, Any]:
     train.jit is false: the report shows what a jitted step does). ConfigError for a config these devices
     cannot run."""
     from jaxeff.config import validate
-    from jaxeff.layers.registry import check_mixer_names
     from jaxeff.parallel.mesh import build_mesh
     from jaxeff.tasks import build_task
     from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
@@ -41,8 +40,6 @@ def compile_train_step(cfg, devices: list) -> tuple[Any, Any]:
     from jaxeff.train.step import make_train_step
 
     validate(cfg, len(devices), jax.process_count())
-    if cfg.task == "lm":
-        check_mixer_names(cfg.model)
     task = build_task(cfg)
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)

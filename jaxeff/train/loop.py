@@ -13,20 +13,20 @@ import numpy as np
 
 from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
 from jaxeff.config.resume import check_resume
-from jaxeff.layers.moe import inactive_expert_params
-from jaxeff.layers.registry import check_mixer_names
 from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
 from jaxeff.paths import make_writable_dir
 from jaxeff.parallel.collectives import collective_stats
-from jaxeff.train.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
+from jaxeff.artifacts.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
+from jaxeff.artifacts.load import load_trained
 from jaxeff.train.comm_report import aot_compile_train_step, comm_scalars, comm_summary
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
-from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, count_params, init_state,
-                                init_state_from_params, logical_axes)
+from jaxeff.models.params import count_params
+from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, init_state, init_state_from_params,
+                                logical_axes)
 from jaxeff.train.step import make_train_step
 from jaxeff.tasks import Task, build_task
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
@@ -96,9 +96,6 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     notes = apply_debug_mode(cfg) if debug else []
     devices = jax.devices()[:1] if debug else jax.devices()
     validate(cfg, len(devices), jax.process_count())
-    if cfg.task == "lm":
-        check_mixer_names(cfg.model)
-
     task = build_task(cfg)
     make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
@@ -114,7 +111,8 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
                      "to use them all")
     abstract, shardings = abstract_state_and_shardings(task.model, tx, mesh, cfg.train.seed, task.init_input)
     store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    data_meta = {"global_batch_size": cfg.train.global_batch_size, **task.data_meta}
+    # The task meta rides along so that every checkpoint can rebuild its model without the training data.
+    data_meta = {"global_batch_size": cfg.train.global_batch_size, **task.data_meta, "task_meta": task.meta}
     run = _Run(cfg, workdir, devices, notes, task, tx, mesh, abstract, shardings, store, data_meta)
     _restore_or_init(run)
     return run
@@ -152,7 +150,7 @@ def _restore_or_init(run: _Run) -> None:
     if found is None:
         run.data_iter = new_iterator()
         if cfg.train.init_from:
-            params = _initial_params(cfg.train.init_from, run.abstract["params"])
+            params = _initial_params(cfg, run.abstract["params"])
             run.state = init_state_from_params(params, run.tx, run.shardings, cfg.train.seed)
             run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer)")
         else:
@@ -166,11 +164,14 @@ def _restore_or_init(run: _Run) -> None:
                      + ("" if iterator_restored else " (data position rebuilt for this topology)"))
 
 
-def _initial_params(path: str, abstract_params):
-    """Parameters of an export/import directory, checked against this model's shapes."""
-    from jaxeff.infer import load_inference_model
-
-    loaded = load_inference_model(path)
+def _initial_params(cfg: Config, abstract_params):
+    """Parameters of an export/import directory (or a workdir) of the same task, checked against this model's
+    shapes."""
+    path = cfg.train.init_from
+    loaded = load_trained(path)
+    if loaded.cfg.task != cfg.task:
+        raise ConfigError(f"train.init_from={path} holds a model of task {loaded.cfg.task!r}, this run is task "
+                          f"{cfg.task!r}; start from a {cfg.task} export")
     mismatch = shape_mismatch(param_shapes(loaded.params), param_shapes(abstract_params), saved_name="there")
     if mismatch:
         raise ConfigError(f"train.init_from={path}: {mismatch}; make the model "
@@ -206,7 +207,7 @@ def _comm_stats(compiled) -> tuple[dict | None, str | None]:
 
 def _print_header(run: _Run, progress: Progress, compiled, comm_line: str | None = None) -> None:
     n_params = count_params(run.abstract["params"])
-    inactive = inactive_expert_params(run.cfg.model) if run.cfg.task == "lm" else 0
+    inactive = type(run.task).inactive_params(run.cfg)
     active = f" ({(n_params - inactive) / 1e6:.2f}M active per token)" if inactive else ""
     progress.print(f"jaxeff: {n_params / 1e6:.2f}M params{active}, mesh {dict(run.mesh.shape)} on {run.mesh.size} "
                    f"{run.devices[0].platform} device(s), {run.task.describe()}, workdir {run.workdir}")

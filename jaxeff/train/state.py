@@ -63,7 +63,3 @@ def init_state_from_params(params, tx, shardings, seed: int):
                 "rng": jax.random.key_data(train_key)}
 
     return jax.jit(make, out_shardings=shardings)(params)
-
-
-def count_params(params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,94 @@
+"""One loader for every task: a training workdir or an export -> (config, task, model, params, meta, step).
+
+The model is built by the task's model contract from the config and the recorded meta; no training data is read.
+Workdirs written before checkpoints recorded the meta get it from the task's `legacy_meta`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import orbax.checkpoint as ocp
+
+from jaxeff.artifacts.checkpoint import CheckpointStore, restore_newest
+from jaxeff.artifacts.export import is_export, read_config
+from jaxeff.config import Config, ConfigError, read_saved_config
+from jaxeff.models.params import abstract_params
+from jaxeff.tasks import Meta, Task, task_class
+
+
+@dataclasses.dataclass
+class Trained:
+    cfg: Config  # the model section and the task's sections as trained
+    task: type[Task]
+    model: nn.Module
+    params: Any
+    meta: Meta
+    step: int
+    directory: Path
+    is_export: bool
+
+    @property
+    def files_dir(self) -> Path | None:
+        """Where relative files of the meta live: an export's own directory; a workdir's came from the config."""
+        return self.directory if self.is_export else None
+
+    def require(self, task_name: str, command: str) -> None:
+        """ConfigError naming the command that serves this run when `command` serves another task."""
+        if self.cfg.task != task_name:
+            kind = "an export" if self.is_export else "a workdir"
+            raise ConfigError(f"--workdir {self.directory} is {kind} of task {self.cfg.task!r}; `jaxeff {command}` "
+                              f"is for task {task_name!r}: use `jaxeff {self.task.command} --workdir "
+                              f"{self.directory}`")
+
+
+def load_trained(path: str | Path) -> Trained:
+    """A trained model from a training workdir (its newest restorable checkpoint) or from an export."""
+    path = Path(path)
+    if is_export(path):
+        return _from_export(path)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return _from_workdir(path)
+    raise ConfigError(f"'{path}' is neither a training workdir (config.yaml + checkpoints/) nor an export "
+                      "(config.json + params/); pass --workdir of a `jaxeff train` run or of a `jaxeff export`")
+
+
+def _from_export(export_dir: Path) -> Trained:
+    cfg, meta, step = read_config(export_dir)
+    task = task_class(cfg.task)
+    model = task.build_model(cfg, meta)
+    params = ocp.StandardCheckpointer().restore((export_dir / "params").absolute(),
+                                                abstract_params(model, task.model_input(cfg, meta)))
+    return Trained(cfg, task, model, params, meta, step, export_dir, True)
+
+
+def checkpoint_task_meta(task: type[Task], cfg: Config, checkpoint_meta: dict, where: str) -> Meta:
+    if "task_meta" in checkpoint_meta:
+        return checkpoint_meta["task_meta"]
+    try:
+        return task.legacy_meta(cfg, checkpoint_meta)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _from_workdir(workdir: Path) -> Trained:
+    cfg = read_saved_config(workdir / "config.yaml")
+    task = task_class(cfg.task)
+    store = CheckpointStore(workdir / "checkpoints", read_only=True)
+    try:
+        steps = store.steps_newest_first()
+        if not steps:
+            raise ConfigError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first (jaxeff train)")
+        meta = checkpoint_task_meta(task, cfg, store.read_meta(steps[0]), f"{workdir} checkpoint {steps[0]}")
+        model = task.build_model(cfg, meta)
+        abstract = abstract_params(model, task.model_input(cfg, meta))
+        found = restore_newest(store, abstract, lambda step: store.restore_params(step, abstract))
+    finally:
+        store.close()
+    if found is None:
+        raise ConfigError(f"{workdir}/checkpoints holds no restorable checkpoint; train again (jaxeff train)")
+    step, params = found
+    return Trained(cfg, task, model, params, meta, step, workdir, False)

@@ -60,11 +60,22 @@ def test_mesh_minus_one_takes_the_remaining_devices():
     assert resolve_mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
 
 
-def test_unknown_mixer_has_did_you_mean():
-    from jaxeff.layers.registry import check_mixer_names
+@pytest.mark.parametrize("override, key, typo, fix", [
+    ("model.mixer_pattern=[attention,atention]", "model.mixer_pattern", "atention", "attention"),
+    ("model.channel_mixer_pattern=[swiglu,moee]", "model.channel_mixer_pattern", "moee", "moe")])
+def test_unknown_mixer_is_refused_at_load_with_did_you_mean(override, key, typo, fix):
+    with pytest.raises(ConfigError, match=rf"^{key}: unknown mixer '{typo}' \(did you mean '{fix}'\?\); registered: "):
+        load_config(None, [override])
 
-    with pytest.raises(ConfigError, match=r"unknown mixer 'atention' \(did you mean 'attention'\?\)"):
-        check_mixer_names(load_config(None, ["model.mixer_pattern=[atention]"]).model)
+
+def test_schema_lists_the_registered_mixers():
+    from jaxeff.config.reference import json_schema
+    from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS
+
+    props = json_schema()["$defs"]["ModelConfig"]["properties"]
+    assert props["mixer_pattern"]["items"]["enum"] == sorted(TOKEN_MIXERS)
+    assert props["channel_mixer_pattern"]["items"]["enum"] == sorted(CHANNEL_MIXERS)
+    assert {"attention", "lightning", "mlstm", "companion", "s2", "sink_window"} <= set(TOKEN_MIXERS)
 
 
 @pytest.mark.parametrize("yaml_text, extra, message", [

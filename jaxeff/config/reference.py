@@ -37,7 +37,7 @@ def schema_text() -> str:
 _INTRO = """\
 # Configuration reference
 
-<!-- Generated from jaxeff/config/sections.py and mixers.py by `make docs`; edit those, not this file. -->
+<!-- Generated from jaxeff/config/sections.py, mixers.py and the mixer registry (jaxeff/layers) by `make docs`; edit those, not this file. -->
 
 A run is configured by one YAML file (see `configs/`) plus dotted overrides on the command line
 (`train.steps=100`, `model.mixer_pattern=[attention,attention]`, `model.lightning.impl=chunked`).
@@ -91,6 +91,17 @@ def _one_line(text: str | None) -> str:
     return " ".join((text or "").split()).replace("|", "\\|")
 
 
+def _choices(field) -> str:
+    """': `a`, `b`' for a list whose items the schema enumerates (registered mixer names), else ''."""
+    extra = field.json_schema_extra
+    if not callable(extra):
+        return ""
+    schema: dict[str, Any] = {}
+    extra(schema)
+    names = schema.get("items", {}).get("enum")
+    return ": " + ", ".join(f"`{n}`" for n in names) if names else ""
+
+
 def _section_tables(cls: type[BaseModel], name: str) -> list[str]:
     out = [f"## {name}", "", _one_line(cls.__doc__), "",
            "| key | type | default | on resume | meaning |", "|---|---|---|---|---|"]
@@ -105,7 +116,7 @@ def _section_tables(cls: type[BaseModel], name: str) -> list[str]:
         kind = type_name(annotation) + (f", {allowed_range(field.metadata)}" if field.metadata and
                                         allowed_range(field.metadata) != "in range" else "")
         out.append(f"| `{key}` | {_one_line(kind)} | {_default(field)} | {resume} | "
-                   f"{_one_line(field.description)} |")
+                   f"{_one_line(field.description)}{_choices(field)} |")
     out.append("")
     for sub_name, sub_cls in subsections:
         out += _section_tables(sub_cls, sub_name)

@@ -112,14 +112,14 @@ def test_export_restores_with_plain_orbax_and_generates(uninterrupted, tmp_path)
                 walk(prefix + k + "/", v) if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
         walk("", params)
         np.savez({str(tmp_path / 'plain.npz')!r}, **flat)
-        print(meta["model"]["d_model"], meta["padded_vocab_size"], meta["step"])
+        print(meta["task"], meta["model"]["d_model"], meta["meta"]["vocab_size"], meta["step"])
     """)
     env = subprocess_env(1)
     env.pop("PYTHONPATH")
     proc = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, env=env, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["32", "384", str(STEPS)]
+    assert proc.stdout.split() == ["lm", "32", "259", str(STEPS)]
     plain = np.load(tmp_path / "plain.npz")
     trained = load_inference_model(uninterrupted).params
     for path, value in jax.tree.leaves_with_path(trained):

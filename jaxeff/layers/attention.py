@@ -32,38 +32,38 @@ class SoftmaxAttention(nn.Module):
         h, kv, dh = head_dims(cfg)
         q_BSHK = projection((h, dh), -1, ("embed", "heads", "head_dim"), cfg.init_std, self.dtype, "q")(x_BSD)
         k_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "k")(x_BSD)
-        v_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "v")(x_BSD)
+        v_BSGW = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "v")(x_BSD)
         q_BSHK = apply_rope(q_BSHK, positions_BS, cfg.rope_theta)
         k_BSGK = apply_rope(k_BSGK, positions_BS, cfg.rope_theta)
 
         if cache is None:
-            out_BSHK, new_cache = self.attend(q_BSHK, k_BSGK, v_BSGK), None
+            out_BSHW, new_cache = self.attend(q_BSHK, k_BSGK, v_BSGW), None
         else:
-            out_BSHK, new_cache = self.attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache)
+            out_BSHW, new_cache = self.attend_with_cache(q_BSHK, k_BSGK, v_BSGW, cache)
 
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
-        return out(out_BSHK), new_cache
+        return out(out_BSHW), new_cache
 
 
     # Subclasses with another attention pattern (S2, sink + window) override these two.
-    def attend(self, q_BSHK, k_BSGK, v_BSGK):
-        return jax.nn.dot_product_attention(q_BSHK, k_BSGK, v_BSGK, is_causal=True)
+    def attend(self, q_BSHK, k_BSGK, v_BSGW):
+        return jax.nn.dot_product_attention(q_BSHK, k_BSGK, v_BSGW, is_causal=True)
 
-    def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGK, cache):
-        return _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache)
+    def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
+        return _attend_with_cache(q_BSHK, k_BSGK, v_BSGW, cache)
 
 
-def _attend_with_cache(q_BSHK, k_BSGK, v_BSGK, cache):
+def _attend_with_cache(q_BSHK, k_BSGK, v_BSGW, cache):
     """Write this chunk's keys/values at cache["index"], then attend over everything written so far."""
     start = cache["index"]
     k_BTGK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BSGK.astype(cache["k"].dtype), start, axis=1)
-    v_BTGK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BSGK.astype(cache["v"].dtype), start, axis=1)
+    v_BTGW = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BSGW.astype(cache["v"].dtype), start, axis=1)
     s, t = q_BSHK.shape[1], k_BTGK.shape[1]
     query_pos_S = start + jnp.arange(s)
-    mask_1ST = (jnp.arange(t)[None, :] <= query_pos_S[:, None])[None, None]
-    out = jax.nn.dot_product_attention(q_BSHK, k_BTGK.astype(q_BSHK.dtype), v_BTGK.astype(q_BSHK.dtype),
-                                       mask=mask_1ST)
-    return out, {"k": k_BTGK, "v": v_BTGK, "index": start + s}
+    mask_11ST = (jnp.arange(t)[None, :] <= query_pos_S[:, None])[None, None]
+    out = jax.nn.dot_product_attention(q_BSHK, k_BTGK.astype(q_BSHK.dtype), v_BTGW.astype(q_BSHK.dtype),
+                                       mask=mask_11ST)
+    return out, {"k": k_BTGK, "v": v_BTGW, "index": start + s}
 
 
 def init_kv_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

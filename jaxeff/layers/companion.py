@@ -25,10 +25,10 @@ if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
 
 
-def l1_normalise(a_KD, eps: float = 1e-4):
+def l1_normalise(a_UX, eps: float = 1e-4):
     """a / |a|_1 per kernel; a near-zero column is left as it is (its norm would blow it up)."""
-    norm = jnp.sum(jnp.abs(a_KD), axis=-1, keepdims=True)
-    return jnp.where(norm > eps, a_KD / jnp.maximum(norm, eps), a_KD)
+    norm = jnp.sum(jnp.abs(a_UX), axis=-1, keepdims=True)
+    return jnp.where(norm > eps, a_UX / jnp.maximum(norm, eps), a_UX)
 
 
 class CompanionMixer(nn.Module):

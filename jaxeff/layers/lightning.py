@@ -62,14 +62,14 @@ def decay_rates(n_heads: int, n_layers: int, layer: int, convention: str = "code
     raise ValueError(f"unknown decay convention {convention!r}; expected 'code' or 'paper'")
 
 
-def lrpe(x_BSHD, positions_BS, theta_HD):
+def lrpe(x_BSHK, positions_BS, theta_HK):
     """LRPE-d: [x cos(theta * pos), x sin(theta * pos)] on the last axis (doubles the head width).
 
     <lrpe(q)_t, lrpe(k)_s> = sum_j q_j k_j cos(theta_j (t - s)): a relative phase per channel.
     """
-    angle_BSHD = positions_BS[:, :, None, None].astype(jnp.float32) * theta_HD
-    x = x_BSHD.astype(jnp.float32)
-    return jnp.concatenate([x * jnp.cos(angle_BSHD), x * jnp.sin(angle_BSHD)], axis=-1).astype(x_BSHD.dtype)
+    angle_BSHK = positions_BS[:, :, None, None].astype(jnp.float32) * theta_HK
+    x = x_BSHK.astype(jnp.float32)
+    return jnp.concatenate([x * jnp.cos(angle_BSHK), x * jnp.sin(angle_BSHK)], axis=-1).astype(x_BSHK.dtype)
 
 
 def lrpe_theta_init(key, shape, dtype=jnp.float32):
@@ -92,38 +92,37 @@ class LightningMixer(nn.Module):
         cfg, layer = self.cfg, self.layer_index
         h, d = cfg.n_heads, head_dim(cfg)
         axes = ("embed", "heads", "head_dim")
-        q_BSHD = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "q")(x_BSD))
-        k_BSHD = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "k")(x_BSD))
-        v_BSHD = projection((h, d), -1, axes, cfg.init_std, self.dtype, "v")(x_BSD)
-        u_BSHD = projection((h, d), -1, axes, cfg.init_std, self.dtype, "u")(x_BSD)
+        q_BSHK = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "q")(x_BSD))
+        k_BSHK = nn.silu(projection((h, d), -1, axes, cfg.init_std, self.dtype, "k")(x_BSD))
+        v_BSHW = projection((h, d), -1, axes, cfg.init_std, self.dtype, "v")(x_BSD)
+        u_BSHW = projection((h, d), -1, axes, cfg.init_std, self.dtype, "u")(x_BSD)
         if _uses_lrpe(cfg, layer):
-            theta_HD = self.param("lrpe_theta", nn.with_logical_partitioning(lrpe_theta_init, ("heads", "head_dim")),
+            theta_HK = self.param("lrpe_theta", nn.with_logical_partitioning(lrpe_theta_init, ("heads", "head_dim")),
                                   (h, d), jnp.float32)
-            q_BSHD, k_BSHD = lrpe(q_BSHD, positions_BS, theta_HD), lrpe(k_BSHD, positions_BS, theta_HD)
+            q_BSHK, k_BSHK = lrpe(q_BSHK, positions_BS, theta_HK), lrpe(k_BSHK, positions_BS, theta_HK)
         rate_H = jnp.asarray(decay_rates(h, cfg.n_layers, layer, cfg.lightning.decay_convention), jnp.float32)
 
         block, impl = cfg.lightning.block_size, cfg.lightning.impl
-        a_BSHD, new_cache = recurrent_call(
+        a_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, block_size=block, impl=impl),
-            step=lambda state: _one_token(lightning_attention_step(q_BSHD[:, 0], k_BSHD[:, 0], v_BSHD[:, 0], rate_H,
+            full=lambda: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, block_size=block, impl=impl),
+            step=lambda state: _one_token(lightning_attention_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], rate_H,
                                                                    state)),
-            prefill=lambda state: lightning_attention(q_BSHD, k_BSHD, v_BSHD, rate_H, initial_state=state,
+            prefill=lambda state: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state=state,
                                                       return_final_state=True, block_size=block, impl=impl))
 
-        b, s = x_BSD.shape[:2]
-        a_BSF = a_BSHD.reshape(b, s, h * d).astype(jnp.float32)
+        a_BSHW = a_BSHW.astype(jnp.float32)
         # NormAttention: normalise over the whole hidden width (all heads), then gate with u.
-        a_BSF = a_BSF * jax.lax.rsqrt(jnp.mean(a_BSF * a_BSF, axis=-1, keepdims=True) + cfg.norm_eps)
-        gated_BSHD = (a_BSF.reshape(b, s, h, d) * u_BSHD.astype(jnp.float32)).astype(self.dtype)
+        a_BSHW = a_BSHW * jax.lax.rsqrt(jnp.mean(a_BSHW * a_BSHW, axis=(-2, -1), keepdims=True) + cfg.norm_eps)
+        gated_BSHW = (a_BSHW * u_BSHW.astype(jnp.float32)).astype(self.dtype)
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
-        return out(gated_BSHD), new_cache
+        return out(gated_BSHW), new_cache
 
 
 def _one_token(step_output):
-    """(a_BHD, state) of one recurrence step -> (a_BSHD with S = 1, state)."""
-    a_BHD, state = step_output
-    return a_BHD[:, None], state
+    """(a_BHW, state) of one recurrence step -> (a_BSHW with S = 1, state)."""
+    a_BHW, state = step_output
+    return a_BHW[:, None], state
 
 
 def init_lightning_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

@@ -58,14 +58,14 @@ class MultiHeadLayerNorm(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h_BSHV):
-        _, _, heads, dv = h_BSHV.shape
-        scale_HV = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("heads", "head_dim")),
+    def __call__(self, h_BSHW):
+        _, _, heads, dv = h_BSHW.shape
+        scale_HW = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("heads", "head_dim")),
                               (heads, dv), jnp.float32)
-        x = h_BSHV.astype(jnp.float32)
+        x = h_BSHW.astype(jnp.float32)
         x = x - x.mean(-1, keepdims=True)
         x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-        return (x * scale_HV).astype(self.dtype)
+        return (x * scale_HW).astype(self.dtype)
 
 
 class MlstmMixer(nn.Module):
@@ -81,9 +81,9 @@ class MlstmMixer(nn.Module):
         small = small_init_std(cfg)
         q_BSHK = projection((h, dk), -1, ("embed", "heads", "head_dim"), small, self.dtype, "q")(x_BSD)
         k_BSHK = projection((h, dk), -1, ("embed", "heads", "head_dim"), small, self.dtype, "k")(x_BSD)
-        v_BSHV = projection((h, dv), -1, ("embed", "heads", "head_dim"), small, self.dtype, "v")(x_BSD)
+        v_BSHW = projection((h, dv), -1, ("embed", "heads", "head_dim"), small, self.dtype, "v")(x_BSD)
         zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "heads", "head_dim"))
-        o_BSHV = nn.DenseGeneral((h, dv), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        o_BSHW = nn.DenseGeneral((h, dv), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                  kernel_init=zeros, name="ogate")(x_BSD)
         # Gates in float32: exponential input gates are sensitive to rounding.
         gate_kernel = nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "heads"))
@@ -96,24 +96,24 @@ class MlstmMixer(nn.Module):
 
         cell = dict(eps=sec.cell_eps)
         chunk, impl = sec.chunk_size, sec.impl
-        h_BSHV, new_cache = recurrent_call(
+        h_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, chunk_size=chunk, impl=impl, **cell),
-            step=lambda state: _one_token(mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHV[:, 0], i_BSH[:, 0],
+            full=lambda: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, chunk_size=chunk, impl=impl, **cell),
+            step=lambda state: _one_token(mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], i_BSH[:, 0],
                                                      f_BSH[:, 0], state, **cell)),
-            prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHV, i_BSH, f_BSH, initial_state=state,
+            prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, initial_state=state,
                                         return_final_state=True, chunk_size=chunk, impl=impl, **cell))
 
-        h_BSHV = MultiHeadLayerNorm(sec.norm_eps, self.dtype, name="norm")(h_BSHV.astype(self.dtype))
-        gated_BSHV = jax.nn.sigmoid(o_BSHV.astype(jnp.float32)).astype(self.dtype) * h_BSHV
+        h_BSHW = MultiHeadLayerNorm(sec.norm_eps, self.dtype, name="norm")(h_BSHW.astype(self.dtype))
+        gated_BSHV = jax.nn.sigmoid(o_BSHW.astype(jnp.float32)).astype(self.dtype) * h_BSHW
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), wang_init_std(cfg), self.dtype, "out")
         return out(gated_BSHV), new_cache
 
 
 def _one_token(step_output):
-    """(h_BHV, state) of one recurrence step -> (h_BSHV with S = 1, state)."""
-    h_BHV, state = step_output
-    return h_BHV[:, None], state
+    """(h_BHW, state) of one recurrence step -> (h_BSHW with S = 1, state)."""
+    h_BHW, state = step_output
+    return h_BHW[:, None], state
 
 
 def init_mlstm_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

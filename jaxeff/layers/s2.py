@@ -82,21 +82,21 @@ class _Layout:
 class S2Attention(SoftmaxAttention):
     mixer: str = "s2"
 
-    def attend(self, q_BSHK, k_BSGK, v_BSGK):
+    def attend(self, q_BSHK, k_BSGK, v_BSGW):
         cfg = self.cfg
-        return s2_attention(q_BSHK, k_BSGK, v_BSGK, block_size=cfg.s2.block_size, impl=cfg.s2.impl,
+        return s2_attention(q_BSHK, k_BSGK, v_BSGW, block_size=cfg.s2.block_size, impl=cfg.s2.impl,
                             **pattern_kwargs(cfg, self.mixer))
 
-    def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGK, cache):
+    def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
         layout = _Layout(self.cfg, self.mixer, capacity=cache["k"].shape[2])
         start, s = cache["index"], q_BSHK.shape[1]
-        cache = _write(layout, cache, k_BSGK, v_BSGK, start)
+        cache = _write(layout, cache, k_BSGK, v_BSGW, start)
         if s > 1:  # prefill from position 0: the full pattern over the chunk
-            return self.attend(q_BSHK, k_BSGK, v_BSGK), cache
+            return self.attend(q_BSHK, k_BSGK, v_BSGW), cache
         return _decode_step(layout, q_BSHK, cache, start), cache
 
 
-def _write(layout: _Layout, cache, k_BSGK, v_BSGK, start):
+def _write(layout: _Layout, cache, k_BSGK, v_BSGW, start):
     """Store the chunk's keys/values in their slots; ring entries a later block of the same chunk overwrites are
     skipped (slot index out of range: dropped), so every slot is written at most once per call."""
     b, s, g, d = k_BSGK.shape
@@ -112,7 +112,7 @@ def _write(layout: _Layout, cache, k_BSGK, v_BSGK, start):
     offset_SG = jnp.broadcast_to(offset_S[:, None], (s, g))
     k = cache["k"].at[:, heads_SG, slot_SG, offset_SG].set(k_BSGK.astype(cache["k"].dtype),
                                                            mode="drop")
-    v = cache["v"].at[:, heads_SG, slot_SG, offset_SG].set(v_BSGK.astype(cache["v"].dtype), mode="drop")
+    v = cache["v"].at[:, heads_SG, slot_SG, offset_SG].set(v_BSGW.astype(cache["v"].dtype), mode="drop")
     blocks = cache["block"].at[heads_SG, slot_SG].set(jnp.broadcast_to(block_S[:, None], (s, g)), mode="drop")
     return {**cache, "k": k, "v": v, "block": blocks, "index": start + s}
 
@@ -127,12 +127,12 @@ def _decode_step(layout: _Layout, q_B1HK, cache, pos):
     key_pos_GCT = block_GC[..., None] * layout.bs + jnp.arange(layout.bs)
     ok_GCT = ((block_GC >= 0) & (block_GC <= i) & layout.reads(i, block_GC, jnp.arange(g)[:, None]))[..., None] & (
         key_pos_GCT <= pos)
-    k_BGN = cache["k"].reshape(b, g, -1, d).astype(jnp.float32)
-    v_BGN = cache["v"].reshape(b, g, -1, d).astype(jnp.float32)
-    q_BGRD = q_B1HK[:, 0].reshape(b, g, groups, d).astype(jnp.float32)
-    logits = jnp.einsum("bgrd,bgnd->bgrn", q_BGRD, k_BGN) * d**-0.5
+    k_BGT = cache["k"].reshape(b, g, -1, d).astype(jnp.float32)
+    v_BGT = cache["v"].reshape(b, g, -1, d).astype(jnp.float32)
+    q_BGRK = q_B1HK[:, 0].reshape(b, g, groups, d).astype(jnp.float32)
+    logits = jnp.einsum("bgrk,bgtk->bgrt", q_BGRK, k_BGT) * d**-0.5
     logits = jnp.where(ok_GCT.reshape(g, -1)[None, :, None], logits, -jnp.inf)
-    out = jnp.einsum("bgrn,bgnd->bgrd", jax.nn.softmax(logits, axis=-1), v_BGN)
+    out = jnp.einsum("bgrt,bgtw->bgrw", jax.nn.softmax(logits, axis=-1), v_BGT)
     return out.reshape(b, 1, h, d).astype(q_B1HK.dtype)
 
 

@@ -49,8 +49,8 @@ def generate_ids(model, params, prompt_ids: list[int], max_new_tokens: int, *, t
     max_len = max_len or len(prompt_ids) + max_new_tokens
     caches = init_caches(cfg, 1, max_len, model.dtype)
     forward = make_forward(model)
-    prompt_1P = jnp.asarray([prompt_ids], jnp.int32)
-    logits_1V, caches = forward(params, prompt_1P, jnp.arange(len(prompt_ids))[None], caches)
+    prompt_1S = jnp.asarray([prompt_ids], jnp.int32)
+    logits_1V, caches = forward(params, prompt_1S, jnp.arange(len(prompt_ids))[None], caches)
     key = jax.random.key(seed)
     out = []
     for i in range(max_new_tokens):

@@ -49,8 +49,8 @@ def predict(model, params, x_BLC, window_norm: str, out_in_inputs: list[int]):
     return y + offset[:, :, list(out_in_inputs)]
 
 
-def error_metrics(pred_BHO, target_BHO, std_O) -> dict[str, jax.Array]:
-    diff = pred_BHO - target_BHO
+def error_metrics(pred_BFO, target_BFO, std_O) -> dict[str, jax.Array]:
+    diff = pred_BFO - target_BFO
     return {"mse": jnp.mean(diff**2), "mae": jnp.mean(jnp.abs(diff)),
             "mse_original": jnp.mean((diff * std_O) ** 2), "mae_original": jnp.mean(jnp.abs(diff * std_O))}
 

@@ -21,10 +21,10 @@ from jaxeff.tasks.forecast import predict
 class Forecast:
     labels: list[str]  # one per forecast step (dates when the series has them)
     names: list[str]  # output channels
-    forecast_HO: np.ndarray  # original units
-    truth_HO: np.ndarray | None
+    forecast_FO: np.ndarray  # original units
+    truth_FO: np.ndarray | None
     history_labels: list[str]
-    history_TO: np.ndarray  # the lookback of the output channels, original units
+    history_LO: np.ndarray  # the lookback of the output channels, original units
     step: int  # training step of the checkpoint used
 
 
@@ -62,18 +62,18 @@ def forecast_series(cfg: Config, model, params, meta: dict, step: int, csv: str 
 def format_forecast(fc: Forecast) -> str:
     cols = []
     for name in fc.names:
-        cols += [f"{name} forecast"] + ([f"{name} truth"] if fc.truth_HO is not None else [])
+        cols += [f"{name} forecast"] + ([f"{name} truth"] if fc.truth_FO is not None else [])
     width = max(12, *(len(c) for c in cols))
     lines = [f"{'step':<12} " + " ".join(f"{c:>{width}}" for c in cols)]
     for t, label in enumerate(fc.labels):
         cells = []
         for o in range(len(fc.names)):
-            cells.append(fc.forecast_HO[t, o])
-            if fc.truth_HO is not None:
-                cells.append(fc.truth_HO[t, o])
+            cells.append(fc.forecast_FO[t, o])
+            if fc.truth_FO is not None:
+                cells.append(fc.truth_FO[t, o])
         lines.append(f"{label:<12} " + " ".join(f"{v:>{width}.4g}" for v in cells))
-    if fc.truth_HO is not None:
-        diff = fc.forecast_HO - fc.truth_HO
+    if fc.truth_FO is not None:
+        diff = fc.forecast_FO - fc.truth_FO
         lines.append(f"MSE {np.mean(diff ** 2):.4g}, MAE {np.mean(np.abs(diff)):.4g} (original units, checkpoint "
                      f"step {fc.step})")
     return "\n".join(lines)
@@ -94,10 +94,10 @@ def plot_forecast(fc: Forecast, out: str | Path) -> Path:
     fig, axes = plt.subplots(n_out, 1, figsize=(9, 3 * n_out), squeeze=False)
     t_hist, t_fc = np.arange(n_hist), np.arange(n_hist, n_hist + len(fc.labels))
     for o, ax in enumerate(axes[:, 0]):
-        ax.plot(t_hist, fc.history_TO[:, o], color="0.3", label="history")
-        if fc.truth_HO is not None:
-            ax.plot(t_fc, fc.truth_HO[:, o], color="tab:green", label="truth")
-        ax.plot(t_fc, fc.forecast_HO[:, o], color="tab:red", linestyle="--", label="forecast")
+        ax.plot(t_hist, fc.history_LO[:, o], color="0.3", label="history")
+        if fc.truth_FO is not None:
+            ax.plot(t_fc, fc.truth_FO[:, o], color="tab:green", label="truth")
+        ax.plot(t_fc, fc.forecast_FO[:, o], color="tab:red", linestyle="--", label="forecast")
         ax.set_title(fc.names[o])
         ticks = np.linspace(0, n_hist + len(fc.labels) - 1, 5).astype(int)
         all_labels = fc.history_labels + fc.labels

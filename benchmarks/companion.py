@@ -3,7 +3,7 @@
     python benchmarks/companion.py [--lengths 1024 4096 16384 65536] [--dims 64 256 512] [--write docs/benchmarks.md]
 
 8 heads, float32 on CPU, one process; each case warmed up and repeated on its own. The krylov kernel builds an
-[H, d, length] Krylov block and is skipped where that passes 1 GB. The second table runs the whole SSM over
+[U, X, length] Krylov block and is skipped where that passes 1 GB. The second table runs the whole SSM over
 u [1, length, 64 channels] (state d = 64): FFT convolution with the fast kernel vs the step-by-step recurrence.
 """
 

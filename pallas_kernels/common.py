@@ -1,4 +1,4 @@
-"""Pieces every Pallas kernel file here shares: the in-kernel matmul, dimension padding, grid semantics."""
+"""Pieces the Pallas kernel files here share: the in-kernel matmul and head-width padding."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 F32 = jnp.float32
-PLATFORMS = ("triton", "tpu")
 MIN_DIM = 16  # tl.dot needs >= 16 per dim; also a multiple of the TPU sublane tile
-PARALLEL, SEQUENTIAL = "parallel", "arbitrary"  # TPU grid dimension semantics
 
 
 def dot(a, b, contract_a: int, contract_b: int):

@@ -4,7 +4,7 @@ The block pattern is a tiny in-test copy of DKernel's rule (local window + verti
 residue), expanded to a token mask for a dense masked-softmax reference in float32. Checked: forward out and lse,
 dq/dk/dv from s2_backward against jax.grad of the dense reference (random cotangent for out, none for lse), both
 kernel bodies ("triton", "tpu") in the generic CPU interpreter (the "tpu" body also in the TPU-semantics
-interpreter), GQA (Hq=4, Hkv=2), S not a multiple of the block (partial last block), head dims that need padding,
+interpreter), GQA (H=4, G=2 KV heads), S not a multiple of the block (partial last block), head dims that need padding,
 bfloat16, the CSR/CSC builders, and lowering of the real kernels for GPU (Triton) and TPU (Mosaic) from this CPU.
 Shapes are tiny and each kernel is jitted once per configuration, so the file stays well under a minute.
 """
@@ -21,10 +21,10 @@ from pallas_kernels.s2_attention import kernel
 BS = 16
 FWD_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-4, 2e-2
 
-# name -> (B, S, Hq, Hkv, D, pattern); S % BS != 0 in both (partial last block)
+# name -> (B, S, H, G, K, pattern); S % BS != 0 in both (partial last block)
 CASES = {
-    "sparse_gqa": (2, 72, 4, 2, 32, "sparse"),  # 5 query blocks, the last one 8 rows; G = 2
-    "dense_mha": (1, 40, 4, 4, 16, "ones"),  # 3 query blocks, the last one 8 rows; G = 1
+    "sparse_gqa": (2, 72, 4, 2, 32, "sparse"),  # 5 query blocks, the last one 8 rows; R = 2
+    "dense_mha": (1, 40, 4, 4, 16, "ones"),  # 3 query blocks, the last one 8 rows; R = 1
 }
 
 
@@ -34,7 +34,7 @@ CASES = {
 
 
 def block_pattern(hkv: int, nq: int, kind: str, local: int = 1, stride: int = 2) -> np.ndarray:
-    """bool [Hkv, NQ, NQ]: block (i, j) of KV head g kept iff j <= i and (i - j < local or (j + g) % stride == 0);
+    """bool [G, I, J]: block (i, j) of KV head g kept iff j <= i and (i - j < local or (j + g) % stride == 0);
     "ones": every causal block."""
     i, j = np.arange(nq)[:, None], np.arange(nq)[None, :]
     g = np.arange(hkv)[:, None, None]
@@ -45,16 +45,16 @@ def block_pattern(hkv: int, nq: int, kind: str, local: int = 1, stride: int = 2)
 
 
 def token_mask(bm: np.ndarray, s: int) -> np.ndarray:
-    """bool [Hkv, S, S]: the block mask expanded to tokens, causal inside the diagonal blocks."""
+    """bool [G, S, T]: the block mask expanded to tokens, causal inside the diagonal blocks."""
     dense = np.kron(bm, np.ones((BS, BS), bool))[:, :s, :s]
     return dense & np.tril(np.ones((s, s), bool))
 
 
 def dense_attention(q, k, v, mask, scale):
-    """Masked softmax attention in float32. q [B,S,Hq,D], k/v [B,S,Hkv,D], mask [Hkv,S,S] -> (out, lse [B,Hq,S])."""
-    g = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    mask = jnp.repeat(jnp.asarray(mask), g, axis=0)[None]
+    """Masked softmax attention in float32. q [B,S,H,K], k/v [B,S,G,K], mask [G,S,T] -> (out, lse [B,H,S])."""
+    r = q.shape[2] // k.shape[2]  # query heads per KV head
+    k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
+    mask = jnp.repeat(jnp.asarray(mask), r, axis=0)[None]
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * scale
     s = jnp.where(mask, s, -jnp.inf)
     lse = jax.nn.logsumexp(s, axis=-1)

@@ -6,11 +6,17 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeff.layers.spacetime import (closed_loop_rollout, difference_kernel, fir_filter,
-                                     moving_average_residual_kernel)
+from jaxeff.layers.spacetime import closed_loop_rollout, difference_kernel, moving_average_residual_kernel
+from jaxeff.models.spacetime import Preprocess, preprocessing_taps
 from pallas_kernels.companion_ssm import companion_ssm
 
 PHI = np.array([0.5, -0.3, 0.2, 0.1])
+
+
+def preprocess(u_BLD, difference_orders=(), ma_windows=()):
+    """The model's fixed preprocessing filters (filter i on channel i mod n_filters); no parameters."""
+    taps_UX = preprocessing_taps(list(difference_orders), list(ma_windows))
+    return np.asarray(Preprocess(taps_UX).apply({}, jnp.asarray(u_BLD)))
 
 
 def ar_series(n: int, phi=PHI, sigma=0.1, seed=0):
@@ -25,11 +31,11 @@ def test_difference_kernels_are_signed_binomials_and_remove_polynomial_trends():
     assert difference_kernel(1).tolist() == [1, -1]
     assert difference_kernel(4).tolist() == [1, -4, 6, -4, 1]
     t = np.arange(30, dtype=np.float32)
+    assert difference_kernel(2, 5).tolist() == [1, -2, 1, 0, 0]
     u = np.stack([3 * t + 1, 0.5 * t**2 - t, t**3 / 50], -1)[None]  # linear, quadratic, cubic trends
-    taps = jnp.stack([difference_kernel(k, 5) for k in (1, 2, 3)])
-    y = np.asarray(fir_filter(jnp.asarray(u), taps))[0]
-    for h, constant in enumerate((3.0, 1.0, 6 / 50)):
-        np.testing.assert_allclose(y[h + 1:, h], constant, rtol=1e-3, atol=1e-3)  # after the warm-up taps
+    y = preprocess(u, difference_orders=(1, 2, 3))[0]  # order c + 1 on channel c
+    for c, constant in enumerate((3.0, 1.0, 6 / 50)):
+        np.testing.assert_allclose(y[c + 1:, c], constant, rtol=1e-3, atol=1e-3)  # after the warm-up taps
     with pytest.raises(ValueError, match="order must be in 0..4"):
         difference_kernel(5)
 
@@ -39,12 +45,12 @@ def test_moving_average_residual_kernel():
     np.testing.assert_allclose(taps, [0.75, -0.25, -0.25, -0.25, 0, 0])
     assert abs(float(taps.sum())) < 1e-7
     u = np.full((1, 12, 1), 2.5, np.float32)  # a constant is removed once the window is full
-    y = fir_filter(jnp.asarray(u), taps[None])
+    y = preprocess(u, ma_windows=(4,))
     np.testing.assert_allclose(y[0, 3:, 0], 0.0, atol=1e-6)
     rng = np.random.default_rng(1)
     v = rng.standard_normal((1, 12, 1)).astype(np.float32)
     expected = [v[0, t, 0] - v[0, max(0, t - 3):t + 1, 0].sum() / 4 for t in range(12)]
-    np.testing.assert_allclose(fir_filter(jnp.asarray(v), taps[None])[0, :, 0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(preprocess(v, ma_windows=(4,))[0, :, 0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_closed_loop_rollout_is_the_ar_recursion():

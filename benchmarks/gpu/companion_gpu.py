@@ -5,7 +5,7 @@
 The op's training path is the fast kernel + an FFT convolution (`jnp.fft`). A Pallas kernel would be a chunked
 scan: within a chunk a causal Toeplitz matmul with the kernel taps, between chunks the d-sized state carried
 with A^C. Its within-chunk part is what tensor cores do well, so the proxy measured here is the whole sequence
-as one causal Toeplitz matmul (for lengths where the [H, L, L] matrix fits) next to the FFT path and the
+as one causal Toeplitz matmul (for lengths where the [D, S, T] matrix fits) next to the FFT path and the
 step-by-step `lax.scan` recurrence, forward + backward in float32, 256 channels, state d = 64, 16 kernels.
 If the Toeplitz matmul does not beat the FFT path, a Pallas kernel built on it will not either.
 1. Correctness on the GPU: FFT path vs the recurrence (relative error).
@@ -49,9 +49,9 @@ def fft_path(u, a, b, c):
 
 def toeplitz_path(u, a, b, c):
     n = u.shape[1]
-    k = tile(companion_kernel(a, b, c, n))  # [H, L]
+    k = tile(companion_kernel(a, b, c, n))  # [D, S]: the kernel of each channel
     lag = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]
-    t = jnp.where(lag >= 0, k[:, jnp.clip(lag, 0, n - 1)], 0.0)  # [H, L, L]
+    t = jnp.where(lag >= 0, k[:, jnp.clip(lag, 0, n - 1)], 0.0)  # [D, S, T]
     return jnp.einsum("hts,bsh->bth", t, u)
 
 

@@ -40,8 +40,9 @@ class PackedWindows:
         return f"PackedWindows(name={self.name}, seq_len={self.seq_len}, windows={self._len}, digest={self._digest})"
 
 
-def _to_example(window_T: np.ndarray) -> dict[str, np.ndarray]:
-    return {"inputs": window_T[:-1], "targets": window_T[1:]}
+def _to_example(window_S: np.ndarray) -> dict[str, np.ndarray]:
+    """A window of S + 1 tokens -> inputs (the first S) and targets (the last S)."""
+    return {"inputs": window_S[:-1], "targets": window_S[1:]}
 
 
 def pack(docs_tokens: list[np.ndarray], tok: Tokenizer) -> np.ndarray:

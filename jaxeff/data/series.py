@@ -229,8 +229,9 @@ class Normaliser:
     def apply(self, x_TC: np.ndarray) -> np.ndarray:
         return (x_TC - self.mean) / self.std
 
-    def invert(self, y_TC: np.ndarray, channels: list[int]) -> np.ndarray:
-        return y_TC * self.std[channels] + self.mean[channels]
+    def invert(self, y_FO: np.ndarray, channels: list[int]) -> np.ndarray:
+        """A forecast [F, O] of the series channels `channels` back to original units."""
+        return y_FO * self.std[channels] + self.mean[channels]
 
     def to_json(self) -> dict:
         return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}

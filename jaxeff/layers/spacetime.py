@@ -1,7 +1,7 @@
 """SpaceTime's building blocks around the companion SSM: preprocessing filters and the closed-loop decoder.
 
 Preprocessing SSMs are companion SSMs with A = S (a = 0), b = e_1 and a fixed c: then K_l = c_l, i.e. a fixed
-causal FIR filter with taps c.
+causal FIR filter with taps c (jaxeff.models.spacetime.Preprocess applies them as causal convolutions).
   differencing of order k: the signed binomial row (order 1: [1, -1]; order 2: [1, -2, 1]; ...)
   moving-average residual of window w: u_t minus the mean of the last w values (taps delta_0 - 1/w on [0, w))
 Closed loop (the forecasting decoder): after encoding a lag window into the state x, feed the layer's own
@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.companion_ssm import companion_ssm
 from pallas_kernels.companion_ssm.reference import apply_companion
 
 MAX_DIFFERENCE_ORDER = 4
@@ -43,23 +42,15 @@ def moving_average_residual_kernel(window: int, length: int | None = None):
     return taps
 
 
-def fir_filter(u_BSH, taps_HK):
-    """Fixed causal filters as companion SSMs with a = 0, b = e_1, c = taps: y_t = sum_l taps_l u_{t-l}."""
-    h, k = taps_HK.shape
-    a = jnp.zeros((h, k), taps_HK.dtype)
-    b = jnp.zeros((h, k), taps_HK.dtype).at[:, 0].set(1.0)
-    return companion_ssm(u_BSH, a, b, taps_HK)
+def closed_loop_rollout(x_BDX, a_DX, b_DX, c_DX, k_DX, horizon: int):
+    """From the encoded state x, roll x_t = (A + b k^T) x_{t-1} for `horizon` steps (F), one SSM per channel (D).
 
-
-def closed_loop_rollout(x_BHD, a_HD, b_HD, c_HD, k_HD, horizon: int):
-    """From the encoded state x, roll x_t = (A + b k^T) x_{t-1} for `horizon` steps.
-
-    Returns (y [B, horizon, H] = c . x_t, u [B, horizon, H] = k . x_{t-1}, the predicted inputs).
+    Returns (y [B, F, D] = c . x_t, u [B, F, D] = k . x_{t-1}, the predicted inputs).
     """
     def step(x, _):
-        u_next = jnp.sum(k_HD * x, axis=-1)
-        x = apply_companion(a_HD[None], x) + b_HD[None] * u_next[..., None]
-        return x, (jnp.sum(c_HD * x, axis=-1), u_next)
+        u_next = jnp.sum(k_DX * x, axis=-1)
+        x = apply_companion(a_DX[None], x) + b_DX[None] * u_next[..., None]
+        return x, (jnp.sum(c_DX * x, axis=-1), u_next)
 
-    _, (y_TBH, u_TBH) = jax.lax.scan(step, x_BHD, None, length=horizon)
-    return jnp.swapaxes(y_TBH, 0, 1), jnp.swapaxes(u_TBH, 0, 1)
+    _, (y_FBD, u_FBD) = jax.lax.scan(step, x_BDX, None, length=horizon)
+    return jnp.swapaxes(y_FBD, 0, 1), jnp.swapaxes(u_FBD, 0, 1)

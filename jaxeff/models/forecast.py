@@ -1,5 +1,6 @@
-"""Forecasting models: `model.architecture` -> a Flax module mapping inputs [B, lookback, C_in] (normalised) to a
-forecast [B, horizon, C_out]. SpaceTime lives in spacetime.py; the linear baselines are here.
+"""Forecasting models: `model.architecture` -> a Flax module mapping inputs x_BLC (normalised; L lookback steps,
+C input channels) to a forecast y_BFO (F horizon steps, O output channels). SpaceTime lives in spacetime.py; the
+linear baselines are here.
 
     linear   one Dense lookback -> horizon shared by every channel (NLinear with forecast.window_norm: last)
     dlinear  the same on a moving-average trend and on the remainder, summed (DLinear)
@@ -24,7 +25,7 @@ def moving_average_trend(x_BLC, window: int):
 
 
 class _TimeLinear(nn.Module):
-    """[B, L, C] -> [B, H, C]: one linear map over time, shared by the channels."""
+    """[B, L, C] -> [B, F, C]: one linear map over time, shared by the channels."""
 
     horizon: int
 
@@ -42,11 +43,12 @@ class LinearForecaster(nn.Module):
     def __call__(self, x_BLC):
         x_BLC = x_BLC.astype(jnp.float32)
         if self.trend_window is None:
-            y = _TimeLinear(self.horizon, name="linear")(x_BLC)
+            y_BFC = _TimeLinear(self.horizon, name="linear")(x_BLC)
         else:
-            trend = moving_average_trend(x_BLC, self.trend_window)
-            y = _TimeLinear(self.horizon, name="trend")(trend) + _TimeLinear(self.horizon, name="seasonal")(x_BLC - trend)
-        return y[:, :, list(self.out_in_inputs)]
+            trend_BLC = moving_average_trend(x_BLC, self.trend_window)
+            y_BFC = (_TimeLinear(self.horizon, name="trend")(trend_BLC)
+                     + _TimeLinear(self.horizon, name="seasonal")(x_BLC - trend_BLC))
+        return y_BFC[:, :, list(self.out_in_inputs)]
 
 
 def build_forecaster(cfg: ModelConfig, horizon: int, out_in_inputs: list[int]) -> nn.Module:

@@ -4,11 +4,12 @@
     layer 0:  h = h + SSM(preprocess(h));  h = h + MLP(LayerNorm(h))
     layer i:  h = h + SSM(h);              h = h + MLP(LayerNorm(h))
     decoder:  encode h into the final state x, roll x_t = (A + b k^T) x_{t-1} for `horizon` steps, y_t = c . x_t
-    head:     y_BTD --dense--> forecast_BTO                 (O output channels)
+    head:     y_BFD --dense--> forecast_BFO                 (F = horizon steps, O output channels)
 
-Every SSM is one of `n_kernels` independent state-space models repeated over the D channels (channel i uses
-kernel i mod n_kernels). `model.spacetime.ssm` picks the state matrix: `companion` (shift + a learned last column,
-SpaceTime) or `diagonal` (complex diagonal, S4D-like: the baseline that cannot express AR processes exactly).
+Every SSM is one of `n_kernels` (U) independent state-space models (state size X) repeated over the D channels
+(channel i uses kernel i mod n_kernels). `model.spacetime.ssm` picks the state matrix: `companion` (shift + a
+learned last column, SpaceTime) or `diagonal` (complex diagonal, S4D-like: the baseline that cannot express AR
+processes exactly).
 The preprocessing is fixed FIR filters (differencing, moving-average residual), i.e. companion SSMs with a = 0,
 b = e_1 and c = the taps (see jaxeff/layers/spacetime.py), applied directly as causal convolutions.
 """
@@ -28,13 +29,14 @@ from jaxeff.layers.spacetime import closed_loop_rollout, difference_kernel, movi
 from pallas_kernels.companion_ssm import causal_conv, companion_kernel
 
 
-def repeat_over_channels(x_K, channels: int):
-    """[n_kernels, ...] -> [channels, ...]: channel i gets kernel i mod n_kernels."""
-    return jnp.tile(x_K, (channels // x_K.shape[0],) + (1,) * (x_K.ndim - 1))
+def repeat_over_channels(x, channels: int):
+    """[U, ...] -> [D, ...] (D = channels): channel i gets kernel i mod n_kernels."""
+    return jnp.tile(x, (channels // x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def preprocessing_taps(difference_orders: list[int], ma_windows: list[int]) -> np.ndarray:
-    """[n_filters, max taps] fixed filters: differencing rows first, then moving-average residuals."""
+    """[n_filters, max taps] fixed filters (taps_UX: FIR filters are companion SSMs with c = taps), differencing
+    rows first, then moving-average residuals."""
     taps = [np.asarray(difference_kernel(o)) for o in difference_orders]
     taps += [np.asarray(moving_average_residual_kernel(w)) for w in ma_windows]
     width = max(len(t) for t in taps)
@@ -44,13 +46,13 @@ def preprocessing_taps(difference_orders: list[int], ma_windows: list[int]) -> n
 class Preprocess(nn.Module):
     """Fixed causal filters over the channels (filter i mod n_filters on channel i); no parameters."""
 
-    taps_FK: np.ndarray
+    taps_UX: np.ndarray
 
-    def __call__(self, u_BLH):
-        length, channels = u_BLH.shape[1], u_BLH.shape[2]
-        taps = np.resize(self.taps_FK, (channels, self.taps_FK.shape[1]))[:, :length]  # cycles the filters
-        taps = np.pad(taps, ((0, 0), (0, length - taps.shape[1])))
-        return causal_conv(u_BLH, jnp.asarray(taps, u_BLH.dtype))
+    def __call__(self, u_BLD):
+        length, channels = u_BLD.shape[1], u_BLD.shape[2]
+        taps_DL = np.resize(self.taps_UX, (channels, self.taps_UX.shape[1]))[:, :length]  # cycles the filters
+        taps_DL = np.pad(taps_DL, ((0, 0), (0, length - taps_DL.shape[1])))
+        return causal_conv(u_BLD, jnp.asarray(taps_DL, u_BLD.dtype))
 
 
 def _normal(std: float):
@@ -90,40 +92,41 @@ class CompanionSSMs(_CompanionLayer):
     """Open loop: y_i = K_i * u_i + skip_i u_i with K_l = c^T A^l b (FFT convolution)."""
 
     @nn.compact
-    def __call__(self, u_BLH):
-        length, channels = u_BLH.shape[1], u_BLH.shape[2]
+    def __call__(self, u_BLD):
+        length, channels = u_BLD.shape[1], u_BLD.shape[2]
         a, b, c = _CompanionParams(self.n_kernels, self.state_dim, self.norm_order, name="ssm")()
-        k_HL = repeat_over_channels(companion_kernel(a, b, c, length, impl=self.kernel_impl), channels)
+        k_DL = repeat_over_channels(companion_kernel(a, b, c, length, impl=self.kernel_impl), channels)
         skip = self.param("skip", nn.initializers.ones, (channels,), jnp.float32)
-        return causal_conv(u_BLH, k_HL) + skip * u_BLH
+        return causal_conv(u_BLD, k_DL) + skip * u_BLD
 
 
-def companion_final_state(u_BLH, a_KD, b_KD, kernel_impl: str = "auto"):
-    """x after the last input, x_{L-1} = sum_l A^l b u_{L-1-l}, as [B, H, d], without a sequential scan: the
+def companion_final_state(u_BLD, a_UX, b_UX, kernel_impl: str = "auto"):
+    """x after the last input, x_{L-1} = sum_l A^l b u_{L-1-l}, as [B, D, X], without a sequential scan: the
     Krylov vectors (A^l b)_i are the companion kernels with c = e_i."""
-    length, channels = u_BLH.shape[1], u_BLH.shape[2]
-    k, d = a_KD.shape
-    eye = jnp.tile(jnp.eye(d, dtype=a_KD.dtype), (k, 1))  # row j: e_{j mod d}
-    krylov = companion_kernel(jnp.repeat(a_KD, d, axis=0), jnp.repeat(b_KD, d, axis=0), eye, length,
-                              impl=kernel_impl).reshape(k, d, length)
-    return jnp.einsum("hil,blh->bhi", repeat_over_channels(krylov, channels), u_BLH[:, ::-1])
+    length, channels = u_BLD.shape[1], u_BLD.shape[2]
+    k, d = a_UX.shape
+    eye = jnp.tile(jnp.eye(d, dtype=a_UX.dtype), (k, 1))  # row j: e_{j mod d}
+    krylov_UXL = companion_kernel(jnp.repeat(a_UX, d, axis=0), jnp.repeat(b_UX, d, axis=0), eye, length,
+                                  impl=kernel_impl).reshape(k, d, length)
+    return jnp.einsum("hil,blh->bhi", repeat_over_channels(krylov_UXL, channels), u_BLD[:, ::-1])
 
 
 class ClosedLoopCompanion(_CompanionLayer):
     """The decoder: encode u into the state, then x_t = (A + b k^T) x_{t-1}, y_t = c . x_t for `horizon` steps."""
 
     @nn.compact
-    def __call__(self, u_BLH, horizon: int):
-        channels = u_BLH.shape[2]
+    def __call__(self, u_BLD, horizon: int):
+        channels = u_BLD.shape[2]
         a, b, c, k = _CompanionParams(self.n_kernels, self.state_dim, self.norm_order, with_k=True, name="ssm")()
-        x = companion_final_state(u_BLH, a, b, self.kernel_impl)
+        x = companion_final_state(u_BLD, a, b, self.kernel_impl)
         a, b, c, k = (repeat_over_channels(p, channels) for p in (a, b, c, k))
-        y_BTH, _ = closed_loop_rollout(x, a, b, c, k, horizon)
-        return y_BTH
+        y_BFD, _ = closed_loop_rollout(x, a, b, c, k, horizon)
+        return y_BFD
 
 
 class _DiagonalParams(nn.Module):
-    """N = d/2 complex modes per kernel: lambda = exp(dt (-exp(log_decay) + i freq)), b, c (and k) complex."""
+    """d/2 complex modes per kernel (the state axis X): lambda = exp(dt (-exp(log_decay) + i freq)), b, c (and k)
+    complex."""
 
     n_kernels: int
     state_dim: int
@@ -160,13 +163,13 @@ class DiagonalSSMs(nn.Module):
     state_dim: int
 
     @nn.compact
-    def __call__(self, u_BLH):
-        length, channels = u_BLH.shape[1], u_BLH.shape[2]
+    def __call__(self, u_BLD):
+        length, channels = u_BLD.shape[1], u_BLD.shape[2]
         log_lam, b, c = _DiagonalParams(self.n_kernels, self.state_dim, name="ssm")()
-        powers_KNL = jnp.exp(log_lam[..., None] * jnp.arange(length))
-        k_KL = 2 * jnp.real(jnp.einsum("kn,knl->kl", c * b, powers_KNL))
+        powers_UXL = jnp.exp(log_lam[..., None] * jnp.arange(length))
+        k_UL = 2 * jnp.real(jnp.einsum("kn,knl->kl", c * b, powers_UXL))
         skip = self.param("skip", nn.initializers.ones, (channels,), jnp.float32)
-        return causal_conv(u_BLH, repeat_over_channels(k_KL, channels)) + skip * u_BLH
+        return causal_conv(u_BLD, repeat_over_channels(k_UL, channels)) + skip * u_BLD
 
 
 class ClosedLoopDiagonal(nn.Module):
@@ -176,12 +179,12 @@ class ClosedLoopDiagonal(nn.Module):
     state_dim: int
 
     @nn.compact
-    def __call__(self, u_BLH, horizon: int):
-        length, channels = u_BLH.shape[1], u_BLH.shape[2]
+    def __call__(self, u_BLD, horizon: int):
+        length, channels = u_BLD.shape[1], u_BLD.shape[2]
         log_lam, b, c, k = _DiagonalParams(self.n_kernels, self.state_dim, with_k=True, name="ssm")()
         log_lam, b, c, k = (repeat_over_channels(p, channels) for p in (log_lam, b, c, k))
-        powers_HNL = jnp.exp(log_lam[..., None] * jnp.arange(length))
-        x = b[None] * jnp.einsum("hnl,blh->bhn", powers_HNL, u_BLH[:, ::-1].astype(powers_HNL.dtype))
+        powers_DXL = jnp.exp(log_lam[..., None] * jnp.arange(length))
+        x = b[None] * jnp.einsum("hnl,blh->bhn", powers_DXL, u_BLD[:, ::-1].astype(powers_DXL.dtype))
         lam = jnp.exp(log_lam)
 
         def step(x, _):
@@ -189,8 +192,8 @@ class ClosedLoopDiagonal(nn.Module):
             x = lam * x + b * u_hat[..., None]
             return x, 2 * jnp.real(jnp.sum(c * x, axis=-1))
 
-        _, y_TBH = jax.lax.scan(step, x, None, length=horizon)
-        return jnp.swapaxes(y_TBH, 0, 1)
+        _, y_FBD = jax.lax.scan(step, x, None, length=horizon)
+        return jnp.swapaxes(y_FBD, 0, 1)
 
 
 class SpaceTime(nn.Module):
@@ -220,5 +223,5 @@ class SpaceTime(nn.Module):
             z = nn.LayerNorm(name=f"norm_{i}")(h)
             z = nn.Dense(m.mlp_dim, name=f"mlp_in_{i}")(z)
             h = h + nn.Dense(m.d_model, name=f"mlp_out_{i}")(nn.gelu(z))
-        y_BTD = decoder(h, self.horizon)
-        return nn.Dense(self.n_outputs, name="head")(y_BTD)
+        y_BFD = decoder(h, self.horizon)
+        return nn.Dense(self.n_outputs, name="head")(y_BFD)

@@ -1,6 +1,6 @@
 """Public companion-SSM ops: the convolution kernel, the SSM over a sequence (FFT convolution), one decoding step.
 
-No Pallas kernel yet: SpaceTime's costs are the kernel (tiny: H x (d + length)) and an FFT convolution that XLA
+No Pallas kernel yet: SpaceTime's costs are the kernel (tiny: U x (X + length)) and an FFT convolution that XLA
 already runs well; a Pallas kernel (a chunked scan with A^C powers) is to be written only where measurements on a
 GPU show it beating `jnp.fft`. The folder keeps the house layout so that it can be added behind `impl=`.
 """
@@ -88,9 +88,9 @@ def companion_ssm(u, a, b, c, skip=None, *, initial_state=None, return_final_sta
     return y.astype(out_dtype)
 
 
-def companion_step(u_BH, a, b, c, skip=None, state=None):
+def companion_step(u_BU, a, b, c, skip=None, state=None):
     """One decoding step: x = A state + b u, y = c . x + skip * u. Returns (y [batch, heads], x [batch, heads, d])."""
-    u = jnp.asarray(u_BH)
+    u = jnp.asarray(u_BU)
     a, b, c = _check_params(a, b, c, skip)
     if u.ndim != 2 or u.shape[-1] != a.shape[0]:
         raise _error("u", u.shape, f"[batch, heads] with heads = {a.shape[0]}")

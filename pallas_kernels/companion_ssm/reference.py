@@ -1,12 +1,12 @@
 """Companion-matrix SSM (SpaceTime) in plain jnp: its convolution kernel three ways, FFT convolution, recurrence.
 
-One SSM per head h with state size d: A = S + a e_d^T, where S is the down-shift (S e_i = e_{i+1}, ones on the
-sub-diagonal) and the last column holds the free parameters a; b, c in R^d.
+One SSM per kernel (axis U) with state size d (axis X): A = S + a e_d^T, where S is the down-shift
+(S e_i = e_{i+1}, ones on the sub-diagonal) and the last column holds the free parameters a; b, c in R^d.
 
     x_t = A x_{t-1} + b u_t,   y_t = c . x_t (+ skip u_t),   x_{-1} = 0
     => y = K * u (causal convolution) with K_l = c^T A^l b, l = 0 .. length-1 (K_0 = c . b: no extra delay)
 
-Kernels ([H, d] parameters -> [H, length]):
+Kernels ([U, X] parameters -> [U, length]):
   sequential  l mat-vecs, each O(d) thanks to the structure: A x = shift_down(x) + a x_{d-1}
   krylov      repeated squaring: the Krylov block [b, A b, ..] doubles with A^m, O(d^2 length + d^3 log length)
   fast        generating function on a circle just inside the unit circle (an FFT of size length) with a rank-1
@@ -24,17 +24,19 @@ def acc_dtype(*xs):
     return jnp.float64 if any(jnp.asarray(x).dtype == jnp.float64 for x in xs) else jnp.float32
 
 
-def companion_matrix(a_HD):
-    """[H, d] last columns -> [H, d, d] matrices A = S + a e_d^T."""
-    d = a_HD.shape[-1]
-    shift = jnp.eye(d, k=-1, dtype=a_HD.dtype)
-    return shift[None] + a_HD[:, :, None] * jax.nn.one_hot(d - 1, d, dtype=a_HD.dtype)[None, None, :]
+def companion_matrix(a_UX):
+    """[U, X] last columns -> [U, X, X] matrices A = S + a e_d^T."""
+    d = a_UX.shape[-1]
+    shift = jnp.eye(d, k=-1, dtype=a_UX.dtype)
+    return shift[None] + a_UX[:, :, None] * jax.nn.one_hot(d - 1, d, dtype=a_UX.dtype)[None, None, :]
 
 
-def apply_companion(a_HD, x_HD):
-    """A x for a batch of heads in O(d): shift x down by one and add a times its last entry."""
-    shifted = jnp.concatenate([jnp.zeros_like(x_HD[..., :1]), x_HD[..., :-1]], axis=-1)
-    return shifted + a_HD * x_HD[..., -1:]
+def apply_companion(a, x):
+    """A x for a batch of kernels in O(d): shift x down by one and add a times its last entry.
+
+    a, x: [..., U, X], leading axes broadcast (e.g. a [1, U, X] with x [B, U, X])."""
+    shifted = jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1)
+    return shifted + a * x[..., -1:]
 
 
 def sequential_kernel(a, b, c, length: int):
@@ -42,14 +44,14 @@ def sequential_kernel(a, b, c, length: int):
     def step(x, _):
         return apply_companion(a, x), jnp.sum(c * x, axis=-1)
 
-    _, k_LH = jax.lax.scan(step, b, None, length=length)
-    return k_LH.T
+    _, k_SU = jax.lax.scan(step, b, None, length=length)
+    return k_SU.T
 
 
 def krylov_kernel(a, b, c, length: int):
     """The Krylov block [b, Ab, ..., A^(n-1) b] by doubling: X_2m = [X_m, A^m X_m], A^2m = (A^m)^2."""
     power = companion_matrix(a)  # A^m for the current block length m
-    block = b[:, :, None]  # [H, d, m]
+    block = b[:, :, None]  # [U, X, m]
     while block.shape[-1] < length:
         block = jnp.concatenate([block, jnp.einsum("hij,hjm->him", power, block)], axis=-1)
         power = jnp.einsum("hij,hjk->hik", power, power)
@@ -65,7 +67,7 @@ def _poly_mulmod(p, q, high_rows):
 
 
 def companion_power_rows(a, c, n: int):
-    """c^T A^n for every head in O(d^2 log n), using A = multiplication by x modulo its characteristic polynomial.
+    """c^T A^n for every kernel in O(d^2 log n), using A = multiplication by x modulo its characteristic polynomial.
 
     In the basis 1, x, .., x^(d-1) (= e_1 .. e_d) the companion matrix multiplies a polynomial by x and reduces it
     with x^d = sum_i a_i x^(i-1). So A^n = r(A) with r = x^n mod charpoly (square-and-multiply on polynomials),
@@ -74,7 +76,7 @@ def companion_power_rows(a, c, n: int):
     d = a.shape[-1]
     # x^(d+k) mod charpoly for k = 0..d-2: x^d = a, then multiply by x (= apply A) each time
     _, high = jax.lax.scan(lambda row, _: (apply_companion(a, row), row), a, None, length=d - 1)
-    high_rows = jnp.swapaxes(high, 0, 1)  # [H, d-1, d]
+    high_rows = jnp.swapaxes(high, 0, 1)  # [U, X-1, X]
     one = jnp.zeros_like(a).at[..., 0].set(1.0)
     result, base, e = one, apply_companion(a, one), n  # base: x mod charpoly
     while e:
@@ -88,7 +90,7 @@ def companion_power_rows(a, c, n: int):
         nxt = jnp.concatenate([v[..., 1:], jnp.zeros_like(v[..., :1])], axis=-1)
         return nxt.at[..., -1].add(jnp.sum(v * a, axis=-1)), v
 
-    _, rows = jax.lax.scan(row_times_a, c, None, length=d)  # rows[j] = c^T A^j, [d, H, d]
+    _, rows = jax.lax.scan(row_times_a, c, None, length=d)  # rows[j] = c^T A^j, [X, U, X]
     return jnp.einsum("hj,jhd->hd", result, rows)
 
 
@@ -134,22 +136,22 @@ def fast_kernel(a, b, c, length: int):
     return (k_scaled / radius ** jnp.arange(length, dtype=a.dtype)).astype(a.dtype)
 
 
-def causal_conv(u_BSH, k_HS):
-    """y_t = sum_{l <= t} k_l u_{t-l} per head, by FFT (zero-padded to a power of two >= 2S)."""
-    s = u_BSH.shape[1]
+def causal_conv(u_BSU, k_US):
+    """y_t = sum_{l <= t} k_l u_{t-l} per kernel, by FFT (zero-padded to a power of two >= 2S)."""
+    s = u_BSU.shape[1]
     n = 1 << (2 * s - 1).bit_length()
-    y = jnp.fft.irfft(jnp.fft.rfft(u_BSH, n, axis=1) * jnp.fft.rfft(k_HS.T, n, axis=0)[None], n, axis=1)
-    return y[:, :s].astype(u_BSH.dtype)
+    y = jnp.fft.irfft(jnp.fft.rfft(u_BSU, n, axis=1) * jnp.fft.rfft(k_US.T, n, axis=0)[None], n, axis=1)
+    return y[:, :s].astype(u_BSU.dtype)
 
 
-def recurrence(u_BSH, a, b, c, skip, state=None):
-    """The SSM run step by step (the definition): returns (y [B,S,H], final state [B,H,d])."""
-    bsz, _, h = u_BSH.shape
-    x0 = jnp.zeros((bsz, h, a.shape[-1]), u_BSH.dtype) if state is None else state
+def recurrence(u_BSU, a, b, c, skip, state=None):
+    """The SSM run step by step (the definition): returns (y [B,S,U], final state [B,U,X])."""
+    bsz, _, h = u_BSU.shape
+    x0 = jnp.zeros((bsz, h, a.shape[-1]), u_BSU.dtype) if state is None else state
 
-    def step(x, u_BH):
-        x = apply_companion(a[None], x) + b[None] * u_BH[..., None]
-        return x, jnp.sum(c[None] * x, axis=-1) + skip * u_BH
+    def step(x, u_BU):
+        x = apply_companion(a[None], x) + b[None] * u_BU[..., None]
+        return x, jnp.sum(c[None] * x, axis=-1) + skip * u_BU
 
-    final, y_SBH = jax.lax.scan(step, x0, jnp.swapaxes(u_BSH, 0, 1))
-    return jnp.swapaxes(y_SBH, 0, 1), final
+    final, y_SBU = jax.lax.scan(step, x0, jnp.swapaxes(u_BSU, 0, 1))
+    return jnp.swapaxes(y_SBU, 0, 1), final

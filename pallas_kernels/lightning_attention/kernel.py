@@ -1,23 +1,23 @@
 """Pallas kernels for Lightning Attention-2 (forward and backward).
 
-Kernel layout (prepared by ops.py): rows are flattened (batch, head) pairs, N = B*H:
-    q, k: [N, Sp, Kp]   v, do: [N, Sp, Vp]   rate: [N, 1, 1] f32   states: [N, Kp, Vp] f32
-with Sp a multiple of the block and the true length `seq_len` <= Sp (zero padding). Block t has
+Kernel layout (prepared by ops.py): rows are flattened (batch, head) pairs, B*H of them:
+    q, k: [B*H, Sp, Kp]   v, do: [B*H, Sp, Wp]   rate: [B*H, 1, 1] f32   states: [B*H, Kp, Wp] f32
+with Sp (S padded) a multiple of the block and the true length `seq_len` <= Sp (zero padding). Block t has
 m_t = min(blk, seq_len - t*blk) valid rows; the block decays below use m_t so padding never decays the state.
 
 Two variants of every sequential kernel, picked by `platform`:
 
-* "triton" (GPU, and the CPU interpreter): grid (N[, d_v tiles]); the block axis is a `fori_loop` inside the
+* "triton" (GPU, and the CPU interpreter): grid (B*H[, d_v tiles]); the block axis is a `fori_loop` inside the
   kernel. Triton runs all grid points concurrently, so a carried state cannot live on a grid axis.
   Every in-kernel array has power-of-two dims (ops.py pads d_k/d_v to a power of two >= 16 and uses a
   power-of-two block >= 16, also the minimum for tl.dot).
-* "tpu" (Mosaic): grid (N[, d_v tiles], blocks) with the block axis "arbitrary" (sequential) and the d_k x d_v
+* "tpu" (Mosaic): grid (B*H[, d_v tiles], blocks) with the block axis "arbitrary" (sequential) and the d_k x d_v
   state in a float32 VMEM scratch; Mosaic pipelines the per-block HBM<->VMEM copies. Block shapes are
   (blk, full d) with blk a multiple of 8 (16 for bf16), and d_v tiles of 128 when d_v is a multiple of 128.
 
 Kernels:
   forward:           o, final_state     (sequential over blocks)
-  backward intra:    dq, dk, dv of the intra-block (left-product) part; grid (N, blocks), fully parallel
+  backward intra:    dq, dk, dv of the intra-block (left-product) part; grid (B*H, blocks), fully parallel
   backward dq sweep: dq += (Lambda dO_t) KV_{t-1}^T            forward over blocks, carries KV (prefix state)
   backward dkdv:     dk += (Gamma V_t) dKV^T, dv += (Gamma K_t) dKV; reverse over blocks, carries
                      dKV (suffix state); what is left of dKV at the end is d(initial_state).
@@ -47,12 +47,10 @@ PLATFORMS = ("triton", "tpu")
 # --------------------------------------------------------------------------------------------------------------
 
 
-
-
 def _block_consts(rate_11, blk: int):
     """Decays that are the same for every block. rate_11: (1, 1) f32.
 
-    mask (blk, blk): lam^(i-j) for i >= j else 0;  q_dec (blk, 1): lam^(i+1) (row i reads the carried state).
+    mask (Y, Y): lam^(i-j) for i >= j else 0;  q_dec (Y, 1): lam^(i+1) (row i reads the carried state).
     """
     i = lax.broadcasted_iota(jnp.int32, (blk, blk), 0)
     j = lax.broadcasted_iota(jnp.int32, (blk, blk), 1)
@@ -67,7 +65,7 @@ def _block_consts(rate_11, blk: int):
 def _tail_decays(rate_11, blk: int, m):
     """Decays that depend on the block's number of valid rows m (only the last block can have m < blk).
 
-    k_dec (blk, 1): lam^(m-1-j) for j < m else 0 (row j's weight at the block's last valid row; padded rows get
+    k_dec (Y, 1): lam^(m-1-j) for j < m else 0 (row j's weight at the block's last valid row; padded rows get
     0, so padding never decays the state);  blk_dec (1, 1): lam^m (carried state across the block).
     """
     r = lax.broadcasted_iota(jnp.int32, (blk, 1), 0)
@@ -82,7 +80,7 @@ def _valid(seq_len: int, blk: int, t):
 
 
 def _fwd_block(q, k, v, kv, consts, rate, blk, m):
-    """One block of the forward: returns (o f32 [blk, tv], new kv f32 [Kp, tv])."""
+    """One block of the forward: returns (o f32 [Y, tv], new kv f32 [Kp, tv]) (Y = blk rows of the block)."""
     mask, q_dec = consts
     k_dec, blk_dec = _tail_decays(rate, blk, m)
     s = _dot(q, k, 1, 1) * mask  # (Q K^T) * M
@@ -254,9 +252,9 @@ def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):
 
 
 def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, interpret: bool = False):
-    """Forward kernel. q, k: [N, Sp, Kp]; v: [N, Sp, Vp]; rate: [N, 1, 1] f32; s0: [N, Kp, Vp] f32.
+    """Forward kernel. q, k: [B*H, Sp, Kp]; v: [B*H, Sp, Wp]; rate: [B*H, 1, 1] f32; s0: [B*H, Kp, Wp] f32.
 
-    Returns (o [N, Sp, Vp] in v's dtype, final_state [N, Kp, Vp] f32). Rows >= seq_len of o are zero (their q
+    Returns (o [B*H, Sp, Wp] in v's dtype, final_state [B*H, Kp, Wp] f32). Rows >= seq_len of o are zero (their q
     rows are zero padding); the caller slices them off.
     """
     _check_platform(platform)
@@ -305,9 +303,9 @@ def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, i
 
 
 def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platform: str, interpret: bool = False):
-    """Backward kernels. Shapes as lightning_fwd plus do: [N, Sp, Vp], dst (final-state cotangent): [N, Kp, Vp].
+    """Backward kernels. Shapes as lightning_fwd plus do: [B*H, Sp, Wp], dst (final-state cotangent): [B*H, Kp, Wp].
 
-    Returns (dq, dk, dv in the input dtypes, d_initial_state [N, Kp, Vp] f32).
+    Returns (dq, dk, dv in the input dtypes, d_initial_state [B*H, Kp, Wp] f32).
     """
     _check_platform(platform)
     n, sp, kp = q.shape

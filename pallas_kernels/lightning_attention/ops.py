@@ -50,7 +50,7 @@ def _check_inputs(q, k, v, rate, initial_state, block_size, impl):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pallas path: layout [B, S, H, D] <-> kernel rows [B*H, Sp, Dp]
+# Pallas path: layout [B, S, H, K or W] <-> kernel rows [B*H, Sp, Kp or Wp]
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -67,21 +67,23 @@ def _pallas_block(block_size: int, seq: int) -> int:
     return max(_MIN_PALLAS_BLOCK, min(_next_pow2(block_size), _next_pow2(seq)))
 
 
-def _to_rows(x_BSHD, sp: int, dp: int, dtype=None):
-    b, s, h, d = x_BSHD.shape
-    x = x_BSHD.transpose(0, 2, 1, 3).reshape(b * h, s, d)
+def _to_rows(x, sp: int, dp: int, dtype=None):
+    """[B, S, H, K or W] -> [B*H, Sp, dp] (zero padded)."""
+    b, s, h, d = x.shape
+    x = x.transpose(0, 2, 1, 3).reshape(b * h, s, d)
     if dtype is not None:
         x = x.astype(dtype)
     return jnp.pad(x, ((0, 0), (0, sp - s), (0, dp - d)))
 
 
-def _from_rows(x_NSD, b: int, s: int, h: int, d: int):
-    return x_NSD[:, :s, :d].reshape(b, h, s, d).transpose(0, 2, 1, 3)
+def _from_rows(x, b: int, s: int, h: int, d: int):
+    """[B*H, Sp, Kp or Wp] -> [B, S, H, K or W] (K or W = d)."""
+    return x[:, :s, :d].reshape(b, h, s, d).transpose(0, 2, 1, 3)
 
 
-def _state_rows(s_BHKV, kp: int, vp: int):
-    b, h, dk, dv = s_BHKV.shape
-    return jnp.pad(s_BHKV.reshape(b * h, dk, dv).astype(jnp.float32), ((0, 0), (0, kp - dk), (0, vp - dv)))
+def _state_rows(s_BHKW, kp: int, vp: int):
+    b, h, dk, dv = s_BHKW.shape
+    return jnp.pad(s_BHKW.reshape(b * h, dk, dv).astype(jnp.float32), ((0, 0), (0, kp - dk), (0, vp - dv)))
 
 
 def _rate_rows(rate_H, b: int):
@@ -252,14 +254,14 @@ def lightning_attention(
     return (o, st) if return_final_state else o
 
 
-def lightning_attention_step(q_BHK, k_BHK, v_BHV, rate_H, state_BHKV=None):
-    """One decoding step of lightning_attention: returns (o_BHV, new_state_BHKV).
+def lightning_attention_step(q_BHK, k_BHK, v_BHW, rate_H, state_BHKW=None):
+    """One decoding step of lightning_attention: returns (o_BHW, new_state_BHKW).
 
-    new_state = exp(-rate) * state + k^T v;  o = q new_state. `state_BHKV=None` starts from zeros. Feeding the
+    new_state = exp(-rate) * state + k^T v;  o = q new_state. `state_BHKW=None` starts from zeros. Feeding the
     tokens of a sequence one at a time reproduces lightning_attention (and its final state). rate is not
     differentiated (stop_gradient), as in lightning_attention.
     """
-    q, k, v, rate = (jnp.asarray(x) for x in (q_BHK, k_BHK, v_BHV, rate_H))
+    q, k, v, rate = (jnp.asarray(x) for x in (q_BHK, k_BHK, v_BHW, rate_H))
     if q.ndim != 3:
         raise ValueError(f"lightning_attention_step: q has shape {tuple(q.shape)}, expected [batch, heads, d_k]")
     b, h, dk = q.shape
@@ -272,9 +274,9 @@ def lightning_attention_step(q_BHK, k_BHK, v_BHV, rate_H, state_BHKV=None):
     dv = v.shape[-1]
     dtype = jnp.result_type(q, k, v)
     acc = _ref.acc_dtype(dtype)
-    if state_BHKV is None:
-        state_BHKV = jnp.zeros((b, h, dk, dv), acc)
-    state = jnp.asarray(state_BHKV)
+    if state_BHKW is None:
+        state_BHKW = jnp.zeros((b, h, dk, dv), acc)
+    state = jnp.asarray(state_BHKW)
     if state.shape != (b, h, dk, dv):
         raise ValueError(
             f"lightning_attention_step: state has shape {tuple(state.shape)}, expected {(b, h, dk, dv)}"

@@ -2,7 +2,7 @@
 
 Per head h with per-step decay lam = exp(-rate[h]) (no 1/sqrt(d) scaling, no normaliser):
 
-    kv_t = lam * kv_{t-1} + k_t^T v_t        (kv_{-1} = initial state, d_k x d_v)
+    kv_t = lam * kv_{t-1} + k_t^T v_t        (kv_{-1} = initial state, K x W)
     o_t  = q_t kv_t
 
 Three equivalent forms live here:
@@ -13,7 +13,8 @@ Three equivalent forms live here:
   reverse sweep for dk/dv/dS0). Memory O(block^2 + d_k d_v) per head, not O(n^2).
 * `recurrent_step`: one decoding step.
 
-Layout is the op's: q/k [B, S, H, K], v [B, S, H, V], state [B, H, K, V]. Arithmetic is done in the "accumulation
+Layout is the op's: q/k [B, S, H, K], v [B, S, H, W], state [B, H, K, W]. Blocked forms add Z (blocks) and Y
+(rows of a block): [Z, B, H, Y, K]. Arithmetic is done in the "accumulation
 dtype" `acc_dtype(x.dtype)` = float32 for 16/32-bit inputs (float64 for float64 inputs), with HIGHEST matmul
 precision so that TPU/GPU do not silently drop to bf16/tf32 passes.
 
@@ -46,23 +47,23 @@ def _rate_bh(rate_H: jax.Array, dt) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def quadratic_attention(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV=None):
-    """O(n^2) masked form. Returns (o_BSHV in q's dtype, final_state_BHKV in the accumulation dtype)."""
+def quadratic_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state_BHKW=None):
+    """O(n^2) masked form. Returns (o_BSHW in q's dtype, final_state_BHKW in the accumulation dtype)."""
     dt = acc_dtype(q_BSHK.dtype)
-    q, k, v = (x.astype(dt) for x in (q_BSHK, k_BSHK, v_BSHV))
+    q, k, v = (x.astype(dt) for x in (q_BSHK, k_BSHK, v_BSHW))
     n = q.shape[1]
     rate = _rate_bh(rate_H, dt)  # [1, H, 1, 1]
     t = jnp.arange(n, dtype=dt)
-    diff = t[:, None] - t[None, :]  # [S, S] = t - s
+    diff = t[:, None] - t[None, :]  # [S, T] = t - s
     # max(diff, 0) keeps exp() <= 1 in the masked-out upper triangle (no inf * 0).
-    mask_HSS = jnp.where(diff >= 0, jnp.exp(-rate * jnp.maximum(diff, 0)), 0)[0]
-    scores_BHSS = jnp.einsum("bthk,bshk->bhts", q, k, precision=_HI) * mask_HSS
-    o = jnp.einsum("bhts,bshv->bthv", scores_BHSS, v, precision=_HI)
+    mask_HST = jnp.where(diff >= 0, jnp.exp(-rate * jnp.maximum(diff, 0)), 0)[0]
+    scores_BHST = jnp.einsum("bthk,bshk->bhts", q, k, precision=_HI) * mask_HST
+    o = jnp.einsum("bhts,bshv->bthv", scores_BHST, v, precision=_HI)
     # Final state: sum_s lam^(n-1-s) k_s^T v_s (+ lam^n S0).
-    w_HS = jnp.exp(-rate[0, :, :, 0] * (n - 1 - t)[None, :])  # [H, S]
-    state = jnp.einsum("hs,bshk,bshv->bhkv", w_HS, k, v, precision=_HI)
-    if initial_state_BHKV is not None:
-        s0 = initial_state_BHKV.astype(dt)
+    w_HT = jnp.exp(-rate[0, :, :, 0] * (n - 1 - t)[None, :])  # [H, T]: weight of key position s in the state
+    state = jnp.einsum("hs,bshk,bshv->bhkv", w_HT, k, v, precision=_HI)
+    if initial_state_BHKW is not None:
+        s0 = initial_state_BHKW.astype(dt)
         # Row t sees S0 decayed t+1 times.
         qdec_HS = jnp.exp(-rate[0, :, :, 0] * (t + 1)[None, :])
         o = o + jnp.einsum("hs,bshk,bhkv->bshv", qdec_HS, q, s0, precision=_HI)
@@ -95,22 +96,23 @@ def block_decays(rate, blk: int, m, dt):
     return mask, q_decay, k_decay, block_decay
 
 
-def _to_blocks(x_BSHD, blk: int, dt):
-    """[B, S, H, D] -> [T, B, H, blk, D] zero-padded to whole blocks, in dtype dt."""
-    b, s, h, d = x_BSHD.shape
+def _to_blocks(x, blk: int, dt):
+    """[B, S, H, K or W] -> [Z, B, H, Y, K or W] (Y = blk) zero-padded to whole blocks, in dtype dt."""
+    b, s, h, d = x.shape
     nb = -(-s // blk)
-    x = jnp.pad(x_BSHD.astype(dt), ((0, 0), (0, nb * blk - s), (0, 0), (0, 0)))
+    x = jnp.pad(x.astype(dt), ((0, 0), (0, nb * blk - s), (0, 0), (0, 0)))
     return x.reshape(b, nb, blk, h, d).transpose(1, 0, 3, 2, 4)
 
 
-def _from_blocks(x_TBHLD, n: int):
-    nb, b, h, blk, d = x_TBHLD.shape
-    return x_TBHLD.transpose(1, 0, 3, 2, 4).reshape(b, nb * blk, h, d)[:, :n]
+def _from_blocks(x, n: int):
+    """[Z, B, H, Y, K or W] -> [B, S, H, K or W] (S = n)."""
+    nb, b, h, blk, d = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * blk, h, d)[:, :n]
 
 
 def _valid_rows(n: int, blk: int):
     nb = -(-n // blk)
-    return jnp.minimum(n - jnp.arange(nb) * blk, blk)  # [T]
+    return jnp.minimum(n - jnp.arange(nb) * blk, blk)  # [Z]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -118,19 +120,19 @@ def _valid_rows(n: int, blk: int):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def chunked_attention_fwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, block_size: int):
-    """Lightning Attention-2 forward. initial_state_BHKV must be given (zeros for none).
+def chunked_attention_fwd(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state_BHKW, block_size: int):
+    """Lightning Attention-2 forward. initial_state_BHKW must be given (zeros for none).
 
-    Returns (o_BSHV in q's dtype, final_state_BHKV in the accumulation dtype).
+    Returns (o_BSHW in q's dtype, final_state_BHKW in the accumulation dtype).
     """
     dt = acc_dtype(q_BSHK.dtype)
     n = q_BSHK.shape[1]
     blk = int(block_size)
     rate = _rate_bh(rate_H, dt)  # [1, H, 1, 1]
-    xs = (_to_blocks(q_BSHK, blk, dt), _to_blocks(k_BSHK, blk, dt), _to_blocks(v_BSHV, blk, dt), _valid_rows(n, blk))
+    xs = (_to_blocks(q_BSHK, blk, dt), _to_blocks(k_BSHK, blk, dt), _to_blocks(v_BSHW, blk, dt), _valid_rows(n, blk))
 
     def step(kv, x):
-        q, k, v, m = x  # q/k: [B, H, L, K], v: [B, H, L, V]
+        q, k, v, m = x  # q/k: [B, H, Y, K], v: [B, H, Y, W]
         mask, q_dec, k_dec, blk_dec = block_decays(rate, blk, m, dt)
         s = jnp.einsum("bhik,bhjk->bhij", q, k, precision=_HI) * mask
         o = jnp.einsum("bhij,bhjv->bhiv", s, v, precision=_HI)  # intra-block (left product)
@@ -138,11 +140,11 @@ def chunked_attention_fwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, bl
         kv = blk_dec * kv + jnp.einsum("bhjk,bhjv->bhkv", k * k_dec, v, precision=_HI)
         return kv, o
 
-    kv, o_T = lax.scan(step, initial_state_BHKV.astype(dt), xs)
-    return _from_blocks(o_T, n).astype(q_BSHK.dtype), kv
+    kv, o_ZBHYW = lax.scan(step, initial_state_BHKW.astype(dt), xs)
+    return _from_blocks(o_ZBHYW, n).astype(q_BSHK.dtype), kv
 
 
-def chunked_attention_bwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, do_BSHV, dstate_BHKV, block_size: int):
+def chunked_attention_bwd(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state_BHKW, do_BSHW, dstate_BHKW, block_size: int):
     """Exact gradients of chunked_attention_fwd given cotangents of (o, final_state).
 
     Returns (dq, dk, dv in the input dtypes, d_initial_state in the accumulation dtype).
@@ -154,8 +156,8 @@ def chunked_attention_bwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, do
     n = q_BSHK.shape[1]
     blk = int(block_size)
     rate = _rate_bh(rate_H, dt)
-    q_T, k_T, v_T, do_T = (_to_blocks(x, blk, dt) for x in (q_BSHK, k_BSHK, v_BSHV, do_BSHV))
-    m_T = _valid_rows(n, blk)
+    q_ZBHYK, k_ZBHYK, v_ZBHYW, do_ZBHYW = (_to_blocks(x, blk, dt) for x in (q_BSHK, k_BSHK, v_BSHW, do_BSHW))
+    m_Z = _valid_rows(n, blk)
 
     def fwd_step(kv, x):
         q, k, v, do, m = x
@@ -166,7 +168,7 @@ def chunked_attention_bwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, do
         kv = blk_dec * kv + jnp.einsum("bhjk,bhjv->bhkv", k * k_dec, v, precision=_HI)
         return kv, dq
 
-    _, dq_T = lax.scan(fwd_step, initial_state_BHKV.astype(dt), (q_T, k_T, v_T, do_T, m_T))
+    _, dq_ZBHYK = lax.scan(fwd_step, initial_state_BHKW.astype(dt), (q_ZBHYK, k_ZBHYK, v_ZBHYW, do_ZBHYW, m_Z))
 
     def rev_step(dkv, x):
         q, k, v, do, m = x
@@ -180,11 +182,12 @@ def chunked_attention_bwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, do
         dkv = blk_dec * dkv + jnp.einsum("bhik,bhiv->bhkv", q * q_dec, do, precision=_HI)
         return dkv, (dk, dv)
 
-    ds0, (dk_T, dv_T) = lax.scan(rev_step, dstate_BHKV.astype(dt), (q_T, k_T, v_T, do_T, m_T), reverse=True)
+    ds0, (dk_ZBHYK, dv_ZBHYW) = lax.scan(rev_step, dstate_BHKW.astype(dt), (q_ZBHYK, k_ZBHYK, v_ZBHYW, do_ZBHYW, m_Z),
+                                        reverse=True)
     return (
-        _from_blocks(dq_T, n).astype(q_BSHK.dtype),
-        _from_blocks(dk_T, n).astype(k_BSHK.dtype),
-        _from_blocks(dv_T, n).astype(v_BSHV.dtype),
+        _from_blocks(dq_ZBHYK, n).astype(q_BSHK.dtype),
+        _from_blocks(dk_ZBHYK, n).astype(k_BSHK.dtype),
+        _from_blocks(dv_ZBHYW, n).astype(v_BSHW.dtype),
         ds0,
     )
 
@@ -194,13 +197,13 @@ def chunked_attention_bwd(q_BSHK, k_BSHK, v_BSHV, rate_H, initial_state_BHKV, do
 # --------------------------------------------------------------------------------------------------------------
 
 
-def recurrent_step(q_BHK, k_BHK, v_BHV, rate_H, state_BHKV):
-    """One token: new_state = lam * state + k^T v; o = q new_state. Returns (o_BHV in q's dtype, new_state).
+def recurrent_step(q_BHK, k_BHK, v_BHW, rate_H, state_BHKW):
+    """One token: new_state = lam * state + k^T v; o = q new_state. Returns (o_BHW in q's dtype, new_state).
 
     The decay stays inside the recurrence (no lam^t / lam^-t factorisation), so it is stable for any length.
     """
     dt = acc_dtype(q_BHK.dtype)
     lam = jnp.exp(-rate_H.astype(dt))[None, :, None, None]
-    new_state = lam * state_BHKV.astype(dt) + k_BHK.astype(dt)[..., :, None] * v_BHV.astype(dt)[..., None, :]
+    new_state = lam * state_BHKW.astype(dt) + k_BHK.astype(dt)[..., :, None] * v_BHW.astype(dt)[..., None, :]
     o = jnp.einsum("bhk,bhkv->bhv", q_BHK.astype(dt), new_state, precision=_HI)
     return o.astype(q_BHK.dtype), new_state

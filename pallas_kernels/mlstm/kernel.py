@@ -1,13 +1,14 @@
 """Pallas kernels for the mLSTM cell (xLSTM): chunkwise forward and backward, TFLA-style.
 
-Public functions take the layout of reference.py (q_BHSK, k_BHSK, v_BHSV, gate pre-activations i_BHS, f_BHS,
-state (C_BHKV, n_BHK, m_BH)) and pad inside; the kernels see rows N = B*H:
-    q, k: [N, Sp, Kp]   v, dnum: [N, Sp, Vp]   per-step scalars (i, log f, ...): [N, Sp, 1] f32
-    chunk-start states: C [N, NC, Kp, Vp], n [N, NC, 1, Kp], m [N, NC, 1, 1] (all f32)
-Sp is S padded to a multiple of the chunk L (padded steps: input gate -1e30, log f = 0, so they change nothing);
-Kp/Vp are the head dims padded with zeros (power of two >= 16: Triton arrays and tl.dot; multiples of 128 above
-128 on TPU). The q scale is always the true d_qk**-0.5. Per-step scalars are columns (L, 1); where a row (1, L) is
-needed it is made in-kernel with a masked diagonal sum (no transposes, so the same code lowers for both backends).
+Public functions take the layout of reference.py (q_BHSK, k_BHSK, v_BHSW, gate pre-activations i_BHS, f_BHS,
+state (C_BHKW, n_BHK, m_BH)) and pad inside; the kernels see B*H rows (flattened (batch, head) pairs):
+    q, k: [B*H, Sp, Kp]   v, dnum: [B*H, Sp, Wp]   per-step scalars (i, log f, ...): [B*H, Sp, 1] f32
+    chunk-start states: C [B*H, Z, Kp, Wp], n [B*H, Z, 1, Kp], m [B*H, Z, 1, 1] (all f32; Z chunks)
+Sp is S padded to a multiple of the chunk length Y (padded steps: input gate -1e30, log f = 0, so they change
+nothing); Kp/Wp are the head widths K/W padded with zeros (power of two >= 16: Triton arrays and tl.dot;
+multiples of 128 above 128 on TPU). The q scale is always the true d_qk**-0.5. Per-step scalars are columns
+(Y, 1); where a row (1, Y) is needed it is made in-kernel with a masked diagonal sum (no transposes, so the same
+code lowers for both backends).
 
 Kernels (each has a "triton" body: grid over rows, chunk loop in-kernel; and a "tpu" body: grid (rows, chunks)
 with the chunk axis "arbitrary" and the carried state in VMEM scratch; the parallel kernels share one body):
@@ -17,9 +18,9 @@ with the chunk axis "arbitrary" and the carried state in VMEM scratch; the paral
            (1) state grads: reverse sequential over chunks, carrying (dC, dn) and the routed d(m) (see below);
                             what is left at the start is (dc0, dn0)
            (2) chunk grads: parallel over (row, chunk) -> dq, dk, dv, d(i), d(log f)
-  mlstm_bwd first reruns forward kernel (a): the op saves only the inputs. Glue in jnp (O(S) or O(K V) per row):
+  mlstm_bwd first reruns forward kernel (a): the op saves only the inputs. Glue in jnp (O(S) or O(K W) per row):
   padding, log f, the final state's d(m) weight, and d f = d(log f) * sigmoid(-f).
-  The gate gradients are column/row sums of the (L, L) log-weight gradient matrix (not the q.dq - k.dk identity),
+  The gate gradients are column/row sums of the (Y, Y) log-weight gradient matrix (not the q.dq - k.dk identity),
   so d(log f) has no cancellation between long sums.
 
 Gradients of the max stabiliser. Autodiff of reference.chunked is the ground truth here. Treating every m as a
@@ -35,8 +36,8 @@ the chunk kernel where it went, so both kernels agree on each max's winner. Exac
 to one side here where jnp splits them.
 All matmuls accumulate in float32; float32 operands use HIGHEST precision.
 
-Not done yet: head-dim tiling. Every program holds a whole (Kp, Vp) f32 state (and the parallel kernels the
-(L, L) matrices), which suits d_qk, d_v <= 128; xLSTM-7B sizes (256 x 512) need d_v tiles (and, in the backward,
+Not done yet: head-dim tiling. Every program holds a whole (Kp, Wp) f32 state (and the parallel kernels the
+(Y, Y) matrices), which suits d_qk, d_v <= 128; xLSTM-7B sizes (256 x 512) need d_v tiles (and, in the backward,
 TFLA's split into dQ / dK / dV kernels, since d(den) and the score gradients sum over all of d_v). Untuned: no
 GPU or TPU was available; only interpret-mode runs and cuda/tpu lowering were checked.
 """
@@ -66,71 +67,69 @@ _PAR, _SEQ = "parallel", "arbitrary"
 # --------------------------------------------------------------------------------------------------------------
 
 
-
-
 def _iotas(n: int):
     return lax.broadcasted_iota(jnp.int32, (n, n), 0), lax.broadcasted_iota(jnp.int32, (n, n), 1)
 
 
-def _col_to_row(x_L1):
-    r, c = _iotas(x_L1.shape[0])
-    return jnp.sum(jnp.where(r == c, x_L1, 0.0), axis=0, keepdims=True)
+def _col_to_row(x_Y1):
+    r, c = _iotas(x_Y1.shape[0])
+    return jnp.sum(jnp.where(r == c, x_Y1, 0.0), axis=0, keepdims=True)
 
 
-def _row_to_col(x_1L):
-    r, c = _iotas(x_1L.shape[1])
-    return jnp.sum(jnp.where(r == c, x_1L, 0.0), axis=1, keepdims=True)
+def _row_to_col(x_1Y):
+    r, c = _iotas(x_1Y.shape[1])
+    return jnp.sum(jnp.where(r == c, x_1Y, 0.0), axis=1, keepdims=True)
 
 
 def _sum_all(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)  # (1, 1); one axis at a time
 
 
-def _gates(i_L1, logf_L1, m_11):
+def _gates(i_Y1, logf_Y1, m_11):
     """Within-chunk log weights. b: inclusive cumsum of log f (column and row), g = b at the last row (1, 1),
     a_tau = g - b_tau + i_tau (row tau's log weight at the chunk end), l = g + m (the start state's), and the
     chunk-end stabiliser m_next = max(l, max a)."""
-    L = i_L1.shape[0]
-    r, c = _iotas(L)
-    b_1L = jnp.sum(jnp.where(r <= c, logf_L1, 0.0), axis=0, keepdims=True)
-    b_L1 = _row_to_col(b_1L)
-    last_1L = lax.broadcasted_iota(jnp.int32, (1, L), 1) == L - 1
-    g_11 = jnp.sum(jnp.where(last_1L, b_1L, 0.0), axis=1, keepdims=True)
-    a_L1 = g_11 - b_L1 + i_L1
+    Y = i_Y1.shape[0]
+    r, c = _iotas(Y)
+    b_1Y = jnp.sum(jnp.where(r <= c, logf_Y1, 0.0), axis=0, keepdims=True)
+    b_Y1 = _row_to_col(b_1Y)
+    last_1Y = lax.broadcasted_iota(jnp.int32, (1, Y), 1) == Y - 1
+    g_11 = jnp.sum(jnp.where(last_1Y, b_1Y, 0.0), axis=1, keepdims=True)
+    a_Y1 = g_11 - b_Y1 + i_Y1
     l_11 = g_11 + m_11
-    amax_11 = jnp.max(a_L1, axis=0, keepdims=True)
-    return dict(b_L1=b_L1, b_1L=b_1L, g_11=g_11, a_L1=a_L1, l_11=l_11, amax_11=amax_11,
+    amax_11 = jnp.max(a_Y1, axis=0, keepdims=True)
+    return dict(b_Y1=b_Y1, b_1Y=b_1Y, g_11=g_11, a_Y1=a_Y1, l_11=l_11, amax_11=amax_11,
                 m_next_11=jnp.maximum(l_11, amax_11))
 
 
-def _row_logw(i_L1, gt, m_11):
-    """Log weights of the chunk outputs: logD (L, L) (-inf above the diagonal), the start state's column
+def _row_logw(i_Y1, gt, m_11):
+    """Log weights of the chunk outputs: logD (Y, Y) (-inf above the diagonal), the start state's column
     m_inter = b_t + m_k, their row maxima and the row stabiliser m_row = max(m_inter, m_intra)."""
-    r, c = _iotas(i_L1.shape[0])
-    logD = jnp.where(r >= c, gt["b_L1"] - gt["b_1L"] + _col_to_row(i_L1), -jnp.inf)
-    m_inter = gt["b_L1"] + m_11
+    r, c = _iotas(i_Y1.shape[0])
+    logD = jnp.where(r >= c, gt["b_Y1"] - gt["b_1Y"] + _col_to_row(i_Y1), -jnp.inf)
+    m_inter = gt["b_Y1"] + m_11
     m_intra = jnp.max(logD, axis=1, keepdims=True)
     return logD, m_inter, m_intra, jnp.maximum(m_inter, m_intra)
 
 
-def _state_step(k, v, i_L1, logf_L1, c_KV, n_1K, m_11):
+def _state_step(k, v, i_Y1, logf_Y1, c_KW, n_1K, m_11):
     """State after one chunk from the state before it (the same maths as reference.chunk_states)."""
-    gt = _gates(i_L1, logf_L1, m_11)
+    gt = _gates(i_Y1, logf_Y1, m_11)
     m_next = gt["m_next_11"]
     decay = jnp.exp(gt["l_11"] - m_next)
-    kw = k.astype(F32) * jnp.exp(gt["a_L1"] - m_next)
-    c_KV = decay * c_KV + _dot(kw, v, 0, 0)
+    kw = k.astype(F32) * jnp.exp(gt["a_Y1"] - m_next)
+    c_KW = decay * c_KW + _dot(kw, v, 0, 0)
     n_1K = decay * n_1K + jnp.sum(kw, axis=0, keepdims=True)
-    return c_KV, n_1K, m_next
+    return c_KW, n_1K, m_next
 
 
-def _chunk_num_den(q, k, v, i_L1, logf_L1, c_KV, n_1K, m_11, scale):
-    """Unnormalised chunk outputs (num (L, Vp), den (L, 1)) and the row stabiliser terms."""
-    gt = _gates(i_L1, logf_L1, m_11)
-    logD, m_inter, m_intra, m_row = _row_logw(i_L1, gt, m_11)
+def _chunk_num_den(q, k, v, i_Y1, logf_Y1, c_KW, n_1K, m_11, scale):
+    """Unnormalised chunk outputs (num (Y, Wp), den (Y, 1)) and the row stabiliser terms."""
+    gt = _gates(i_Y1, logf_Y1, m_11)
+    logD, m_inter, m_intra, m_row = _row_logw(i_Y1, gt, m_11)
     s = _dot(q, k, 1, 1) * scale * jnp.exp(logD - m_row)
     wq = jnp.exp(m_inter - m_row) * scale  # the start state's weight per row, with the q scale
-    num = _dot(s, v, 1, 0) + _dot(q, c_KV, 1, 0) * wq
+    num = _dot(s, v, 1, 0) + _dot(q, c_KW, 1, 0) * wq
     den = jnp.sum(s, axis=1, keepdims=True) + jnp.sum(q.astype(F32) * n_1K, axis=1, keepdims=True) * wq
     return num, den, m_row, m_inter >= m_intra
 
@@ -155,55 +154,55 @@ def _prep_terms(num, den, m_row, inter_wins, dh, eps: float):
     return dh * inv, dden, r_inter, dm_row - r_inter
 
 
-def _state_step_bwd(q, dnum, dden_L1, m_row_L1, r_inter_L1, i_L1, logf_L1, m_11, dc_KV, dn_1K, dm_11, scale):
+def _state_step_bwd(q, dnum, dden_Y1, m_row_Y1, r_inter_Y1, i_Y1, logf_Y1, m_11, dc_KW, dn_1K, dm_11, scale):
     """Cotangents of the chunk-start state from those of the chunk-end state. dm is the routed gradient of the
     chunk-end stabiliser m_{k+1}; it goes to the start state's weight l = g + m_k (rl, passed on to m_k) or to
     the winning row a_tau (ra)."""
-    gt = _gates(i_L1, logf_L1, m_11)
+    gt = _gates(i_Y1, logf_Y1, m_11)
     l_wins = gt["l_11"] >= gt["amax_11"]
     rl = jnp.where(l_wins, dm_11, 0.0)
     decay = jnp.exp(gt["l_11"] - gt["m_next_11"])
-    qw = q.astype(F32) * (jnp.exp(gt["b_L1"] + m_11 - m_row_L1) * scale)
-    dc_KV = decay * dc_KV + _dot(qw, dnum, 0, 0)
-    dn_1K = decay * dn_1K + jnp.sum(qw * dden_L1, axis=0, keepdims=True)
-    dm_prev = rl + jnp.sum(r_inter_L1, axis=0, keepdims=True)
-    return dc_KV, dn_1K, dm_prev, rl, dm_11 - rl
+    qw = q.astype(F32) * (jnp.exp(gt["b_Y1"] + m_11 - m_row_Y1) * scale)
+    dc_KW = decay * dc_KW + _dot(qw, dnum, 0, 0)
+    dn_1K = decay * dn_1K + jnp.sum(qw * dden_Y1, axis=0, keepdims=True)
+    dm_prev = rl + jnp.sum(r_inter_Y1, axis=0, keepdims=True)
+    return dc_KW, dn_1K, dm_prev, rl, dm_11 - rl
 
 
-def _suffix_sum(x_L1):
+def _suffix_sum(x_Y1):
     """y_r = sum_{t >= r} x_t, as a column."""
-    r, c = _iotas(x_L1.shape[0])
-    return jnp.sum(jnp.where(c >= r, _col_to_row(x_L1), 0.0), axis=1, keepdims=True)
+    r, c = _iotas(x_Y1.shape[0])
+    return jnp.sum(jnp.where(c >= r, _col_to_row(x_Y1), 0.0), axis=1, keepdims=True)
 
 
-def _chunk_grads(q, k, v, dnum, dden, m_row, r_inter, r_intra, i_L1, logf_L1, c_KV, n_1K, m_11, dc_KV, dn_1K,
+def _chunk_grads(q, k, v, dnum, dden, m_row, r_inter, r_intra, i_Y1, logf_Y1, c_KW, n_1K, m_11, dc_KW, dn_1K,
                  rl_11, ra_11, scale):
     """dq, dk, dv, d(i), d(log f) of one chunk.
 
-    G (L, L) and G0 (L, 1) are the gradients w.r.t. the log weights logD_ts and b_t + m_k of the outputs, Ga and
+    G (Y, Y) and G0 (Y, 1) are the gradients w.r.t. the log weights logD_ts and b_t + m_k of the outputs, Ga and
     Gl those of the chunk-end state's log weights a_tau and g + m_k; the gate gradients follow from
     logD_ts = b_t - b_s + i_s, a_tau = g - b_tau + i_tau and b, g being sums of log f.
     """
     f32 = lambda x: x.astype(F32)  # noqa: E731
-    gt = _gates(i_L1, logf_L1, m_11)
-    logD, m_inter, m_intra, _ = _row_logw(i_L1, gt, m_11)
+    gt = _gates(i_Y1, logf_Y1, m_11)
+    logD, m_inter, m_intra, _ = _row_logw(i_Y1, gt, m_11)
     dmat = jnp.exp(logD - m_row)
     s = _dot(q, k, 1, 1) * scale * dmat
     ds = _dot(dnum, v, 1, 1) + dden  # d(score_ts)
     dp = ds * dmat * scale  # d(q_t . k_s)
     wq = jnp.exp(m_inter - m_row) * scale
-    dq_state = _dot(dnum, c_KV, 1, 1) + dden * n_1K  # (L, Kp), before the row weight wq
+    dq_state = _dot(dnum, c_KW, 1, 1) + dden * n_1K  # (Y, Kp), before the row weight wq
     dq = _dot(dp, k, 1, 0) + dq_state * wq
     # Chunk-end state: C_{k+1} gets exp(a_tau - m_{k+1}) k_tau v_tau^T.
-    wk = jnp.exp(gt["a_L1"] - gt["m_next_11"])
-    dk_state = (_dot(v, dc_KV, 1, 1) + dn_1K) * wk
+    wk = jnp.exp(gt["a_Y1"] - gt["m_next_11"])
+    dk_state = (_dot(v, dc_KW, 1, 1) + dn_1K) * wk
     dk = _dot(dp, q, 0, 0) + dk_state
-    dv = _dot(s, dnum, 0, 0) + _dot(k, dc_KV, 1, 0) * wk
+    dv = _dot(s, dnum, 0, 0) + _dot(k, dc_KW, 1, 0) * wk
     # Log-weight gradients, plus the routed stabiliser gradients (see the module docstring).
     g_mat = ds * s + jnp.where(logD == m_intra, r_intra, 0.0)
     g0 = jnp.sum(f32(q) * dq_state, axis=1, keepdims=True) * wq + r_inter
-    ga = jnp.sum(f32(k) * dk_state, axis=1, keepdims=True) + jnp.where(gt["a_L1"] == gt["amax_11"], ra_11, 0.0)
-    gl = jnp.exp(gt["l_11"] - gt["m_next_11"]) * (_sum_all(c_KV * dc_KV) + _sum_all(n_1K * dn_1K)) + rl_11
+    ga = jnp.sum(f32(k) * dk_state, axis=1, keepdims=True) + jnp.where(gt["a_Y1"] == gt["amax_11"], ra_11, 0.0)
+    gl = jnp.exp(gt["l_11"] - gt["m_next_11"]) * (_sum_all(c_KW * dc_KW) + _sum_all(n_1K * dn_1K)) + rl_11
     col_g = _row_to_col(jnp.sum(g_mat, axis=0, keepdims=True))  # sum over t of G_ts, as a column over s
     di = col_g + ga
     db = jnp.sum(g_mat, axis=1, keepdims=True) - col_g + g0 - ga  # d(b_t)
@@ -216,18 +215,18 @@ def _chunk_grads(q, k, v, dnum, dden, m_row, r_inter, r_intra, i_L1, logf_L1, c_
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _rows(t, L):
-    return pl.ds(pl.multiple_of(t * L, L), L)
+def _rows(t, Y):
+    return pl.ds(pl.multiple_of(t * Y, Y), Y)
 
 
 def _states_kernel_loop(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_ref, ns_ref, ms_ref, c_ref, n_ref,
-                        m_ref, *, L, nc):
+                        m_ref, *, Y, nc):
     def body(t, carry):
         c, n, m = carry
         cs_ref[t] = c
         ns_ref[t] = n
         ms_ref[t] = m
-        rows = _rows(t, L)
+        rows = _rows(t, Y)
         return _state_step(k_ref[rows, :], v_ref[rows, :], i_ref[rows, :], lf_ref[rows, :], c, n, m)
 
     c, n, m = lax.fori_loop(0, nc, body, (c0_ref[...], n0_ref[...], m0_ref[...]))
@@ -268,13 +267,13 @@ def _prep_kernel(q_ref, k_ref, v_ref, i_ref, lf_ref, c_ref, n_ref, m_ref, dh_ref
 
 
 def _dstates_kernel_loop(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, lf_ref, ms_ref, dc_ref, dn_ref,
-                         dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, *, L, nc, scale):
+                         dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, *, Y, nc, scale):
     def body(j, carry):
         t = nc - 1 - j  # reverse sweep
         dc, dn, dm = carry
         dcs_ref[t] = dc
         dns_ref[t] = dn
-        rows = _rows(t, L)
+        rows = _rows(t, Y)
         dc, dn, dm, rl, ra = _state_step_bwd(q_ref[rows, :], dnum_ref[rows, :], dden_ref[rows, :],
                                              mrow_ref[rows, :], rint_ref[rows, :], i_ref[rows, :], lf_ref[rows, :],
                                              ms_ref[t], dc, dn, dm, scale)
@@ -340,16 +339,16 @@ def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):
 
 
 class _Specs:
-    """BlockSpecs of the kernel layout. per_chunk=False: grid (N,), each program sees whole rows (the Triton
-    sequential kernels loop over chunks inside). per_chunk=True: grid (N, NC), one chunk per program; `reverse`
-    walks the chunks backwards. rows(d): [N, Sp, d] arrays; chunk_state(a, c): [N, NC, a, c] per-chunk states;
-    row_state(a, c): [N, a, c] per-row states (resident across the chunk axis)."""
+    """BlockSpecs of the kernel layout. per_chunk=False: grid (B*H,), each program sees whole rows (the Triton
+    sequential kernels loop over chunks inside). per_chunk=True: grid (B*H, Z), one chunk per program; `reverse`
+    walks the chunks backwards. rows(d): [B*H, Sp, d] arrays; chunk_state(a, c): [B*H, Z, a, c] per-chunk states;
+    row_state(a, c): [B*H, a, c] per-row states (resident across the chunk axis)."""
 
-    def __init__(self, L: int, sp: int, nc: int, per_chunk: bool, reverse: bool = False):
+    def __init__(self, Y: int, sp: int, nc: int, per_chunk: bool, reverse: bool = False):
         self.per_chunk = per_chunk
         if per_chunk:
             t = (lambda j: nc - 1 - j) if reverse else (lambda j: j)
-            self.rows = lambda d: pl.BlockSpec((None, L, d), lambda b, j: (b, t(j), 0))
+            self.rows = lambda d: pl.BlockSpec((None, Y, d), lambda b, j: (b, t(j), 0))
             self.chunk_state = lambda a, c: pl.BlockSpec((None, None, a, c), lambda b, j: (b, t(j), 0, 0))
             self.row_state = lambda a, c: pl.BlockSpec((None, a, c), lambda b, j: (b, 0, 0))
         else:
@@ -362,19 +361,19 @@ def _sds(shape, dtype=F32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _states_call(k, v, i, lf, c0, n0, m0, *, L, platform, interpret):
+def _states_call(k, v, i, lf, c0, n0, m0, *, Y, platform, interpret):
     """Kernel (a). Returns chunk-start states (C, n, m) and the final state."""
     n, sp, kp = k.shape
-    vp, nc = v.shape[-1], sp // L
+    vp, nc = v.shape[-1], sp // Y
     out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)),
                  _sds((n, kp, vp)), _sds((n, 1, kp)), _sds((n, 1, 1)))
-    specs = _Specs(L, sp, nc, per_chunk=platform == "tpu")
+    specs = _Specs(Y, sp, nc, per_chunk=platform == "tpu")
     in_specs = [specs.rows(kp), specs.rows(vp), specs.rows(1), specs.rows(1), specs.row_state(kp, vp),
                 specs.row_state(1, kp), specs.row_state(1, 1)]
     out_specs = [specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.row_state(kp, vp),
                  specs.row_state(1, kp), specs.row_state(1, 1)]
     if platform == "triton":
-        kernel, grid, scratch = functools.partial(_states_kernel_loop, L=L, nc=nc), (n,), ()
+        kernel, grid, scratch = functools.partial(_states_kernel_loop, Y=Y, nc=nc), (n,), ()
     else:
         kernel, grid = _states_kernel_grid, (n, nc)
         scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
@@ -391,11 +390,11 @@ def _chunk_in_specs(specs, kp, vp):
             specs.chunk_state(1, kp), specs.chunk_state(1, 1)]
 
 
-def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, L, scale, eps, platform, interpret):
-    """Kernel (b): h [N, Sp, Vp] in v's dtype."""
+def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, Y, scale, eps, platform, interpret):
+    """Kernel (b): h [B*H, Sp, Wp] in v's dtype."""
     n, sp, kp = q.shape
-    vp, nc = v.shape[-1], sp // L
-    specs = _Specs(L, sp, nc, per_chunk=True)
+    vp, nc = v.shape[-1], sp // Y
+    specs = _Specs(Y, sp, nc, per_chunk=True)
     return pl.pallas_call(
         functools.partial(_out_kernel, scale=scale, eps=eps), out_shape=_sds((n, sp, vp), v.dtype), grid=(n, nc),
         in_specs=_chunk_in_specs(specs, kp, vp), out_specs=specs.rows(vp),
@@ -403,11 +402,11 @@ def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, L, scale, eps, platform, interp
     )(q, k, v, i, lf, cs, ns, ms)
 
 
-def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, L, scale, eps, platform, interpret):
-    """Backward kernel (0): dnum [N, Sp, Vp]; m_row, d(den), r_inter, r_intra [N, Sp, 1] (all f32)."""
+def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, Y, scale, eps, platform, interpret):
+    """Backward kernel (0): dnum [B*H, Sp, Wp]; m_row, d(den), r_inter, r_intra [B*H, Sp, 1] (all f32)."""
     n, sp, kp = q.shape
-    vp, nc = v.shape[-1], sp // L
-    specs = _Specs(L, sp, nc, per_chunk=True)
+    vp, nc = v.shape[-1], sp // Y
+    specs = _Specs(Y, sp, nc, per_chunk=True)
     col = _sds((n, sp, 1))
     return pl.pallas_call(
         functools.partial(_prep_kernel, scale=scale, eps=eps),
@@ -418,20 +417,20 @@ def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, L, scale, eps, platform, inter
     )(q, k, v, i, lf, cs, ns, ms, dh)
 
 
-def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, L, scale, platform, interpret):
-    """Backward kernel (1): chunk-end cotangents dC [N, NC, Kp, Vp], dn [N, NC, 1, Kp]; the routed stabiliser
-    gradients rl, ra [N, NC, 1, 1]; and d(initial C, n)."""
+def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, Y, scale, platform, interpret):
+    """Backward kernel (1): chunk-end cotangents dC [B*H, Z, Kp, Wp], dn [B*H, Z, 1, Kp]; the routed stabiliser
+    gradients rl, ra [B*H, Z, 1, 1]; and d(initial C, n)."""
     n, sp, kp = q.shape
-    vp, nc = dnum.shape[-1], sp // L
+    vp, nc = dnum.shape[-1], sp // Y
     out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)), _sds((n, nc, 1, 1)),
                  _sds((n, kp, vp)), _sds((n, 1, kp)))
-    specs = _Specs(L, sp, nc, per_chunk=platform == "tpu", reverse=True)
+    specs = _Specs(Y, sp, nc, per_chunk=platform == "tpu", reverse=True)
     in_specs = [specs.rows(kp), specs.rows(vp)] + [specs.rows(1)] * 5 + [
         specs.chunk_state(1, 1), specs.row_state(kp, vp), specs.row_state(1, kp), specs.row_state(1, 1)]
     out_specs = [specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(1, 1),
                  specs.row_state(kp, vp), specs.row_state(1, kp)]
     if platform == "triton":
-        kernel, grid, scratch = functools.partial(_dstates_kernel_loop, L=L, nc=nc, scale=scale), (n,), ()
+        kernel, grid, scratch = functools.partial(_dstates_kernel_loop, Y=Y, nc=nc, scale=scale), (n,), ()
     else:
         kernel, grid = functools.partial(_dstates_kernel_grid, scale=scale), (n, nc)
         scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
@@ -442,12 +441,12 @@ def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, L, sc
     )(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm)
 
 
-def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra, *, L, scale,
+def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra, *, Y, scale,
                 platform, interpret):
-    """Backward kernel (2): dq, dk, dv (input dtypes) and d(i), d(log f) [N, Sp, 1] f32."""
+    """Backward kernel (2): dq, dk, dv (input dtypes) and d(i), d(log f) [B*H, Sp, 1] f32."""
     n, sp, kp = q.shape
-    vp, nc = v.shape[-1], sp // L
-    specs = _Specs(L, sp, nc, per_chunk=True)
+    vp, nc = v.shape[-1], sp // Y
+    specs = _Specs(Y, sp, nc, per_chunk=True)
     col = specs.rows(1)
     in_specs = [specs.rows(kp), specs.rows(kp), specs.rows(vp), specs.rows(vp), col, col, col, col, col, col,
                 specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(kp, vp),
@@ -466,10 +465,6 @@ def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms,
 # --------------------------------------------------------------------------------------------------------------
 
 
-
-
-
-
 def _kernel_chunk(chunk: int, s: int) -> int:
     """A power of two >= 16 (Triton arrays and tl.dot; TPU sublanes), no bigger than the padded sequence needs.
     The results do not depend on the chunk size (up to rounding)."""
@@ -482,8 +477,8 @@ def _layout(q, k, v, i, f, c0, n0, m0, chunk, platform):
     """Reference layout -> padded kernel rows. Returns (arrays dict, dims dict)."""
     b, h, s, dk = q.shape
     dv = v.shape[-1]
-    L = _kernel_chunk(chunk, s)
-    sp, kp, vp = -(-s // L) * L, _pad_dim(dk, platform), _pad_dim(dv, platform)
+    Y = _kernel_chunk(chunk, s)
+    sp, kp, vp = -(-s // Y) * Y, _pad_dim(dk, platform), _pad_dim(dv, platform)
     n = b * h
 
     def seq(x, d):
@@ -499,7 +494,7 @@ def _layout(q, k, v, i, f, c0, n0, m0, chunk, platform):
         n0=jnp.pad(n0.astype(F32).reshape(n, 1, dk), ((0, 0), (0, 0), (0, kp - dk))),
         m0=m0.astype(F32).reshape(n, 1, 1),
     )
-    dims = dict(b=b, h=h, s=s, dk=dk, dv=dv, L=L, sp=sp, kp=kp, vp=vp, scale=float(dk) ** -0.5)
+    dims = dict(b=b, h=h, s=s, dk=dk, dv=dv, Y=Y, sp=sp, kp=kp, vp=vp, scale=float(dk) ** -0.5)
     return arrs, dims
 
 
@@ -508,31 +503,31 @@ def _final_state(c, n, m, d):
     return c[:, :dk, :dv].reshape(b, h, dk, dv), n[:, 0, :dk].reshape(b, h, dk), m.reshape(b, h)
 
 
-def mlstm_fwd(q_BHSK, k_BHSK, v_BHSV, i_BHS, f_BHS, c0_BHKV, n0_BHK, m0_BH, *, chunk: int, eps: float, platform: str,
+def mlstm_fwd(q_BHSK, k_BHSK, v_BHSW, i_BHS, f_BHS, c0_BHKW, n0_BHK, m0_BH, *, chunk: int, eps: float, platform: str,
               interpret: bool = False):
-    """Forward: (h [B,H,S,V] in v's dtype, final state (C [B,H,K,V], n [B,H,K], m [B,H]) in float32)."""
+    """Forward: (h [B,H,S,W] in v's dtype, final state (C [B,H,K,W], n [B,H,K], m [B,H]) in float32)."""
     _check_platform(platform)
-    a, d = _layout(q_BHSK, k_BHSK, v_BHSV, i_BHS, f_BHS, c0_BHKV, n0_BHK, m0_BH, chunk, platform)
-    kw = dict(L=d["L"], platform=platform, interpret=interpret)
+    a, d = _layout(q_BHSK, k_BHSK, v_BHSW, i_BHS, f_BHS, c0_BHKW, n0_BHK, m0_BH, chunk, platform)
+    kw = dict(Y=d["Y"], platform=platform, interpret=interpret)
     cs, ns, ms, c, n, m = _states_call(a["k"], a["v"], a["i"], a["lf"], a["c0"], a["n0"], a["m0"], **kw)
     h = _outputs_call(a["q"], a["k"], a["v"], a["i"], a["lf"], cs, ns, ms, scale=d["scale"], eps=eps, **kw)
     h = h[:, :d["s"], :d["dv"]].reshape(d["b"], d["h"], d["s"], d["dv"])
     return h, _final_state(c, n, m, d)
 
 
-def mlstm_bwd(q, k, v, i, f, c0, n0, m0, dh_BHSV, dc_BHKV, dn_BHK, *, chunk: int, eps: float, platform: str,
+def mlstm_bwd(q, k, v, i, f, c0, n0, m0, dh_BHSW, dc_BHKW, dn_BHK, *, chunk: int, eps: float, platform: str,
               interpret: bool = False):
     """Backward of mlstm_fwd w.r.t. (q, k, v, i, f, c0, n0) for cotangents dh and (dC, dn) of the final state
     (the final m gets none). Returns (dq, dk, dv, di, df, dc0, dn0) in the dtypes of the inputs."""
     _check_platform(platform)
     a, d = _layout(q, k, v, i, f, c0, n0, m0, chunk, platform)
     nr, kp, vp, sp = a["q"].shape[0], d["kp"], d["vp"], d["sp"]
-    kw = dict(L=d["L"], platform=platform, interpret=interpret)
+    kw = dict(Y=d["Y"], platform=platform, interpret=interpret)
     cs, ns, ms, c_fin, n_fin, _ = _states_call(a["k"], a["v"], a["i"], a["lf"], a["c0"], a["n0"], a["m0"], **kw)
-    dh = jnp.pad(dh_BHSV.astype(F32).reshape(nr, d["s"], d["dv"]), ((0, 0), (0, sp - d["s"]), (0, vp - d["dv"])))
+    dh = jnp.pad(dh_BHSW.astype(F32).reshape(nr, d["s"], d["dv"]), ((0, 0), (0, sp - d["s"]), (0, vp - d["dv"])))
     dnum, m_row, dden, r_inter, r_intra = _prep_call(a["q"], a["k"], a["v"], a["i"], a["lf"], cs, ns, ms, dh,
                                                      scale=d["scale"], eps=eps, **kw)
-    dc = jnp.pad(dc_BHKV.astype(F32).reshape(nr, d["dk"], d["dv"]), ((0, 0), (0, kp - d["dk"]), (0, vp - d["dv"])))
+    dc = jnp.pad(dc_BHKW.astype(F32).reshape(nr, d["dk"], d["dv"]), ((0, 0), (0, kp - d["dk"]), (0, vp - d["dv"])))
     dn = jnp.pad(dn_BHK.astype(F32).reshape(nr, 1, d["dk"]), ((0, 0), (0, 0), (0, kp - d["dk"])))
     # The final state is true state * exp(-m_final): its cotangent reaches m_final with this weight.
     dm = -(jnp.sum(c_fin * dc, axis=(1, 2)) + jnp.sum(n_fin * dn, axis=(1, 2))).reshape(nr, 1, 1)

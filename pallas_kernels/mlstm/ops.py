@@ -176,12 +176,12 @@ def mlstm(q, k, v, i_preact, f_preact, *, initial_state=None, return_final_state
     return (out, final) if return_final_state else out
 
 
-def mlstm_step(q_BHK, k_BHK, v_BHV, i_BH, f_BH, state=None, eps: float = 1e-6):
-    """One decoding step: returns (h_BHV, (C, n, m)). `state=None` starts from zeros (C = n = 0, m = 0).
+def mlstm_step(q_BHK, k_BHK, v_BHW, i_BH, f_BH, state=None, eps: float = 1e-6):
+    """One decoding step: returns (h_BHW, (C, n, m)). `state=None` starts from zeros (C = n = 0, m = 0).
 
     Feeding a sequence one token at a time reproduces `mlstm` and its final state.
     """
-    q, k, v, i, f = (jnp.asarray(x) for x in (q_BHK, k_BHK, v_BHV, i_BH, f_BH))
+    q, k, v, i, f = (jnp.asarray(x) for x in (q_BHK, k_BHK, v_BHW, i_BH, f_BH))
     if q.ndim != 3:
         raise _shape_error("q", q.shape, "[batch, heads, d_qk]")
     b, h, dk = q.shape

@@ -1,7 +1,7 @@
 """mLSTM cell (xLSTM) in plain jnp: the exact quadratic oracle, the chunkwise form and the recurrent step.
 
-Layout inside this module: heads before sequence, q_BHSK, k_BHSK, v_BHSV, gate pre-activations i_BHS, f_BHS.
-All arithmetic in `acc` = float32 (float64 for float64 inputs). The stabilised state is (C_BHKV, n_BHK, m_BH):
+Layout inside this module: heads before sequence, q_BHSK, k_BHSK, v_BHSW, gate pre-activations i_BHS, f_BHS.
+All arithmetic in `acc` = float32 (float64 for float64 inputs). The stabilised state is (C_BHKW, n_BHK, m_BH):
 the true state times exp(-m), m being the running max of the log gate weights.
 
 Per head, with q scaled by d_qk**-0.5, log f_t = logsigmoid(f_t), input gate exp(i_t):
@@ -30,14 +30,15 @@ def zero_state(b: int, h: int, dk: int, dv: int, dtype=jnp.float32):
     return jnp.zeros((b, h, dk, dv), dtype), jnp.zeros((b, h, dk), dtype), jnp.zeros((b, h), dtype)
 
 
-def _normalise(num_BHSV, den_BHS, m_BHS, eps: float):
-    return num_BHSV / (jnp.maximum(jnp.abs(den_BHS), jnp.exp(-m_BHS)) + eps)[..., None]
+def _normalise(num, den, m, eps: float):
+    """num [..., W] / normaliser; den and m have num's leading axes ([B,H,S] or, chunked, [B,H,Z,Y])."""
+    return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
 
 
 def quadratic(q, k, v, i, f, state, eps: float):
-    """Exact O(S^2) oracle. q, k: [B,H,S,K]; v: [B,H,S,V]; i, f: [B,H,S]; state (C0, n0, m0).
+    """Exact O(S^2) oracle. q, k: [B,H,S,K]; v: [B,H,S,W]; i, f: [B,H,S]; state (C0, n0, m0).
 
-    Returns (h [B,H,S,V], final state). The forget-gate sums b_t - b_s are formed as cumulative sums of the
+    Returns (h [B,H,S,W], final state). The forget-gate sums b_t - b_s are formed as cumulative sums of the
     masked log f matrix (no difference of two long cumsums, so no cancellation).
     """
     acc = acc_dtype(q, k, v, i, f)
@@ -81,18 +82,18 @@ def pad_to_chunks(q, k, v, i, logf, chunk: int):
             jnp.pad(i, widths, constant_values=_PAD_INPUT_GATE), jnp.pad(logf, widths))
 
 
-def chunk_states(k_BHNLK, v_BHNLV, i_BHNL, logf_BHNL, state):
+def chunk_states(k_BHZYK, v_BHZYW, i_BHZY, logf_BHZY, state):
     """Sequential part: the state at the start of every chunk, and the final state.
 
-    Inputs are split into N chunks of L. Returns ((C [B,H,N,K,V], n [B,H,N,K], m [B,H,N]), final state).
+    Inputs are split into Z chunks of Y steps. Returns ((C [B,H,Z,K,W], n [B,H,Z,K], m [B,H,Z]), final state).
     """
-    b = jnp.cumsum(logf_BHNL, axis=-1)
+    b = jnp.cumsum(logf_BHZY, axis=-1)
     g = b[..., -1]  # log decay over the whole chunk
-    a = g[..., None] - b + i_BHNL  # log weight of each row at the chunk end
+    a = g[..., None] - b + i_BHZY  # log weight of each row at the chunk end
 
     def step(carry, xs):
         c, n, m = carry
-        k, v, a, g = xs  # [B,H,L,K], [B,H,L,V], [B,H,L], [B,H]
+        k, v, a, g = xs  # [B,H,Y,K], [B,H,Y,W], [B,H,Y], [B,H]
         m_next = jnp.maximum(g + m, jnp.max(a, axis=-1))
         decay = jnp.exp(g + m - m_next)
         w = jnp.exp(a - m_next[..., None])
@@ -100,24 +101,24 @@ def chunk_states(k_BHNLK, v_BHNLV, i_BHNL, logf_BHNL, state):
         n_next = decay[..., None] * n + jnp.einsum("bhl,bhlk->bhk", w, k)
         return (c_next, n_next, m_next), (c, n, m)
 
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (k_BHNLK, v_BHNLV, a, g))
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (k_BHZYK, v_BHZYW, a, g))
     final, starts = jax.lax.scan(step, state, xs)
     return tuple(jnp.moveaxis(x, 0, 2) for x in starts), final
 
 
-def chunk_outputs(q_BHNLK, k_BHNLK, v_BHNLV, i_BHNL, logf_BHNL, starts, eps: float):
+def chunk_outputs(q_BHZYK, k_BHZYK, v_BHZYW, i_BHZY, logf_BHZY, starts, eps: float):
     """Parallel part: every chunk's outputs from its start state and its own rows (all chunks at once)."""
     c, n, m = starts
-    L = q_BHNLK.shape[-2]
-    b = jnp.cumsum(logf_BHNL, axis=-1)
-    causal = jnp.tril(jnp.ones((L, L), bool))
-    logD = jnp.where(causal, b[..., :, None] - b[..., None, :] + i_BHNL[..., None, :], -jnp.inf)
+    y = q_BHZYK.shape[-2]
+    b = jnp.cumsum(logf_BHZY, axis=-1)
+    causal = jnp.tril(jnp.ones((y, y), bool))
+    logD = jnp.where(causal, b[..., :, None] - b[..., None, :] + i_BHZY[..., None, :], -jnp.inf)
     m_inter = b + m[..., None]
     m_row = jnp.maximum(m_inter, jnp.max(logD, axis=-1))
-    qs = q_BHNLK * q_BHNLK.shape[-1] ** -0.5
-    scores = jnp.einsum("bhntk,bhnsk->bhnts", qs, k_BHNLK) * jnp.exp(logD - m_row[..., None])
+    qs = q_BHZYK * q_BHZYK.shape[-1] ** -0.5
+    scores = jnp.einsum("bhntk,bhnsk->bhnts", qs, k_BHZYK) * jnp.exp(logD - m_row[..., None])
     q_inter = qs * jnp.exp(m_inter - m_row)[..., None]
-    num = jnp.einsum("bhnts,bhnsv->bhntv", scores, v_BHNLV) + jnp.einsum("bhntk,bhnkv->bhntv", q_inter, c)
+    num = jnp.einsum("bhnts,bhnsv->bhntv", scores, v_BHZYW) + jnp.einsum("bhntk,bhnkv->bhntv", q_inter, c)
     den = scores.sum(-1) + jnp.einsum("bhntk,bhnk->bhnt", q_inter, n)
     return _normalise(num, den, m_row, eps)
 
@@ -142,7 +143,7 @@ def chunked(q, k, v, i, f, state, chunk: int, eps: float):
 
 
 def step(q, k, v, i, f, state, eps: float):
-    """One recurrent step. q, k: [B,H,K]; v: [B,H,V]; i, f: [B,H]; state (C, n, m). Returns (h [B,H,V], state)."""
+    """One recurrent step. q, k: [B,H,K]; v: [B,H,W]; i, f: [B,H]; state (C, n, m). Returns (h [B,H,W], state)."""
     acc = acc_dtype(q, k, v, i, f)
     q, k, v, i, f = (x.astype(acc) for x in (q, k, v, i, f))
     c, n, m = (x.astype(acc) for x in state)

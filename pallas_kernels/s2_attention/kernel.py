@@ -5,31 +5,32 @@ g attends only the KV blocks in its CSR column list, and the kernels visit only 
 K/V traffic, for the blocks a head drops). FlashAttention-2 numerics: online softmax in the forward, P
 recomputed from q, k and the saved log-sum-exp in the backward, delta = rowsum(dout * out).
 
-Public functions take the layout q [B, S, Hq, D], k/v [B, S, Hkv, D] (Hq = G * Hkv, query head h reads KV head
-h // G) and pad inside; the kernels see rows (flattened (batch, head) pairs):
-    q, out, dout: [B*Hq, Sp, Dp]     k, v: [B*Hkv, Sp, Dp]     lse, delta: [B*Hq, Sp, 1] f32 (columns)
-    the dK/dV kernels view q, dout, lse, delta as [B*Hkv, G*Sp, .] (the G query heads of a KV head back to back;
-    a free reshape, since query row b*Hq + g*G + r = (b*Hkv + g)*G + r)
+Public functions take the layout q [B, S, H, K], k [B, S, G, K], v [B, S, G, W] (W = K here; H = G * R,
+query head h reads KV head h // R) and pad inside; the kernels see rows (flattened (batch, head) pairs):
+    q, out, dout: [B*H, Sp, Kp]     k, v: [B*G, Sp, Kp]     lse, delta: [B*H, Sp, 1] f32 (columns)
+    the dK/dV kernels view q, dout, lse, delta as [B*G, R*Sp, .] (the R query heads of a KV head back to back;
+    a free reshape, since query row b*H + g*R + r = (b*G + g)*R + r)
 Sp is S padded to a multiple of the block (zeros; padded keys are masked, padded queries are dropped and carry
-zero dout, so they add nothing to dK/dV); Dp is D padded with zeros to a power of two >= 16 (Triton arrays and
+zero dout, so they add nothing to dK/dV); Kp is K padded with zeros to a power of two >= 16 (Triton arrays and
 tl.dot; above 128 on TPU: a multiple of 128). The scale is applied to the f32 scores, never folded into q.
-Index arrays (see csr_from_mask / csc_from_mask): kv_index [Hkv, NQ, M] (+ kv_count [Hkv, NQ]) per query block,
-q_index [Hkv, NK, Mq] (+ q_count) per KV block (the CSC transpose); ids increasing, padded by repeating the last.
+Index arrays (see csr_from_mask / csc_from_mask): kv_index [G, I, J] (+ kv_count [G, I]) per query block, its
+last axis the kept KV blocks (padded to the largest count, m_len); q_index [G, J, I] (+ q_count) per KV block (the
+CSC transpose); ids increasing, padded by repeating the last.
 
 Kernels (each has a "triton" body and a "tpu" body):
-  forward  fwd:  grid (B*Hq, NQ)      -> out, lse           online softmax over the kept KV blocks of the q block
-  backward dq:   grid (B*Hq, NQ)      -> dq                 dq  = scale * sum_j dS_ij K_j
-           dkdv: grid (B*Hkv, NK)     -> dk, dv             dk  = scale * sum_{r, i} dS_ij^T Q_i,
-                                                            dv  = sum_{r, i} P_ij^T dO_i, over the G query heads r
+  forward  fwd:  grid (B*H, I)        -> out, lse           online softmax over the kept KV blocks of the q block
+  backward dq:   grid (B*H, I)        -> dq                 dq  = scale * sum_j dS_ij K_j
+           dkdv: grid (B*G, J)        -> dk, dv             dk  = scale * sum_{r, i} dS_ij^T Q_i,
+                                                            dv  = sum_{r, i} P_ij^T dO_i, over the R query heads r
                                                             of the group and the q blocks i that keep KV block j
   with S_ij = scale * Q_i K_j^T (masked: key <= query on the diagonal block, key < S), P = exp(S - lse),
   dS = P * (dO V^T - delta).
 * "triton" (GPU; also runs in the CPU interpreter): the index row of a program arrives through an ordinary
-  BlockSpec (padded to a power-of-two length M), the count is loaded in-kernel, and a `fori_loop` over the valid
+  BlockSpec (padded to a power-of-two length), the count is loaded in-kernel, and a `fori_loop` over the valid
   entries slices K/V (or Q/dO/lse/delta) blocks with pl.ds(id * block, block) from full-sequence BlockSpecs, as
   the upstream Pallas GPU attention does. No grid axis carries state (Triton runs grid points concurrently).
 * "tpu" (Mosaic): splash-attention style. kv_index/kv_count (or q_index/q_count) are flattened and passed as
-  scalar-prefetch operands (SMEM) of a pltpu.PrefetchScalarGridSpec; a third grid axis of size M (G*Mq for dK/dV)
+  scalar-prefetch operands (SMEM) of a pltpu.PrefetchScalarGridSpec; a third grid axis of size m_len (R*m_len for dK/dV)
   is "arbitrary", its BlockSpec index_maps read the block id from SMEM, entries >= count are skipped with pl.when
   (their id repeats the last valid one, so the pipeline re-uses the resident block and issues no DMA), and the
   running max / sum / accumulators live in float32 VMEM scratch.
@@ -67,8 +68,6 @@ _PAR, _SEQ = "parallel", "arbitrary"
 # --------------------------------------------------------------------------------------------------------------
 
 
-
-
 def _mask(i, j, bs: int, seq_len: int):
     """(bs, bs) bool: key position <= query position (only binds on the diagonal block) and key < seq_len."""
     qpos = i * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
@@ -81,7 +80,7 @@ def _fwd_init(bs: int, dp: int):
 
 
 def _fwd_step(q, k, v, mask, m, l, acc, scale: float):
-    """One KV block of the online softmax. m, l: (bs, 1) running max and sum; acc: (bs, Dp) f32."""
+    """One KV block of the online softmax. m, l: (bs, 1) running max and sum; acc: (bs, Kp) f32."""
     s = jnp.where(mask, _dot(q, k, 1, 1) * scale, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no key yet: keep exp() finite
@@ -174,7 +173,7 @@ def _dkdv_kernel_loop(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl
     k, v = k_ref[...], v_ref[...]
     count = cnt_ref[0]
 
-    def head(r, carry):  # the query heads of the group sit back to back along the (G*Sp) axis
+    def head(r, carry):  # the query heads of the group sit back to back along the (R*Sp) axis
         def body(t, carry):
             dk, dv = carry
             i = idx_ref[t]
@@ -239,7 +238,7 @@ def _dq_kernel_grid(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_r
 
 def _dkdv_kernel_grid(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref, dk_scr,
                       dv_scr, *, bs, scale, seq_len, nk, m_len, groups, hkv):
-    n, j, u = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # u = r * Mq + t (query head r of the group)
+    n, j, u = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # u = r * m_len + t (query head r of the group)
     row = _rem(n, hkv) * nk + j
     t = _rem(u, m_len)
 
@@ -286,24 +285,25 @@ def _sds(shape, dtype=F32):
 
 
 class _Dims:
-    """Static sizes: rows nq_rows = B*Hq, nkv_rows = B*Hkv, G = Hq // Hkv, padded Sp / Dp, blocks NQ."""
+    """Static sizes: B*hq query rows, B*hkv KV rows, r = hq // hkv query heads per KV head (R), padded Sp / Kp,
+    nq query blocks (I)."""
 
     def __init__(self, b, s, hq, hkv, d, bs, platform):
         self.b, self.s, self.hq, self.hkv, self.d, self.bs = b, s, hq, hkv, d, bs
-        self.g = hq // hkv
+        self.r = hq // hkv
         self.nq = -(-s // bs)
         self.sp = self.nq * bs
         self.dp = _pad_dim(d, platform)
 
-    def kv_row(self, n):  # query row b*Hq + h -> KV row b*Hkv + h // G
+    def kv_row(self, n):  # query row b*H + h -> KV row b*G + h // R
         return _div(n, self.hq) * self.hkv + self.group(n)
 
     def group(self, n):  # query row -> KV head index g (row of the index arrays)
-        return _div(_rem(n, self.hq), self.g)
+        return _div(_rem(n, self.hq), self.r)
 
 
 def _fwd_call(q, k, v, idx, cnt, dm: _Dims, *, scale, platform, interpret):
-    """out [B*Hq, Sp, Dp] in q.dtype, lse [B*Hq, Sp, 1] f32."""
+    """out [B*H, Sp, Kp] in q.dtype, lse [B*H, Sp, 1] f32."""
     nrows, bs, dp, sp, nq = dm.b * dm.hq, dm.bs, dm.dp, dm.sp, dm.nq
     out_shape = (_sds((nrows, sp, dp), q.dtype), _sds((nrows, sp, 1)))
     kw = dict(bs=bs, scale=scale, seq_len=dm.s)
@@ -338,7 +338,7 @@ def _fwd_call(q, k, v, idx, cnt, dm: _Dims, *, scale, platform, interpret):
 
 
 def _dq_call(q, k, v, do, lse, delta, idx, cnt, dm: _Dims, *, scale, platform, interpret):
-    """dq [B*Hq, Sp, Dp] in q.dtype."""
+    """dq [B*H, Sp, Kp] in q.dtype."""
     nrows, bs, dp, sp, nq = dm.b * dm.hq, dm.bs, dm.dp, dm.sp, dm.nq
     out_shape = _sds((nrows, sp, dp), q.dtype)
     kw = dict(bs=bs, scale=scale, seq_len=dm.s)
@@ -368,8 +368,8 @@ def _dq_call(q, k, v, do, lse, delta, idx, cnt, dm: _Dims, *, scale, platform, i
 
 
 def _dkdv_call(qg, k, v, dog, lseg, deltag, idx, cnt, dm: _Dims, *, scale, platform, interpret):
-    """dk, dv [B*Hkv, Sp, Dp] in k/v dtypes. qg, dog: [B*Hkv, G*Sp, Dp]; lseg, deltag: [B*Hkv, G*Sp, 1]."""
-    nrows, bs, dp, sp, nk, g = dm.b * dm.hkv, dm.bs, dm.dp, dm.sp, dm.nq, dm.g
+    """dk, dv [B*G, Sp, Kp] in k/v dtypes. qg, dog: [B*G, R*Sp, Kp]; lseg, deltag: [B*G, R*Sp, 1]."""
+    nrows, bs, dp, sp, nk, r = dm.b * dm.hkv, dm.bs, dm.dp, dm.sp, dm.nq, dm.r
     out_shape = (_sds((nrows, sp, dp), k.dtype), _sds((nrows, sp, dp), v.dtype))
     kw = dict(bs=bs, scale=scale, seq_len=dm.s)
     params = _params(platform, interpret, (_PAR, _PAR, _SEQ), bs, dp)
@@ -377,26 +377,26 @@ def _dkdv_call(qg, k, v, dog, lseg, deltag, idx, cnt, dm: _Dims, *, scale, platf
     hkv = dm.hkv
     if platform == "triton":
         own = pl.BlockSpec((None, bs, dp), lambda n, j: (n, j, 0))
-        full = lambda w: pl.BlockSpec((None, g * sp, w), lambda n, j: (n, 0, 0))  # noqa: E731
+        full = lambda w: pl.BlockSpec((None, r * sp, w), lambda n, j: (n, 0, 0))  # noqa: E731
         return pl.pallas_call(
-            functools.partial(_dkdv_kernel_loop, groups=g, sp=sp, **kw), out_shape=out_shape, grid=(nrows, nk),
+            functools.partial(_dkdv_kernel_loop, groups=r, sp=sp, **kw), out_shape=out_shape, grid=(nrows, nk),
             in_specs=[pl.BlockSpec((None, None, m), lambda n, j: (_rem(n, hkv), j, 0)),
                       pl.BlockSpec((None, None, 1), lambda n, j: (_rem(n, hkv), j, 0)),
                       full(dp), own, own, full(dp), full(1), full(1)],
             out_specs=[own, own], compiler_params=params, interpret=interpret, name="s2_bwd_dkdv",
         )(idx, cnt, qg, k, v, dog, lseg, deltag)
 
-    def q_map(n, j, u, ix, c):  # query head r = u // Mq of the group; its q block id from the CSC list
+    def q_map(n, j, u, ix, c):  # query head r = u // m_len of the group; its q block id from the CSC list
         return n, _div(u, m) * nk + ix[(_rem(n, hkv) * nk + j) * m + _rem(u, m)], 0
 
     own = pl.BlockSpec((None, bs, dp), lambda n, j, u, ix, c: (n, j, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(nrows, nk, g * m),
+        num_scalar_prefetch=2, grid=(nrows, nk, r * m),
         in_specs=[pl.BlockSpec((None, bs, dp), q_map), own, own, pl.BlockSpec((None, bs, dp), q_map),
                   pl.BlockSpec((None, bs, 1), q_map), pl.BlockSpec((None, bs, 1), q_map)],
         out_specs=[own, own], scratch_shapes=[pltpu.VMEM((bs, dp), F32), pltpu.VMEM((bs, dp), F32)])
     return pl.pallas_call(
-        functools.partial(_dkdv_kernel_grid, nk=nk, m_len=m, groups=g, hkv=hkv, **kw), out_shape=out_shape,
+        functools.partial(_dkdv_kernel_grid, nk=nk, m_len=m, groups=r, hkv=hkv, **kw), out_shape=out_shape,
         grid_spec=grid_spec, compiler_params=params, interpret=interpret, name="s2_bwd_dkdv",
     )(idx.reshape(-1), cnt.reshape(-1), qg, k, v, dog, lseg, deltag)
 
@@ -404,10 +404,6 @@ def _dkdv_call(qg, k, v, dog, lseg, deltag, idx, cnt, dm: _Dims, *, scale, platf
 # --------------------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------------------
-
-
-
-
 
 
 def _check_block(block_size: int, platform: str):
@@ -432,8 +428,9 @@ def _dims(q, k, v, block_size, platform) -> _Dims:
 
 
 def _index_args(index, count, heads: int, nblocks: int, platform: str, name: str):
-    """Validated int32 index [H, N, M'] and count [H, N, 1]. For Triton, M is padded to a power of two (the row is
-    a kernel array) by repeating the last column (never read: the loops stop at count)."""
+    """Validated int32 index [G, I, J] (or the CSC [G, J, I]) and count [G, I, 1]. For Triton, the last axis is
+    padded to a power of two (the row is a kernel array) by repeating the last column (never read: the loops stop
+    at count)."""
     index, count = jnp.asarray(index, jnp.int32), jnp.asarray(count, jnp.int32)
     if index.ndim != 3 or index.shape[:2] != (heads, nblocks) or count.shape != (heads, nblocks):
         raise ValueError(f"{name}: expected index [{heads}, {nblocks}, M] and count [{heads}, {nblocks}], got "
@@ -445,20 +442,20 @@ def _index_args(index, count, heads: int, nblocks: int, platform: str, name: str
 
 
 def _to_rows(x, dm: _Dims, width: int):
-    """[B, S, H, D] -> [B*H, Sp, width] (zero padded)."""
+    """[B, S, H or G, K] -> [B*(H or G), Sp, width] (zero padded)."""
     b, s, h, d = x.shape
     x = jnp.transpose(x, (0, 2, 1, 3))
     return jnp.pad(x, ((0, 0), (0, 0), (0, dm.sp - s), (0, width - d))).reshape(b * h, dm.sp, width)
 
 
 def _from_rows(x, dm: _Dims, heads: int):
-    """[B*H, Sp, Dp] -> [B, S, H, D]."""
+    """[B*(H or G), Sp, Kp] -> [B, S, H or G, K]."""
     return jnp.transpose(x[:, :dm.s, :dm.d].reshape(dm.b, heads, dm.s, dm.d), (0, 2, 1, 3))
 
 
-def _col_rows(x_bhs, dm: _Dims):
-    """[B, Hq, S] -> [B*Hq, Sp, 1] f32 (zero padded)."""
-    x = jnp.pad(x_bhs.astype(F32), ((0, 0), (0, 0), (0, dm.sp - dm.s)))
+def _col_rows(x_BHS, dm: _Dims):
+    """[B, H, S] -> [B*H, Sp, 1] f32 (zero padded)."""
+    x = jnp.pad(x_BHS.astype(F32), ((0, 0), (0, 0), (0, dm.sp - dm.s)))
     return x.reshape(dm.b * dm.hq, dm.sp, 1)
 
 
@@ -466,14 +463,14 @@ def s2_forward(q, k, v, kv_index, kv_count, *, block_size: int, scale: float, pl
                interpret=False) -> tuple[jax.Array, jax.Array]:
     """Block-sparse causal attention.
 
-    q [B, S, Hq, D]; k, v [B, S, Hkv, D] (Hq a multiple of Hkv: query head h uses KV head h // (Hq // Hkv));
-    kv_index int32 [Hkv, NQ, M]: for KV head g and query block i, the kept KV block ids in increasing order
-    (padded at the end by repeating the last valid id); kv_count int32 [Hkv, NQ]: how many are valid (>= 1: the
-    diagonal block is always kept). NQ = ceil(S / block_size). Causal: inside the diagonal block key position
+    q [B, S, H, K]; k [B, S, G, K], v [B, S, G, W] (W = K; H = G * R: query head h uses KV head h // R);
+    kv_index int32 [G, I, J]: for KV head g and query block i, the kept KV block ids in increasing order
+    (padded at the end by repeating the last valid id); kv_count int32 [G, I]: how many are valid (>= 1: the
+    diagonal block is always kept). I = ceil(S / block_size). Causal: inside the diagonal block key position
     <= query position; padded keys (S not a multiple of block_size) are never attended.
     `interpret` is passed to pallas_call (True, or a pltpu.InterpretParams for the tpu body).
 
-    Returns (out [B, S, Hq, D] in q.dtype, lse float32 [B, Hq, S] = logsumexp over the attended keys of
+    Returns (out [B, S, H, W] in q.dtype, lse float32 [B, H, S] = logsumexp over the attended keys of
     scale * q.k). A query block with count 0 gets out 0 and lse -inf.
     """
     dm = _dims(q, k, v, block_size, platform)
@@ -486,29 +483,30 @@ def s2_forward(q, k, v, kv_index, kv_count, *, block_size: int, scale: float, pl
 def s2_backward(q, k, v, out, lse, dout, kv_index, kv_count, q_index, q_count, *, block_size: int, scale: float,
                 platform: str = "triton", interpret=False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) of s2_forward's out for the cotangent dout (lse gets none), same shapes/dtypes as
-    q, k, v. out, lse: s2_forward's results. q_index int32 [Hkv, NK, Mq] / q_count [Hkv, NK]: for KV head g and
+    q, k, v. out, lse: s2_forward's results. q_index int32 [G, J, I] / q_count [G, J]: for KV head g and
     KV block j, the query blocks that keep it (increasing, padded by repeating the last): the CSC transpose of
     kv_index. dK/dV of a KV head sum over all query heads of its group. P is recomputed from q, k and lse
     (FlashAttention-2), with delta = rowsum(dout * out) computed here in float32."""
     dm = _dims(q, k, v, block_size, platform)
     kv_idx, kv_cnt = _index_args(kv_index, kv_count, dm.hkv, dm.nq, platform, "kv_index")
     q_idx, q_cnt = _index_args(q_index, q_count, dm.hkv, dm.nq, platform, "q_index")
-    delta = jnp.sum(out.astype(F32) * dout.astype(F32), axis=-1)  # [B, S, Hq]
+    delta = jnp.sum(out.astype(F32) * dout.astype(F32), axis=-1)  # [B, S, H]
     qr, kr, vr = _to_rows(q, dm, dm.dp), _to_rows(k, dm, dm.dp), _to_rows(v, dm, dm.dp)
     dor = _to_rows(dout.astype(q.dtype), dm, dm.dp)
     lser, deltar = _col_rows(lse, dm), _col_rows(jnp.transpose(delta, (0, 2, 1)), dm)
     kw = dict(scale=float(scale), platform=platform, interpret=interpret)
     dq = _dq_call(qr, kr, vr, dor, lser, deltar, kv_idx, kv_cnt, dm, **kw)
-    # Query rows b*Hq + g*G + r == (b*Hkv + g)*G + r: view the group's G heads back to back along the sequence.
-    nkv, gsp = dm.b * dm.hkv, dm.g * dm.sp
+    # Query rows b*H + g*R + r == (b*G + g)*R + r: view the group's R heads back to back along the sequence.
+    nkv, gsp = dm.b * dm.hkv, dm.r * dm.sp
     dk, dv = _dkdv_call(qr.reshape(nkv, gsp, dm.dp), kr, vr, dor.reshape(nkv, gsp, dm.dp), lser.reshape(nkv, gsp, 1),
                         deltar.reshape(nkv, gsp, 1), q_idx, q_cnt, dm, **kw)
     return _from_rows(dq, dm, dm.hq), _from_rows(dk, dm, dm.hkv), _from_rows(dv, dm, dm.hkv)
 
 
 def csr_from_mask(block_mask) -> tuple[np.ndarray, np.ndarray]:
-    """numpy bool [H, NQ, NK] -> (index int32 [H, NQ, M], count int32 [H, NQ]): per row the kept column ids in
-    increasing order, padded by repeating the last valid one (0 for an empty row); M = max(1, max count)."""
+    """numpy bool [G, I, J] -> (index int32 [G, I, J], count int32 [G, I]): per row the kept column ids in
+    increasing order, padded by repeating the last valid one (0 for an empty row); the index's last axis holds
+    max(1, max count) entries."""
     bm = np.asarray(block_mask, dtype=bool)
     if bm.ndim != 3:
         raise ValueError(f"block_mask must be [H, NQ, NK], got shape {bm.shape}")
@@ -522,6 +520,6 @@ def csr_from_mask(block_mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def csc_from_mask(block_mask) -> tuple[np.ndarray, np.ndarray]:
-    """numpy bool [H, NQ, NK] -> (q_index int32 [H, NK, Mq], q_count int32 [H, NK]): per KV block the query blocks
+    """numpy bool [G, I, J] -> (q_index int32 [G, J, I], q_count int32 [G, J]): per KV block the query blocks
     that keep it (the transpose of csr_from_mask)."""
     return csr_from_mask(np.swapaxes(np.asarray(block_mask, dtype=bool), 1, 2))

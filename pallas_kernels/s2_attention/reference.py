@@ -1,7 +1,8 @@
 """S2-Attention's block pattern and two pure-jnp forms: dense masked attention (the oracle) and a gather form that
 reads only the kept KV blocks (the CPU path; its cost falls with the sparsity).
 
-Layout: q [B, S, Hq, D], k and v [B, S, Hkv, D] (Hq a multiple of Hkv; query head h reads KV head h // (Hq / Hkv)).
+Layout: q [B, S, H, K], k [B, S, G, K], v [B, S, G, W] (W = K; H = G * R; query head h reads KV head h // R).
+Blocked forms: I query blocks, J KV blocks, Y rows of a block.
 Tokens form blocks of `block_size`; query block i and KV block j start at the same positions (self-attention).
 """
 
@@ -53,54 +54,55 @@ def block_mask(num_heads: int, q_blocks: int, kv_blocks: int, *, local_blocks: i
     return mask
 
 
-def uncovered_blocks(mask_HIJ: np.ndarray) -> int:
+def uncovered_blocks(mask_GIJ: np.ndarray) -> int:
     """Causal blocks that no head reads."""
-    causal = np.tril(np.ones(mask_HIJ.shape[1:], bool))
-    return int(np.sum(causal & ~mask_HIJ.any(axis=0)))
+    causal = np.tril(np.ones(mask_GIJ.shape[1:], bool))
+    return int(np.sum(causal & ~mask_GIJ.any(axis=0)))
 
 
-def check_coverage(mask_HIJ: np.ndarray, where: str) -> int:
+def check_coverage(mask_GIJ: np.ndarray, where: str) -> int:
     """Warn when the union over heads leaves causal blocks uncovered (no head can read them); returns the count."""
-    missing = uncovered_blocks(mask_HIJ)
+    missing = uncovered_blocks(mask_GIJ)
     if missing:
-        total = int(np.tril(np.ones(mask_HIJ.shape[1:], bool)).sum())
+        total = int(np.tril(np.ones(mask_GIJ.shape[1:], bool)).sum())
         warnings.warn(f"{where}: {missing} of {total} causal blocks are read by no head; the residues "
                       f"(j + h*step + offset) % vert_stride do not cover every class; use at least vert_stride heads "
                       "(with step 1), a smaller vert_stride, or dense heads", stacklevel=2)
     return missing
 
 
-def kept_kv_blocks(mask_HIJ: np.ndarray) -> np.ndarray:
-    """[H]: KV blocks a head still needs after the last query block (what a pruned decode cache keeps)."""
-    return mask_HIJ[:, -1, :].sum(axis=-1)
+def kept_kv_blocks(mask_GIJ: np.ndarray) -> np.ndarray:
+    """[G]: KV blocks a head still needs after the last query block (what a pruned decode cache keeps)."""
+    return mask_GIJ[:, -1, :].sum(axis=-1)
 
 
-def expand_to_tokens(mask_HIJ: np.ndarray, seq_len: int, block_size: int) -> np.ndarray:
-    """bool [H, S, S]: the block pattern at token level, causal inside the diagonal blocks."""
-    tokens = np.kron(mask_HIJ, np.ones((block_size, block_size), bool))[:, :seq_len, :seq_len]
+def expand_to_tokens(mask_GIJ: np.ndarray, seq_len: int, block_size: int) -> np.ndarray:
+    """bool [G, S, T]: the block pattern at token level, causal inside the diagonal blocks."""
+    tokens = np.kron(mask_GIJ, np.ones((block_size, block_size), bool))[:, :seq_len, :seq_len]
     return tokens & np.tril(np.ones((seq_len, seq_len), bool))
 
 
-def padded_csr(mask_HIJ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(kv_index int32 [H, I, M], kv_count int32 [H, I]): kept KV blocks per (head, query block), ascending, padded
-    by repeating the last one; M = the largest count."""
-    counts = mask_HIJ.sum(-1).astype(np.int32)
+def padded_csr(mask_GIJ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kv_index int32 [G, I, J], kv_count int32 [G, I]): kept KV blocks per (head, query block), ascending, padded
+    by repeating the last one; the index's last axis holds the largest count."""
+    counts = mask_GIJ.sum(-1).astype(np.int32)
     width = max(1, int(counts.max()))
-    index = np.zeros((*mask_HIJ.shape[:2], width), np.int32)
-    for h in range(mask_HIJ.shape[0]):
-        for i in range(mask_HIJ.shape[1]):
-            ids = np.nonzero(mask_HIJ[h, i])[0]
+    index = np.zeros((*mask_GIJ.shape[:2], width), np.int32)
+    for h in range(mask_GIJ.shape[0]):
+        for i in range(mask_GIJ.shape[1]):
+            ids = np.nonzero(mask_GIJ[h, i])[0]
             index[h, i, : len(ids)] = ids
             index[h, i, len(ids) :] = ids[-1] if len(ids) else 0
     return index, counts
 
 
-def _group(x_BSGD, groups: int):
-    return jnp.repeat(x_BSGD, groups, axis=2)
+def _group(x, groups: int):
+    """[B, S, G, K or W] -> [B, S, H, K or W]: each KV head repeated for the R = groups query heads reading it."""
+    return jnp.repeat(x, groups, axis=2)
 
 
 def dense_attention(q, k, v, token_mask_GST=None, scale: float | None = None):
-    """(out [B, S, Hq, D], lse float32 [B, Hq, S]) of softmax attention restricted to `token_mask` (per KV head;
+    """(out [B, S, H, W], lse float32 [B, H, S]) of softmax attention restricted to `token_mask` (per KV head;
     None = causal), in float32."""
     b, s, hq, d = q.shape
     groups = hq // k.shape[2]
@@ -126,30 +128,31 @@ def gather_attention(q, k, v, mask_GIJ: np.ndarray, block_size: int, scale: floa
     scale = d**-0.5 if scale is None else scale
     nb = math.ceil(s / block_size)
     pad = nb * block_size - s
-    index, count = padded_csr(mask_GIJ)  # [G, NB, M]
+    index, count = padded_csr(mask_GIJ)  # [G, I, J]: kept KV blocks of each query block
     m = index.shape[-1]
 
-    def blocks(x):  # [B, S, G, D] -> [B, G, NB, bs, D]
+    def blocks(x):  # [B, S, G, K or W] -> [B, G, J, Y, K or W]
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
         return jnp.moveaxis(x.reshape(b, nb, block_size, x.shape[2], d), 3, 1)
 
     q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_BGRIQD = q_pad.reshape(b, nb, block_size, g, groups, d).transpose(0, 3, 4, 1, 2, 5)  # [B, G, R, NB, bs, D]
-    kb, vb = blocks(k), blocks(v)  # [B, G, NB, bs, D]
-    take = jax.vmap(lambda x_BNKD, idx_IM: x_BNKD[:, idx_IM], in_axes=(1, 0), out_axes=1)  # per KV head
-    k_g = take(kb, jnp.asarray(index)).reshape(b, g, nb, m * block_size, d)  # [B, G, NB, M*bs, D]
+    q_BGRIYK = q_pad.reshape(b, nb, block_size, g, groups, d).transpose(0, 3, 4, 1, 2, 5)
+    kb, vb = blocks(k), blocks(v)  # [B, G, J, Y, K]
+    take = jax.vmap(lambda x_BJYK, idx_IJ: x_BJYK[:, idx_IJ], in_axes=(1, 0), out_axes=1)  # per KV head
+    # the gathered keys of each query block: T = (kept KV blocks) * Y positions
+    k_g = take(kb, jnp.asarray(index)).reshape(b, g, nb, m * block_size, d)  # [B, G, I, T, K]
     v_g = take(vb, jnp.asarray(index)).reshape(b, g, nb, m * block_size, d)
-    logits = jnp.einsum("bgriqd,bgikd->bgriqk", q_BGRIQD.astype(jnp.float32), k_g.astype(jnp.float32),
+    logits = jnp.einsum("bgriqd,bgikd->bgriqk", q_BGRIYK.astype(jnp.float32), k_g.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) * scale
     # validity of each gathered key: entry < count, key position <= query position, key inside the sequence
     entry = np.arange(m)[None, None, :]
     key_pos = (index[..., None] * block_size + np.arange(block_size)).reshape(g, nb, m * block_size)
-    valid_entry = np.repeat(entry < count[..., None], block_size, axis=-1)  # [G, NB, M*bs]
-    query_pos = np.arange(nb)[:, None] * block_size + np.arange(block_size)[None, :]  # [NB, bs]
+    valid_entry = np.repeat(entry < count[..., None], block_size, axis=-1)  # [G, I, T]
+    query_pos = np.arange(nb)[:, None] * block_size + np.arange(block_size)[None, :]  # [I, Y]
     ok = (valid_entry[:, :, None, :] & (key_pos[:, :, None, :] <= query_pos[None, :, :, None])
-          & (key_pos[:, :, None, :] < s))  # [G, NB, bs, M*bs]
+          & (key_pos[:, :, None, :] < s))  # [G, I, Y, T]
     logits = jnp.where(jnp.asarray(ok)[None, :, None], logits, -jnp.inf)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, G, R, NB, bs]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, G, R, I, Y]
     probs = jnp.exp(logits - lse[..., None])
     out = jnp.einsum("bgriqk,bgikd->bgriqd", probs, v_g.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     out = out.transpose(0, 3, 4, 1, 2, 5).reshape(b, nb * block_size, hq, d)[:, :s]
@@ -158,7 +161,7 @@ def gather_attention(q, k, v, mask_GIJ: np.ndarray, block_size: int, scale: floa
 
 
 def merge_partitions(out_a, lse_a, out_b, lse_b):
-    """Attention over the union of two disjoint key sets from each set's (out [B, S, H, D], lse [B, H, S])."""
+    """Attention over the union of two disjoint key sets from each set's (out [B, S, H, W], lse [B, H, S])."""
     lse = jnp.logaddexp(lse_a, lse_b)
     wa = jnp.exp(lse_a - lse).transpose(0, 2, 1)[..., None]
     wb = jnp.exp(lse_b - lse).transpose(0, 2, 1)[..., None]

@@ -1,5 +1,7 @@
 """Mixture of experts: routing rules, losses, capacity dropping, dropless, expert parallelism on 8 CPU devices."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from jaxeff.config import ConfigError, check_consistency, load_config
 from jaxeff.layers.moe import (MoE, capacity, dispatch_slots, expert_layer, load_balance_loss, route,
                                router_z_loss)
 from jaxeff.parallel.mesh import build_mesh
+from jaxeff.parallel.sharding import BATCH_AXES
 
 
 def moe_config(**extra):
@@ -272,3 +275,144 @@ def test_dropless_expert_parallel_lowers_to_ragged_all_to_all_for_accelerators(t
     with jax.set_mesh(build_mesh(cfg)):
         text = jax.jit(grads).trace(params, x).lower(lowering_platforms=(target,)).as_text()
     assert "ragged_all_to_all" in text
+
+
+# ---------------------------------------------------------------------------------------------- one routing per layer
+
+
+def _old_route(logits_NE, top_k, normalize, bias_E=None):
+    """`route` as it was when the layer routed twice (dispatch, then losses): the reference's own copy."""
+    probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    scores_NE = probs_NE if bias_E is None else probs_NE + jax.lax.stop_gradient(bias_E)
+    _, experts_NA = jax.lax.top_k(jax.lax.stop_gradient(scores_NE), top_k)
+    gates_NA = jnp.take_along_axis(probs_NE, experts_NA, axis=-1)
+    if normalize:
+        gates_NA = gates_NA / jnp.sum(gates_NA, axis=-1, keepdims=True)
+    return experts_NA, gates_NA, probs_NE
+
+
+def _old_kept(experts_NA, n_experts, slots):
+    """The capacity rule: per expert, the first `slots` token-choices in (choice rank, token) order."""
+    n, a = experts_NA.shape
+    choices = experts_NA.T.reshape(-1)
+    onehot = jax.nn.one_hot(choices, n_experts, dtype=jnp.int32)
+    position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+    return (position < slots).reshape(a, n).T
+
+
+def two_routing_reference(params, x_BSD, cfg, shards=1, mistake=None):
+    """The layer before routing once: (y, aux) with a routing for the dispatch (each of `shards` devices applies
+    the capacity rule to its own tokens) and a second routing of all tokens for the losses. The experts run densely
+    (every expert on every token, weighted by its kept gates). `mistake` plants a bug, to show the check sees it."""
+    sec = cfg.moe
+    x_ND = x_BSD.reshape(-1, x_BSD.shape[-1]).astype(jnp.float32)
+    logits_NE = x_ND @ params["router"]
+    n_experts = logits_NE.shape[-1]
+    bias_E = params.get("balance_bias")
+    normalize = sec.normalize_top_k and mistake != "gates"
+    # routing 1: dispatch
+    experts_NA, gates_NA, _ = _old_route(logits_NE, sec.top_k, normalize, bias_E)
+    kept_NA = jnp.ones(experts_NA.shape, bool)
+    if sec.capacity_factor is not None:
+        local = x_ND.shape[0] // shards
+        slots = max(1, math.ceil(sec.capacity_factor * local * sec.top_k / n_experts))
+        kept_NA = jnp.concatenate([_old_kept(experts_NA[i * local:(i + 1) * local], n_experts, slots)
+                                   for i in range(shards)])
+    payload_NP = x_ND @ params["descend"]["kernel"] if sec.structure == "dcca" else x_ND
+    y = jnp.zeros_like(payload_NP)
+    for e in range(n_experts):
+        weight_N = jnp.sum(jnp.where((experts_NA == e) & kept_NA, gates_NA, 0.0), axis=-1)
+        y = y + weight_N[:, None] * (jax.nn.gelu(payload_NP @ params["w_in"][e]) @ params["w_out"][e])
+    if sec.structure == "dcca":
+        y = y @ params["ascend"]["kernel"]
+    if sec.structure == "residual":
+        dense = jax.nn.gelu(x_ND @ params["dense_in"]["kernel"]) @ params["dense_out"]["kernel"]
+        mix = jax.nn.softmax(x_ND @ params["mix"]["kernel"], -1)
+        y = mix[:, :1] * y + mix[:, 1:] * dense
+    # routing 2: the losses, from all tokens
+    experts2_NA, _, probs_NE = _old_route(logits_NE, sec.top_k, sec.normalize_top_k, bias_E)
+    load_E = jnp.sum(jax.nn.one_hot(experts2_NA, n_experts), axis=(0, 1)) / experts2_NA.size
+    tag = "moe/layer0"
+    aux = {f"loss/{tag}/balance": sec.load_balance_weight * n_experts * jnp.sum(load_E * probs_NE.mean(0)),
+           f"aux/{tag}/dropped": jnp.mean(~kept_NA), f"aux/{tag}/max_load": jnp.max(load_E) * n_experts,
+           f"aux/{tag}/entropy": jnp.mean(-jnp.sum(probs_NE * jnp.log(jnp.maximum(probs_NE, 1e-30)), -1))}
+    if mistake != "z":
+        aux[f"loss/{tag}/z"] = sec.z_loss_weight * jnp.mean(jax.nn.logsumexp(logits_NE, -1) ** 2)
+    if bias_E is not None:
+        push = jnp.sum(bias_E * jax.lax.stop_gradient(load_E - jnp.mean(load_E)))
+        aux[f"loss/{tag}/bias_balancing"] = push - jax.lax.stop_gradient(push)
+    return y.reshape(x_BSD.shape), aux
+
+
+def _routing_case(structure, capacity_factor, bias_balancing, mesh):
+    """Layer, params (sharper router, random balancing bias), input, and `objective(fn)`: the value_and_grad of
+    sum(y * ct) + the loss/ entries of fn's aux."""
+    cfg = moe_config(**{"model.moe.structure": structure, "model.moe.top_k": 1 if structure == "residual" else 2,
+                        "model.moe.capacity_factor": capacity_factor,
+                        "model.moe.bias_balancing": str(bias_balancing).lower(),
+                        "model.moe.load_balance_weight": 1.0, "model.moe.z_loss_weight": 0.1, **mesh})
+    layer, params, x = _layer_and_params(cfg, seed=7)
+    params = {**params, "router": params["router"] * 10}
+    if bias_balancing:  # zeros at init would leave the choice untouched
+        params["balance_bias"] = 0.05 * jax.random.normal(jax.random.key(11), params["balance_bias"].shape)
+    ct = jax.random.normal(jax.random.key(12), x.shape)
+
+    def objective(fn):
+        def value(params, x):
+            y, aux = fn(params, x)
+            return jnp.sum(y * ct) + sum(v for k, v in aux.items() if k.startswith("loss/")), (y, aux)
+
+        return jax.value_and_grad(value, argnums=(0, 1), has_aux=True)
+
+    return cfg, layer, params, x, objective
+
+
+def _assert_same_layer(got, want):
+    """Output, every aux entry, the objective and the gradients (all params and the input) to ~1e-6."""
+    (value, (y, aux)), grads = got
+    (ref_value, (ref_y, ref_aux)), ref_grads = want
+    np.testing.assert_allclose(y, ref_y, rtol=1e-6, atol=1e-6)
+    assert sorted(aux) == sorted(ref_aux)
+    for key in aux:
+        np.testing.assert_allclose(aux[key], ref_aux[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    ref_leaves = dict(jax.tree.leaves_with_path(ref_grads))
+    assert len(ref_leaves) == len(jax.tree.leaves(grads))
+    for path, g in jax.tree.leaves_with_path(grads):
+        np.testing.assert_allclose(g, ref_leaves[path], rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("structure, capacity_factor, bias_balancing, mesh", [
+    ("cdac", 0.5, False, {}),  # tight: token-choices are dropped
+    ("cdac", 1.0, True, {}),
+    ("dcca", 0.5, True, {}),
+    ("residual", 1.0, True, {}),
+    ("cdac", "null", True, {}),
+    ("dcca", "null", False, {}),
+    ("residual", "null", True, {}),
+    ("cdac", 1.0, True, {"mesh.data": 2, "mesh.expert": 4}),  # capacity rule per device, all-to-all
+    ("dcca", "null", True, {"mesh.data": 2, "mesh.expert": 4}),  # ragged all-to-all (emulated)
+])
+def test_one_routing_equals_the_old_two_routings(structure, capacity_factor, bias_balancing, mesh):
+    cfg, layer, params, x, objective = _routing_case(structure, capacity_factor, bias_balancing, mesh)
+    shards = 1
+    if mesh:
+        built = build_mesh(cfg)
+        shards = math.prod(built.shape[a] for a in BATCH_AXES if a in built.shape)
+        with jax.set_mesh(built):
+            got = jax.jit(objective(lambda p, x: layer.apply({"params": p}, x)))(params, x)
+    else:
+        got = jax.jit(objective(lambda p, x: layer.apply({"params": p}, x)))(params, x)
+    want = jax.jit(objective(lambda p, x: two_routing_reference(p, x, cfg.model, shards)))(params, x)
+    if capacity_factor != "null" and capacity_factor < 1:
+        assert float(want[0][1][1]["aux/moe/layer0/dropped"]) > 0.05
+    _assert_same_layer(got, want)
+
+
+@pytest.mark.parametrize("mistake", ["gates", "z"])
+def test_the_routing_comparison_catches_a_wrong_gate_and_a_missing_loss(mistake):
+    cfg, layer, params, x, objective = _routing_case("cdac", 1.0, True, {})
+    got = jax.jit(objective(lambda p, x: layer.apply({"params": p}, x)))(params, x)
+    wrong = jax.jit(objective(lambda p, x: two_routing_reference(p, x, cfg.model, mistake=mistake)))(params, x)
+    with pytest.raises(AssertionError):
+        _assert_same_layer(got, wrong)

@@ -193,7 +193,8 @@ def test_forecast_run_resumes_exactly_and_forecasts(tmp_path):
     assert table[0].split() == ["step", "ar", "forecast", "ar", "truth"] and len(table) == 1 + 8 + 2
     assert "MSE" in table[-2] and (tmp_path / "f.png").stat().st_size > 10_000
     assert_user_error(run_jaxeff("generate", "--workdir", str(tmp_path / "full"), "--prompt", "x"),
-                      "is a forecasting run")
+                      f"is a workdir of task 'forecast'; `jaxeff generate` is for task 'lm': use `jaxeff forecast "
+                      f"--workdir {tmp_path / 'full'}`")
 
     export = tmp_path / "export"
     proc = run_jaxeff("export", "--workdir", str(tmp_path / "full"), "--out", str(export))

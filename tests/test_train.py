@@ -8,7 +8,7 @@ import pytest
 from helpers import tiny_config
 from jaxeff.config import ConfigError
 from jaxeff.layers.mlp import SwiGLU
-from jaxeff.layers.registry import ChannelMixerSpec, register_channel_mixer
+from jaxeff.layers.registry import CHANNEL_MIXERS, ChannelMixerSpec, register_channel_mixer
 from jaxeff.train import TrainingStopped, train
 
 
@@ -48,10 +48,15 @@ class PoisonedSwiGLU(SwiGLU):
         return y * jnp.nan, aux
 
 
-register_channel_mixer(ChannelMixerSpec("poisoned_swiglu_for_tests", PoisonedSwiGLU, lambda cfg, layer: 0.0))
+@pytest.fixture
+def poisoned_mixer():
+    """Registered for one test only: the registry is global, and the docs are generated from it."""
+    register_channel_mixer(ChannelMixerSpec("poisoned_swiglu_for_tests", PoisonedSwiGLU, lambda cfg, layer: 0.0))
+    yield
+    del CHANNEL_MIXERS["poisoned_swiglu_for_tests"]
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, poisoned_mixer):
     cfg = tiny_config(**{"model.channel_mixer_pattern": "[poisoned_swiglu_for_tests]",
                          "train.max_consecutive_nonfinite": 3, "train.steps": 10, "mesh.data": 1})
     with pytest.raises(TrainingStopped, match=r"3 steps in a row had non-finite gradients \(step 3\)"):

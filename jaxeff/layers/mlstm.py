@@ -105,9 +105,9 @@ class MlstmMixer(nn.Module):
                                         return_final_state=True, chunk_size=chunk, impl=impl, **cell))
 
         h_BSHW = MultiHeadLayerNorm(sec.norm_eps, self.dtype, name="norm")(h_BSHW.astype(self.dtype))
-        gated_BSHV = jax.nn.sigmoid(o_BSHW.astype(jnp.float32)).astype(self.dtype) * h_BSHW
+        gated_BSHW = jax.nn.sigmoid(o_BSHW.astype(jnp.float32)).astype(self.dtype) * h_BSHW
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), wang_init_std(cfg), self.dtype, "out")
-        return out(gated_BSHV), new_cache
+        return out(gated_BSHW), new_cache
 
 
 def _one_token(step_output):

@@ -123,16 +123,16 @@ def _decode_step(layout: _Layout, q_B1HK, cache, pos):
     g = cache["k"].shape[1]
     groups = h // g
     i = pos // layout.bs
-    block_GC = cache["block"]
-    key_pos_GCT = block_GC[..., None] * layout.bs + jnp.arange(layout.bs)
-    ok_GCT = ((block_GC >= 0) & (block_GC <= i) & layout.reads(i, block_GC, jnp.arange(g)[:, None]))[..., None] & (
-        key_pos_GCT <= pos)
-    k_BGT = cache["k"].reshape(b, g, -1, d).astype(jnp.float32)
-    v_BGT = cache["v"].reshape(b, g, -1, d).astype(jnp.float32)
+    block_GJ = cache["block"]
+    key_pos_GJY = block_GJ[..., None] * layout.bs + jnp.arange(layout.bs)
+    ok_GJY = ((block_GJ >= 0) & (block_GJ <= i) & layout.reads(i, block_GJ, jnp.arange(g)[:, None]))[..., None] & (
+        key_pos_GJY <= pos)
+    k_BGTK = cache["k"].reshape(b, g, -1, d).astype(jnp.float32)
+    v_BGTW = cache["v"].reshape(b, g, -1, d).astype(jnp.float32)
     q_BGRK = q_B1HK[:, 0].reshape(b, g, groups, d).astype(jnp.float32)
-    logits = jnp.einsum("bgrk,bgtk->bgrt", q_BGRK, k_BGT) * d**-0.5
-    logits = jnp.where(ok_GCT.reshape(g, -1)[None, :, None], logits, -jnp.inf)
-    out = jnp.einsum("bgrt,bgtw->bgrw", jax.nn.softmax(logits, axis=-1), v_BGT)
+    logits = jnp.einsum("bgrk,bgtk->bgrt", q_BGRK, k_BGTK) * d**-0.5
+    logits = jnp.where(ok_GJY.reshape(g, -1)[None, :, None], logits, -jnp.inf)
+    out = jnp.einsum("bgrt,bgtw->bgrw", jax.nn.softmax(logits, axis=-1), v_BGTW)
     return out.reshape(b, 1, h, d).astype(q_B1HK.dtype)
 
 

@@ -2,7 +2,8 @@
 
 Shape letters: B batch, S sequence, N = B S tokens (flattened), D model width, E experts, A expert choices per
 token (top_k), P payload width (what travels to the experts: D, or r D for dcca), M expert hidden width,
-Q capacity slots per expert, R = N A token-choices (flattened).
+Q capacity slots per expert (docs/architecture.md). Flattened token-choices carry no suffix; their shapes are
+written as products, e.g. [N*A, P].
 
     logits_NE = x W_router                                 routing always reads the full-width x [N, D]
     payload_NP = x (cdac, residual) | x W_descend (dcca)   what travels to the experts
@@ -87,21 +88,21 @@ def dispatch_slots(experts_NA, n_experts: int, slots_per_expert: int):
     """(slot [N, A], kept [N, A]): slot = expert * Q + position among that expert's token-choices, ordered by
     (choice rank, token); token-choices at position >= Q are dropped (slot = E * Q, out of range)."""
     n, a = experts_NA.shape
-    choices_R = experts_NA.T.reshape(-1)  # choice-major: every token's first choice, then every second choice
-    onehot_RE = jax.nn.one_hot(choices_R, n_experts, dtype=jnp.int32)
-    position_R = jnp.sum((jnp.cumsum(onehot_RE, axis=0) - 1) * onehot_RE, axis=-1)
-    kept_R = position_R < slots_per_expert
-    slot_R = jnp.where(kept_R, choices_R * slots_per_expert + position_R, n_experts * slots_per_expert)
-    return slot_R.reshape(a, n).T, kept_R.reshape(a, n).T
+    choices = experts_NA.T.reshape(-1)  # [A*N], choice-major: every token's first choice, then every second
+    onehot = jax.nn.one_hot(choices, n_experts, dtype=jnp.int32)
+    position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+    kept = position < slots_per_expert
+    slot = jnp.where(kept, choices * slots_per_expert + position, n_experts * slots_per_expert)
+    return slot.reshape(a, n).T, kept.reshape(a, n).T
 
 
 def _scatter(payload_NP, slot_NA, n_experts: int, slots_per_expert: int):
     """buffer [E, Q, P] with each kept token-choice's payload in its slot (dropped ones go nowhere)."""
     n, a = slot_NA.shape
     width = payload_NP.shape[-1]
-    rows_RP = jnp.broadcast_to(payload_NP[:, None], (n, a, width)).reshape(n * a, width)
+    rows = jnp.broadcast_to(payload_NP[:, None], (n, a, width)).reshape(n * a, width)  # [N*A, P]
     buffer = jnp.zeros((n_experts * slots_per_expert, width), payload_NP.dtype)
-    buffer = buffer.at[slot_NA.reshape(-1)].set(rows_RP, mode="drop")
+    buffer = buffer.at[slot_NA.reshape(-1)].set(rows, mode="drop")
     return buffer.reshape(n_experts, slots_per_expert, width)
 
 
@@ -139,16 +140,16 @@ def _capacity_moe(experts_NA, gates_NA, payload_NP, w_in_EPM, w_out_EMP, *, n_ex
 def _dropless_moe(experts_NA, gates_NA, payload_NP, w_in_EPM, w_out_EMP, *, n_experts, tensor_axis, **_):
     """Every token-choice computed: sort by expert, grouped matmuls, unsort. Needs all experts on this device."""
     top_k = experts_NA.shape[-1]
-    choices_R = experts_NA.reshape(-1)  # token-major
-    order_R = jnp.argsort(choices_R, stable=True)
-    rows_RP = payload_NP[order_R // top_k]
-    group_sizes_E = jnp.bincount(choices_R, length=n_experts).astype(jnp.int32)
-    hidden_RM = nn.gelu(jax.lax.ragged_dot(rows_RP, w_in_EPM, group_sizes_E))
-    out_RP = jax.lax.ragged_dot(hidden_RM, w_out_EMP, group_sizes_E)
+    choices = experts_NA.reshape(-1)  # [N*A], token-major
+    order = jnp.argsort(choices, stable=True)
+    rows = payload_NP[order // top_k]  # [N*A, P]
+    group_sizes_E = jnp.bincount(choices, length=n_experts).astype(jnp.int32)
+    hidden = nn.gelu(jax.lax.ragged_dot(rows, w_in_EPM, group_sizes_E))  # [N*A, M]
+    out = jax.lax.ragged_dot(hidden, w_out_EMP, group_sizes_E)  # [N*A, P]
     if tensor_axis is not None:
-        out_RP = jax.lax.psum(out_RP, tensor_axis)
-    unsorted_NAP = jnp.zeros_like(out_RP).at[order_R].set(out_RP).reshape(*experts_NA.shape, -1)
-    return jnp.sum(unsorted_NAP * gates_NA[..., None].astype(out_RP.dtype), axis=1), jnp.zeros((), jnp.float32)
+        out = jax.lax.psum(out, tensor_axis)
+    unsorted_NAP = jnp.zeros_like(out).at[order].set(out).reshape(*experts_NA.shape, -1)
+    return jnp.sum(unsorted_NAP * gates_NA[..., None].astype(out.dtype), axis=1), jnp.zeros((), jnp.float32)
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -178,19 +179,19 @@ def _dropless_ep_moe(experts_NA, gates_NA, payload_NP, w_in_EPM, w_out_EMP, *, n
     Here w_in / w_out hold this device's E / ep experts."""
     top_k = experts_NA.shape[-1]
     local = n_experts // ep
-    choices_R = experts_NA.reshape(-1)
-    order_R = jnp.argsort(choices_R, stable=True)
-    rows_RP = payload_NP[order_R // top_k]  # sorted by global expert, so contiguous per destination device
-    per_expert_E = jnp.bincount(choices_R, length=n_experts).astype(jnp.int32)
+    choices = experts_NA.reshape(-1)  # [N*A]
+    order = jnp.argsort(choices, stable=True)
+    rows = payload_NP[order // top_k]  # [N*A, P] sorted by global expert: contiguous per destination device
+    per_expert_E = jnp.bincount(choices, length=n_experts).astype(jnp.int32)
     send_sizes = per_expert_E.reshape(ep, local).sum(-1)
     input_offsets = jnp.cumsum(send_sizes) - send_sizes
     recv_counts = jax.lax.all_to_all(per_expert_E.reshape(ep, local), expert_axis, 0, 0, tiled=True)  # [src, local]
     recv_sizes = recv_counts.sum(-1)
     my_offsets = jnp.cumsum(recv_sizes) - recv_sizes  # where each source's slice starts in my buffer
     output_offsets = _exchange_offsets(my_offsets, expert_axis, ep)  # where my slices start on each receiver
-    capacity_rows = ep * rows_RP.shape[0]  # every device could send me all of its token-choices
+    capacity_rows = ep * rows.shape[0]  # every device could send me all of its token-choices
     # Output buffers derived from the rows so that they vary over the devices like the data they receive.
-    received = ragged_exchange(rows_RP, jnp.broadcast_to(rows_RP[:1] * 0, (capacity_rows, rows_RP.shape[-1])),
+    received = ragged_exchange(rows, jnp.broadcast_to(rows[:1] * 0, (capacity_rows, rows.shape[-1])),
                                input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=expert_axis)
     # group by local expert (stable: source order kept inside a group); unused rows sort last
     expert_of_row = jnp.repeat(jnp.tile(jnp.arange(local), ep), recv_counts.reshape(-1),
@@ -198,16 +199,16 @@ def _dropless_ep_moe(experts_NA, gates_NA, payload_NP, w_in_EPM, w_out_EMP, *, n
     expert_of_row = jnp.where(jnp.arange(capacity_rows) < recv_sizes.sum(), expert_of_row, local)
     regroup = jnp.argsort(expert_of_row, stable=True)
     group_sizes = recv_counts.sum(0)
-    hidden = nn.gelu(jax.lax.ragged_dot(received[regroup], w_in_EPM, group_sizes))  # [ep R, M]
-    out = jax.lax.ragged_dot(hidden, w_out_EMP, group_sizes)  # [ep R, P]
+    hidden = nn.gelu(jax.lax.ragged_dot(received[regroup], w_in_EPM, group_sizes))  # [ep*N*A, M]
+    out = jax.lax.ragged_dot(hidden, w_out_EMP, group_sizes)  # [ep*N*A, P]
     if tensor_axis is not None:
         out = jax.lax.psum(out, tensor_axis)
     out = jnp.zeros_like(out).at[regroup].set(out)  # back to the received order
     back_offsets = _exchange_offsets(input_offsets, expert_axis, ep)  # where each source keeps its slice for me
-    returned_RP = ragged_exchange(out, rows_RP * 0, my_offsets, recv_sizes, back_offsets, send_sizes,
-                                  axis_name=expert_axis)
-    unsorted_NAP = jnp.zeros_like(returned_RP).at[order_R].set(returned_RP).reshape(*experts_NA.shape, -1)
-    return jnp.sum(unsorted_NAP * gates_NA[..., None].astype(returned_RP.dtype), axis=1), jnp.zeros((), jnp.float32)
+    returned = ragged_exchange(out, rows * 0, my_offsets, recv_sizes, back_offsets, send_sizes,
+                               axis_name=expert_axis)
+    unsorted_NAP = jnp.zeros_like(returned).at[order].set(returned).reshape(*experts_NA.shape, -1)
+    return jnp.sum(unsorted_NAP * gates_NA[..., None].astype(returned.dtype), axis=1), jnp.zeros((), jnp.float32)
 
 
 def expert_layer(experts_BSA, gates_BSA, payload_BSP, w_in_EPM, w_out_EMP, *, capacity_factor: float | None):

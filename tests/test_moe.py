@@ -188,6 +188,16 @@ def test_moe_config_errors(overrides, message):
         check_consistency(moe_config(**overrides))
 
 
+def test_expert_count_is_checked_against_the_resolved_expert_axis():
+    from jaxeff.config import validate
+
+    cfg = moe_config(**{"mesh.data": 1, "mesh.expert": -1, "model.moe.n_experts": 6, "train.global_batch_size": 12})
+    check_consistency(cfg)  # before the mesh is known, -1 says nothing
+    validate(cfg, 3)  # 3 expert-parallel devices hold 2 experts each
+    with pytest.raises(ConfigError, match=r"n_experts \[6\] not divisible by mesh.expert=4 \(resolved from -1\)"):
+        validate(cfg, 4)
+
+
 def test_expert_parallel_checkpoint_resumes_on_fewer_expert_devices(tmp_path):
     from helpers import tiny_overrides
     from jaxeff.train import train
@@ -245,8 +255,8 @@ def test_all_to_all_bytes_match_the_closed_form_and_dcca_is_r_times_cdac():
 def test_active_parameters_and_flops_count_only_the_chosen_experts():
     import flax.linen as nn
 
-    from jaxeff.layers.moe import inactive_expert_params, moe_flops_per_token
-    from jaxeff.models.lm import build_model
+    from jaxeff.layers.moe import moe_flops_per_token
+    from jaxeff.models.lm import build_model, inactive_params
 
     cfg = moe_config(**{"model.moe.n_experts": "[4, 8]", "model.moe.structure": "dcca", "model.moe.ratio": 0.25})
     model = build_model(cfg.model, 259, "cpu")
@@ -254,7 +264,7 @@ def test_active_parameters_and_flops_count_only_the_chosen_experts():
     per_expert = {f"layer_{i}": params[f"layer_{i}"]["channel"]["w_in"].shape for i in range(2)}
     assert per_expert == {"layer_0": (4, 8, 32), "layer_1": (8, 8, 32)}  # pyramid; dcca: r h = 8 -> h = 32 -> 8
     unused = (4 - 2) * 2 * 8 * 32 + (8 - 2) * 2 * 8 * 32
-    assert inactive_expert_params(cfg.model) == unused
+    assert inactive_params(cfg.model) == unused  # summed over the layers' channel-mixer specs
     # forward FLOPs per token: router + top-2 experts (2 matmuls) + descend and ascend
     assert moe_flops_per_token(cfg.model, 1) == 2 * 32 * 8 + 2 * 2 * 2 * 8 * 32 + 2 * 2 * 32 * 8
 

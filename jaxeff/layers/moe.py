@@ -31,19 +31,20 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from jaxeff.config import ModelConfig
+from jaxeff.errors import ConfigError
 from jaxeff.layers.common import normal_init, output_std, projection
 from jaxeff.layers.registry import ChannelMixerSpec, register_channel_mixer
 from jaxeff.parallel.sharding import BATCH_AXES
+
+if TYPE_CHECKING:
+    from jaxeff.config import Config, ModelConfig
 
 # ---------------------------------------------------------------------------------------------- routing
 
@@ -256,8 +257,7 @@ def expert_layer(experts_BSA, gates_BSA, payload_BSP, w_in_EPM, w_out_EMP, *, ca
 
 def moe_layer_index(cfg: ModelConfig, layer: int) -> int:
     """How many MoE layers come before `layer` (its index among the MoE layers)."""
-    pattern = cfg.channel_mixer_pattern
-    return sum(1 for i in range(layer) if pattern[i % len(pattern)] == "moe")
+    return sum(1 for i in range(layer) if cfg.channel_mixer(i) == "moe")
 
 
 class MoE(nn.Module):
@@ -331,13 +331,33 @@ def moe_flops_per_token(cfg: ModelConfig, layer: int) -> float:
     return flops
 
 
-def inactive_expert_params(cfg: ModelConfig) -> int:
-    """Expert weights a token does not use: (E - top_k) experts of every MoE layer. Total minus this = active."""
-    sec, pattern = cfg.moe, cfg.channel_mixer_pattern
+def inactive_expert_params(cfg: ModelConfig, layer: int) -> int:
+    """Expert weights of MoE layer `layer` a token does not use: E - top_k experts. Total minus these = active."""
+    sec = cfg.moe
     width = sec.low_dim(cfg.d_model) if sec.structure == "dcca" else cfg.d_model
     per_expert = 2 * width * sec.hidden_dim(cfg.d_model, cfg.mlp_dim)
-    moe_layers = [i for i in range(cfg.n_layers) if pattern[i % len(pattern)] == "moe"]
-    return sum((sec.experts_in_layer(j) - sec.top_k) * per_expert for j in range(len(moe_layers)))
+    return (sec.experts_in_layer(moe_layer_index(cfg, layer)) - sec.top_k) * per_expert
 
 
-register_channel_mixer(ChannelMixerSpec("moe", MoE, moe_flops_per_token))
+def check_moe(cfg: Config, key: str, mesh_shape=None) -> None:
+    """Expert counts against the layers and top_k; against mesh.expert once the mesh is resolved (-1 filled in)."""
+    m, sec = cfg.model, cfg.model.moe
+    n_moe = sum(1 for i in range(m.n_layers) if m.channel_mixer(i) == "moe")
+    if isinstance(sec.n_experts, list) and len(sec.n_experts) != n_moe:
+        raise ConfigError(f"{key}.n_experts has {len(sec.n_experts)} entries but the model has {n_moe} MoE layers; "
+                          "give one count per MoE layer (or a single number)")
+    counts = sec.n_experts if isinstance(sec.n_experts, list) else [sec.n_experts]
+    if sec.top_k > min(counts):
+        raise ConfigError(f"{key}.top_k={sec.top_k} is larger than the {min(counts)} experts of a layer")
+    if sec.structure == "residual" and sec.top_k != 1:
+        raise ConfigError(f"{key}.structure=residual uses one expert per token; set {key}.top_k=1")
+    ep = mesh_shape["expert"] if mesh_shape else cfg.mesh.expert
+    uneven = [n for n in counts if ep > 0 and n % ep]
+    if uneven:
+        resolved = f" (resolved from -1)" if mesh_shape and cfg.mesh.expert == -1 else ""
+        raise ConfigError(f"{key}.n_experts {uneven} not divisible by mesh.expert={ep}{resolved}; every "
+                          "expert-parallel device holds the same number of experts")
+
+
+register_channel_mixer(ChannelMixerSpec("moe", MoE, moe_flops_per_token, section="moe", check=check_moe,
+                                        inactive_params=inactive_expert_params))

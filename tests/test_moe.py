@@ -67,18 +67,24 @@ def dense_loop(x_BSD, params, cfg):
     sec = cfg.moe
     x = x_BSD.reshape(-1, x_BSD.shape[-1]).astype(jnp.float32)
     experts, gates, _ = route(x @ params["router"], sec.top_k, sec.normalize_top_k)
-    payload = x @ params["descend"]["kernel"] if sec.structure == "dcca" else x
-    y = jnp.zeros_like(payload)
+    return dense_experts(params, x, sec, lambda e: jnp.sum(jnp.where(experts == e, gates, 0.0), axis=-1)).reshape(
+        x_BSD.shape)
+
+
+def dense_experts(params, x_ND, sec, weight_of_expert):
+    """Every expert on every token, expert e weighted by `weight_of_expert(e)` [N], with the structure's
+    projections and (residual) its dense branch around it."""
+    payload_NP = x_ND @ params["descend"]["kernel"] if sec.structure == "dcca" else x_ND
+    y = jnp.zeros_like(payload_NP)
     for e in range(params["w_in"].shape[0]):
-        weight = jnp.sum(jnp.where(experts == e, gates, 0.0), axis=-1)
-        y = y + weight[:, None] * (jax.nn.gelu(payload @ params["w_in"][e]) @ params["w_out"][e])
+        y = y + weight_of_expert(e)[:, None] * (jax.nn.gelu(payload_NP @ params["w_in"][e]) @ params["w_out"][e])
     if sec.structure == "dcca":
         y = y @ params["ascend"]["kernel"]
     if sec.structure == "residual":
-        dense = jax.nn.gelu(x @ params["dense_in"]["kernel"]) @ params["dense_out"]["kernel"]
-        mix = jax.nn.softmax(x @ params["mix"]["kernel"], -1)
+        dense = jax.nn.gelu(x_ND @ params["dense_in"]["kernel"]) @ params["dense_out"]["kernel"]
+        mix = jax.nn.softmax(x_ND @ params["mix"]["kernel"], -1)
         y = mix[:, :1] * y + mix[:, 1:] * dense
-    return y.reshape(x_BSD.shape)
+    return y
 
 
 def _layer_and_params(cfg, seed=0):
@@ -328,17 +334,8 @@ def two_routing_reference(params, x_BSD, cfg, shards=1, mistake=None):
         slots = max(1, math.ceil(sec.capacity_factor * local * sec.top_k / n_experts))
         kept_NA = jnp.concatenate([_old_kept(experts_NA[i * local:(i + 1) * local], n_experts, slots)
                                    for i in range(shards)])
-    payload_NP = x_ND @ params["descend"]["kernel"] if sec.structure == "dcca" else x_ND
-    y = jnp.zeros_like(payload_NP)
-    for e in range(n_experts):
-        weight_N = jnp.sum(jnp.where((experts_NA == e) & kept_NA, gates_NA, 0.0), axis=-1)
-        y = y + weight_N[:, None] * (jax.nn.gelu(payload_NP @ params["w_in"][e]) @ params["w_out"][e])
-    if sec.structure == "dcca":
-        y = y @ params["ascend"]["kernel"]
-    if sec.structure == "residual":
-        dense = jax.nn.gelu(x_ND @ params["dense_in"]["kernel"]) @ params["dense_out"]["kernel"]
-        mix = jax.nn.softmax(x_ND @ params["mix"]["kernel"], -1)
-        y = mix[:, :1] * y + mix[:, 1:] * dense
+    y = dense_experts(params, x_ND, sec, lambda e: jnp.sum(jnp.where((experts_NA == e) & kept_NA, gates_NA, 0.0),
+                                                           axis=-1))
     # routing 2: the losses, from all tokens
     experts2_NA, _, probs_NE = _old_route(logits_NE, sec.top_k, sec.normalize_top_k, bias_E)
     load_E = jnp.sum(jax.nn.one_hot(experts2_NA, n_experts), axis=(0, 1)) / experts2_NA.size

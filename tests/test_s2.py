@@ -145,9 +145,9 @@ def test_pruned_cache_decode_equals_the_full_forward(pattern, extra):
 def test_decoding_keeps_exactly_the_blocks_each_head_reads_again():
     cfg = s2_model("[s2]")
     *_, = full_and_stepped_logits(cfg, prompt=9, seq=30)
-    from jaxeff.layers.s2 import _Layout
+    from jaxeff.layers.s2 import _Layout, s2_pattern
 
-    layout = _Layout(cfg, "s2", max_len=30)
+    layout = _Layout(cfg, s2_pattern, max_len=30)
     mask = block_mask(2, 8, 8, local_blocks=2, vert_stride=3, num_q_heads=4)
     # after the last query block, the slots that hold a block the head still reads = the closed-form count
     for g, kept in enumerate(kept_kv_blocks(mask)):

@@ -2,7 +2,8 @@
 
 `s2`: softmax attention (the projections and RoPE of attention.py) where KV head g's query block i reads KV block
 j iff j <= i and (i - j < local_blocks or (j + g step + offset) % vert_stride == 0), the last `num_dense_heads` KV
-heads dense (pallas_kernels.s2_attention). `sink_window`: blocks j < sink_blocks or i - j < local_blocks.
+heads dense (pallas_kernels.s2_attention). A subclass with another `pattern` (sink_window.py) reuses the kernels
+and the pruned cache below.
 
 Decoding keeps, per KV head, only the blocks that head reads again. The pattern uses absolute block positions, so a
 block a head stops reading is never needed later: the cache has `sink + local + ceil(max_blocks / vert_stride)`
@@ -13,10 +14,9 @@ head's residue), instead of `max_blocks`. With dense heads in the layer every he
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
 import warnings
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
 
 
-def pattern_kwargs(cfg: ModelConfig, mixer: str) -> dict:
-    """The pattern arguments of `s2_attention` for a layer of `mixer`."""
+Pattern = Callable[["ModelConfig"], dict]  # cfg -> the pattern arguments of `s2_attention`
+
+
+def s2_pattern(cfg: ModelConfig) -> dict:
     sec = cfg.s2
-    if mixer == "sink_window":
-        return {"local_blocks": sec.local_blocks, "vert_stride": None, "sink_blocks": sec.sink_blocks}
     return {"local_blocks": sec.local_blocks, "vert_stride": sec.vert_stride, "head_sliding_step": sec.head_sliding_step,
             "head_offset": sec.head_offset, "num_dense_heads": sec.num_dense_heads}
 
@@ -44,9 +44,9 @@ def pattern_kwargs(cfg: ModelConfig, mixer: str) -> dict:
 class _Layout:
     """Where each (block, KV head) lives in the pruned cache, and which cached blocks a query block reads."""
 
-    def __init__(self, cfg: ModelConfig, mixer: str, max_len: int | None = None, capacity: int | None = None):
+    def __init__(self, cfg: ModelConfig, pattern: Pattern, max_len: int | None = None, capacity: int | None = None):
         """From `max_len` (sizing a new cache) or from an existing cache's `capacity`."""
-        p, sec = pattern_kwargs(cfg, mixer), cfg.s2
+        p, sec = pattern(cfg), cfg.s2
         n_q, n_kv, _ = head_dims(cfg)
         self.bs, self.local = sec.block_size, p["local_blocks"]
         self.sink = p.get("sink_blocks", 0)
@@ -80,15 +80,15 @@ class _Layout:
 
 
 class S2Attention(SoftmaxAttention):
-    mixer: str = "s2"
+    pattern = staticmethod(s2_pattern)  # subclasses with another block pattern override it
 
     def attend(self, q_BSHK, k_BSGK, v_BSGW):
         cfg = self.cfg
         return s2_attention(q_BSHK, k_BSGK, v_BSGW, block_size=cfg.s2.block_size, impl=cfg.s2.impl,
-                            **pattern_kwargs(cfg, self.mixer))
+                            **self.pattern(cfg))
 
     def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
-        layout = _Layout(self.cfg, self.mixer, capacity=cache["k"].shape[2])
+        layout = _Layout(self.cfg, self.pattern, capacity=cache["k"].shape[2])
         start, s = cache["index"], q_BSHK.shape[1]
         cache = _write(layout, cache, k_BSGK, v_BSGW, start)
         if s > 1:  # prefill from position 0: the full pattern over the chunk
@@ -136,9 +136,9 @@ def _decode_step(layout: _Layout, q_B1HK, cache, pos):
     return out.reshape(b, 1, h, d).astype(q_B1HK.dtype)
 
 
-def init_pruned_cache(mixer: str):
+def init_pruned_cache(pattern: Pattern):
     def init(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
-        layout = _Layout(cfg, mixer, max_len)
+        layout = _Layout(cfg, pattern, max_len)
         _, kv, dh = head_dims(cfg)
         zeros = jnp.zeros((batch, kv, layout.capacity, layout.bs, dh), dtype)
         return {"k": zeros, "v": zeros, "block": jnp.full((kv, layout.capacity), -1, jnp.int32),
@@ -147,12 +147,12 @@ def init_pruned_cache(mixer: str):
     return init
 
 
-def s2_flops_per_token(mixer: str):
+def s2_flops_per_token(pattern: Pattern):
     """Projections as dense attention; scores and values only over the blocks a head reads (its density)."""
     def flops(cfg: ModelConfig, seq_len: int, layer: int) -> float:
         n_q, n_kv, dh = head_dims(cfg)
         blocks = math.ceil(seq_len / cfg.s2.block_size)
-        mask = block_mask(n_kv, blocks, blocks, num_q_heads=n_q, **pattern_kwargs(cfg, mixer))
+        mask = block_mask(n_kv, blocks, blocks, num_q_heads=n_q, **pattern(cfg))
         density = float(np.mean(mask.sum(-1) / (np.arange(blocks) + 1)))
         dense = attention_flops_per_token(cfg, seq_len, layer)
         projections = 2 * cfg.d_model * dh * (2 * n_q + 2 * n_kv)
@@ -176,11 +176,11 @@ def check_s2(cfg: Config, key: str, mesh_shape=None) -> None:
         raise ConfigError(f"{key}.num_dense_heads={sec.num_dense_heads} is more than the {n_kv} KV heads")
     check_pallas_block_size(cfg, key)
     blocks = math.ceil(cfg.data.seq_len / sec.block_size)
-    mask = block_mask(n_kv, blocks, blocks, num_q_heads=m.n_heads, **pattern_kwargs(m, "s2"))
+    mask = block_mask(n_kv, blocks, blocks, num_q_heads=m.n_heads, **s2_pattern(m))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         check_coverage(mask, f"{key} (s2 layers at data.seq_len={cfg.data.seq_len})")
 
 
-register_token_mixer(TokenMixerSpec("s2", S2Attention, s2_flops_per_token("s2"), init_pruned_cache("s2"),
+register_token_mixer(TokenMixerSpec("s2", S2Attention, s2_flops_per_token(s2_pattern), init_pruned_cache(s2_pattern),
                                     cache_kind="pruned", section="s2", check=check_s2))

@@ -1,9 +1,15 @@
-"""Test setup: 8 simulated CPU devices (set before JAX starts) and parsed absl flags for grain."""
+"""Test setup: 8 simulated CPU devices (set before JAX starts), parsed absl flags for grain, and a default SIGINT
+disposition (a suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would
+the jaxeff processes the Ctrl-C tests interrupt)."""
 
 import os
+import signal
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from absl import flags  # noqa: E402
 

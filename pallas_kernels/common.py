@@ -1,12 +1,37 @@
-"""Pieces the Pallas kernel files here share: the in-kernel matmul and head-width padding."""
+"""Pieces the Pallas kernel files here share: the kernel bodies' platforms and compiler params, the in-kernel
+matmul, and head-width padding."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
 
 F32 = jnp.float32
-MIN_DIM = 16  # tl.dot needs >= 16 per dim; also a multiple of the TPU sublane tile
+MIN_DIM = 16  # tl.dot needs >= 16 per dim; also a multiple of the TPU sublane tile (and bf16's)
+PLATFORMS = ("triton", "tpu")  # the kernel bodies: Triton (GPU) and Mosaic (TPU)
+PAR, SEQ = "parallel", "arbitrary"  # grid dimension semantics, as strings: accepted by every jax version we support
+
+
+def check_platform(platform: str) -> None:
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+
+
+def compiler_params(platform: str, interpret: bool, semantics, state_elems: int = 0):
+    """Compiler params per backend (None in the interpreter). Mosaic: the grid's dimension semantics. Triton: 8
+    warps when a program carries a large f32 tile (>= 128 x 64 elements), else 4. Untuned: no GPU was lent yet."""
+    if interpret:
+        return None
+    if platform == "tpu":
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    return plt.CompilerParams(num_warps=8 if state_elems >= 128 * 64 else 4, num_stages=2)
+
+
+def sds(shape, dtype=F32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def dot(a, b, contract_a: int, contract_b: int):

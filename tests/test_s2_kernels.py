@@ -242,3 +242,23 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target, marker, dtype):
     text = jax.jit(fwd_bwd).trace(x(b, s, hq, d), x(b, s, hkv, d), x(b, s, hkv, d), x(b, s, hq, d)).lower(
         lowering_platforms=(target,)).as_text()
     assert text.count(marker) == 3  # forward, dq, dk/dv
+
+
+@pytest.mark.parametrize("impl", ["auto", "pallas"])
+@pytest.mark.parametrize("target, marker, other", [("cuda", "__gpu$xla.gpu.triton", "tpu_custom_call"),
+                                                   ("tpu", "tpu_custom_call", "__gpu$xla.gpu.triton")])
+def test_the_op_picks_the_kernel_variant_when_lowering(impl, target, marker, other):
+    """Through the public op, forward + backward lowered for a platform this CPU host is not: the variant follows
+    the lowering platform (a trace-time choice would emit the Triton body for a TPU)."""
+    from pallas_kernels.s2_attention import s2_attention
+
+    b, s, hq, hkv, d = 1, 64, 4, 2, 32
+    x = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+
+    def loss(q, k, v):
+        out = s2_attention(q, k, v, block_size=BS, local_blocks=1, vert_stride=2, impl=impl)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x(b, s, hq, d), x(b, s, hkv, d), x(b, s, hkv, d)).lower(
+        lowering_platforms=(target,)).as_text()
+    assert text.count(marker) == 3 and other not in text  # forward, dq, dk/dv

@@ -34,12 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plt
 
-from ..common import dot as _dot
+from ..common import F32, PAR, PLATFORMS, SEQ, check_platform, compiler_params, dot as _dot
 
-F32 = jnp.float32
-PLATFORMS = ("triton", "tpu")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,29 +223,11 @@ def _dkdv_kernel_grid(rate_ref, q_ref, k_ref, v_ref, do_ref, dst_ref, dki_ref, d
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_platform(platform: str):
-    if platform not in PLATFORMS:
-        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-
-
 def _v_tile(platform: str, vp: int) -> int:
     """d_v tile of the forward grid: more parallel programs and a smaller live state per program."""
     if platform == "tpu":
         return 128 if vp > 128 and vp % 128 == 0 else vp  # lane dim: multiple of 128 or the full dim
     return min(vp, 32)  # Triton: keeps the f32 (Kp, tv) state of one program small enough for registers
-
-
-_PAR, _SEQ = "parallel", "arbitrary"  # strings: accepted by every jax version we support
-
-
-def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):
-    """Compiler params per backend (None in the interpreter). Triton: 8 warps when a program carries a large
-    f32 state (>= 128 x 64), else 4. Untuned: no GPU was available when this was written."""
-    if interpret:
-        return None
-    if platform == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=semantics)
-    return plt.CompilerParams(num_warps=8 if state_elems >= 128 * 64 else 4, num_stages=2)
 
 
 def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, interpret: bool = False):
@@ -257,7 +236,7 @@ def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, i
     Returns (o [B*H, Sp, Wp] in v's dtype, final_state [B*H, Kp, Wp] f32). Rows >= seq_len of o are zero (their q
     rows are zero padding); the caller slices them off.
     """
-    _check_platform(platform)
+    check_platform(platform)
     n, sp, kp = q.shape
     vp = v.shape[-1]
     nblocks = sp // blk
@@ -279,7 +258,7 @@ def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, i
         ]
         return pl.pallas_call(
             kernel, out_shape=out_shape, grid=(n, nv), in_specs=in_specs, out_specs=out_specs,
-            compiler_params=_params(platform, interpret, None, kp * tv), interpret=interpret,
+            compiler_params=compiler_params(platform, interpret, None, kp * tv), interpret=interpret,
             name="lightning_attn_fwd",
         )(rate, q, k, v, s0)
     kernel = functools.partial(_fwd_kernel_grid, blk=blk, seq_len=seq_len)
@@ -297,7 +276,7 @@ def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, i
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(n, nv, nblocks), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((kp, tv), F32)],
-        compiler_params=_params(platform, interpret, (_PAR, _PAR, _SEQ)),
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR, SEQ)),
         interpret=interpret, name="lightning_attn_fwd",
     )(rate, q, k, v, s0)
 
@@ -307,7 +286,7 @@ def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platfor
 
     Returns (dq, dk, dv in the input dtypes, d_initial_state [B*H, Kp, Wp] f32).
     """
-    _check_platform(platform)
+    check_platform(platform)
     n, sp, kp = q.shape
     vp = v.shape[-1]
     nblocks = sp // blk
@@ -321,7 +300,7 @@ def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platfor
         out_shape=(jax.ShapeDtypeStruct((n, sp, kp), F32), jax.ShapeDtypeStruct((n, sp, kp), F32),
                    jax.ShapeDtypeStruct((n, sp, vp), F32)),
         grid=(n, nblocks), in_specs=[rate_spec2, blk_k, blk_k, blk_v, blk_v], out_specs=[blk_k, blk_k, blk_v],
-        compiler_params=_params(platform, interpret, (_PAR, _PAR)),
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR)),
         interpret=interpret, name="lightning_attn_bwd_intra",
     )(rate, q, k, v, do)
 
@@ -336,19 +315,19 @@ def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platfor
         dq = pl.pallas_call(
             functools.partial(_dq_kernel_loop, blk=blk, seq_len=seq_len, nblocks=nblocks),
             out_shape=dq_shape, grid=(n,), in_specs=[rate_spec, full_k, full_v, full_v, state, full_k],
-            out_specs=full_k, compiler_params=_params(platform, interpret, None, kp * vp),
+            out_specs=full_k, compiler_params=compiler_params(platform, interpret, None, kp * vp),
             interpret=interpret, name="lightning_attn_bwd_dq",
         )(rate, k, v, do, s0, dqi)
         dk, dv, ds0 = pl.pallas_call(
             functools.partial(_dkdv_kernel_loop, blk=blk, seq_len=seq_len, nblocks=nblocks),
             out_shape=dkdv_shape, grid=(n,),
             in_specs=[rate_spec, full_k, full_k, full_v, full_v, state, full_k, full_v],
-            out_specs=[full_k, full_v, state], compiler_params=_params(platform, interpret, None, kp * vp),
+            out_specs=[full_k, full_v, state], compiler_params=compiler_params(platform, interpret, None, kp * vp),
             interpret=interpret, name="lightning_attn_bwd_dkdv",
         )(rate, q, k, v, do, dst, dki, dvi)
         return dq, dk, dv, ds0
 
-    seq = (_PAR, _SEQ)
+    seq = (PAR, SEQ)
     fwd_k = pl.BlockSpec((None, blk, kp), lambda b, t: (b, t, 0))
     fwd_v = pl.BlockSpec((None, blk, vp), lambda b, t: (b, t, 0))
     state = pl.BlockSpec((None, kp, vp), lambda b, t: (b, 0, 0))
@@ -356,7 +335,7 @@ def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platfor
         functools.partial(_dq_kernel_grid, blk=blk, seq_len=seq_len),
         out_shape=dq_shape, grid=(n, nblocks), in_specs=[rate_spec2, fwd_k, fwd_v, fwd_v, state, fwd_k],
         out_specs=fwd_k, scratch_shapes=[pltpu.VMEM((kp, vp), F32)],
-        compiler_params=_params(platform, interpret, seq), interpret=interpret, name="lightning_attn_bwd_dq",
+        compiler_params=compiler_params(platform, interpret, seq), interpret=interpret, name="lightning_attn_bwd_dq",
     )(rate, k, v, do, s0, dqi)
     last = nblocks - 1
     rev_k = pl.BlockSpec((None, blk, kp), lambda b, i: (b, last - i, 0))
@@ -366,6 +345,6 @@ def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platfor
         out_shape=dkdv_shape, grid=(n, nblocks),
         in_specs=[rate_spec2, rev_k, rev_k, rev_v, rev_v, state, rev_k, rev_v],
         out_specs=[rev_k, rev_v, state], scratch_shapes=[pltpu.VMEM((kp, vp), F32)],
-        compiler_params=_params(platform, interpret, seq), interpret=interpret, name="lightning_attn_bwd_dkdv",
+        compiler_params=compiler_params(platform, interpret, seq), interpret=interpret, name="lightning_attn_bwd_dkdv",
     )(rate, q, k, v, do, dst, dki, dvi)
     return dq, dk, dv, ds0

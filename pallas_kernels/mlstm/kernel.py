@@ -51,15 +51,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plt
 
-from ..common import dot as _dot, next_pow2 as _next_pow2, pad_dim as _pad_dim
+from ..common import (F32, MIN_DIM, PAR, PLATFORMS, SEQ, check_platform,
+                      compiler_params, dot as _dot, next_pow2 as _next_pow2, pad_dim as _pad_dim, sds)
 
-F32 = jnp.float32
-PLATFORMS = ("triton", "tpu")
 _PAD_INPUT_GATE = -1e30  # as reference.pad_to_chunks: exp(-1e30 - m) == 0
-_MIN_DIM = 16  # tl.dot needs >= 16 per dim; also a multiple of the TPU sublane tile
-_PAR, _SEQ = "parallel", "arbitrary"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -323,21 +319,6 @@ def _grads_kernel(q_ref, k_ref, v_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, r
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_platform(platform: str):
-    if platform not in PLATFORMS:
-        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-
-
-def _params(platform: str, interpret: bool, semantics, state_elems: int = 0):
-    """Compiler params per backend (None in the interpreter). Triton: 8 warps for a large f32 state
-    (>= 128 x 64), else 4. Untuned: no GPU was available when this was written."""
-    if interpret:
-        return None
-    if platform == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=semantics)
-    return plt.CompilerParams(num_warps=8 if state_elems >= 128 * 64 else 4, num_stages=2)
-
-
 class _Specs:
     """BlockSpecs of the kernel layout. per_chunk=False: grid (B*H,), each program sees whole rows (the Triton
     sequential kernels loop over chunks inside). per_chunk=True: grid (B*H, Z), one chunk per program; `reverse`
@@ -357,16 +338,12 @@ class _Specs:
             self.row_state = lambda a, c: pl.BlockSpec((None, a, c), lambda b: (b, 0, 0))
 
 
-def _sds(shape, dtype=F32):
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _states_call(k, v, i, lf, c0, n0, m0, *, Y, platform, interpret):
     """Kernel (a). Returns chunk-start states (C, n, m) and the final state."""
     n, sp, kp = k.shape
     vp, nc = v.shape[-1], sp // Y
-    out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)),
-                 _sds((n, kp, vp)), _sds((n, 1, kp)), _sds((n, 1, 1)))
+    out_shape = (sds((n, nc, kp, vp)), sds((n, nc, 1, kp)), sds((n, nc, 1, 1)),
+                 sds((n, kp, vp)), sds((n, 1, kp)), sds((n, 1, 1)))
     specs = _Specs(Y, sp, nc, per_chunk=platform == "tpu")
     in_specs = [specs.rows(kp), specs.rows(vp), specs.rows(1), specs.rows(1), specs.row_state(kp, vp),
                 specs.row_state(1, kp), specs.row_state(1, 1)]
@@ -379,7 +356,7 @@ def _states_call(k, v, i, lf, c0, n0, m0, *, Y, platform, interpret):
         scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
-        compiler_params=_params(platform, interpret, (_PAR, _SEQ), kp * vp), interpret=interpret,
+        compiler_params=compiler_params(platform, interpret, (PAR, SEQ), kp * vp), interpret=interpret,
         name="mlstm_fwd_states",
     )(k, v, i, lf, c0, n0, m0)
 
@@ -396,9 +373,9 @@ def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, Y, scale, eps, platform, interp
     vp, nc = v.shape[-1], sp // Y
     specs = _Specs(Y, sp, nc, per_chunk=True)
     return pl.pallas_call(
-        functools.partial(_out_kernel, scale=scale, eps=eps), out_shape=_sds((n, sp, vp), v.dtype), grid=(n, nc),
+        functools.partial(_out_kernel, scale=scale, eps=eps), out_shape=sds((n, sp, vp), v.dtype), grid=(n, nc),
         in_specs=_chunk_in_specs(specs, kp, vp), out_specs=specs.rows(vp),
-        compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_fwd_outputs",
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR)), interpret=interpret, name="mlstm_fwd_outputs",
     )(q, k, v, i, lf, cs, ns, ms)
 
 
@@ -407,13 +384,13 @@ def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, Y, scale, eps, platform, inter
     n, sp, kp = q.shape
     vp, nc = v.shape[-1], sp // Y
     specs = _Specs(Y, sp, nc, per_chunk=True)
-    col = _sds((n, sp, 1))
+    col = sds((n, sp, 1))
     return pl.pallas_call(
         functools.partial(_prep_kernel, scale=scale, eps=eps),
-        out_shape=(_sds((n, sp, vp)), col, col, col, col), grid=(n, nc),
+        out_shape=(sds((n, sp, vp)), col, col, col, col), grid=(n, nc),
         in_specs=_chunk_in_specs(specs, kp, vp) + [specs.rows(vp)],
         out_specs=[specs.rows(vp)] + [specs.rows(1)] * 4,
-        compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_bwd_prep",
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR)), interpret=interpret, name="mlstm_bwd_prep",
     )(q, k, v, i, lf, cs, ns, ms, dh)
 
 
@@ -422,8 +399,8 @@ def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, Y, sc
     gradients rl, ra [B*H, Z, 1, 1]; and d(initial C, n)."""
     n, sp, kp = q.shape
     vp, nc = dnum.shape[-1], sp // Y
-    out_shape = (_sds((n, nc, kp, vp)), _sds((n, nc, 1, kp)), _sds((n, nc, 1, 1)), _sds((n, nc, 1, 1)),
-                 _sds((n, kp, vp)), _sds((n, 1, kp)))
+    out_shape = (sds((n, nc, kp, vp)), sds((n, nc, 1, kp)), sds((n, nc, 1, 1)), sds((n, nc, 1, 1)),
+                 sds((n, kp, vp)), sds((n, 1, kp)))
     specs = _Specs(Y, sp, nc, per_chunk=platform == "tpu", reverse=True)
     in_specs = [specs.rows(kp), specs.rows(vp)] + [specs.rows(1)] * 5 + [
         specs.chunk_state(1, 1), specs.row_state(kp, vp), specs.row_state(1, kp), specs.row_state(1, 1)]
@@ -436,7 +413,7 @@ def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, Y, sc
         scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
-        compiler_params=_params(platform, interpret, (_PAR, _SEQ), kp * vp), interpret=interpret,
+        compiler_params=compiler_params(platform, interpret, (PAR, SEQ), kp * vp), interpret=interpret,
         name="mlstm_bwd_states",
     )(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm)
 
@@ -451,12 +428,12 @@ def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms,
     in_specs = [specs.rows(kp), specs.rows(kp), specs.rows(vp), specs.rows(vp), col, col, col, col, col, col,
                 specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(kp, vp),
                 specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(1, 1)]
-    out_shape = (_sds((n, sp, kp), q.dtype), _sds((n, sp, kp), k.dtype), _sds((n, sp, vp), v.dtype),
-                 _sds((n, sp, 1)), _sds((n, sp, 1)))
+    out_shape = (sds((n, sp, kp), q.dtype), sds((n, sp, kp), k.dtype), sds((n, sp, vp), v.dtype),
+                 sds((n, sp, 1)), sds((n, sp, 1)))
     return pl.pallas_call(
         functools.partial(_grads_kernel, scale=scale), out_shape=out_shape, grid=(n, nc), in_specs=in_specs,
         out_specs=[specs.rows(kp), specs.rows(kp), specs.rows(vp), col, col],
-        compiler_params=_params(platform, interpret, (_PAR, _PAR)), interpret=interpret, name="mlstm_bwd_grads",
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR)), interpret=interpret, name="mlstm_bwd_grads",
     )(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra)
 
 
@@ -470,7 +447,7 @@ def _kernel_chunk(chunk: int, s: int) -> int:
     The results do not depend on the chunk size (up to rounding)."""
     if chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    return max(_MIN_DIM, min(_next_pow2(chunk), _next_pow2(s)))
+    return max(MIN_DIM, min(_next_pow2(chunk), _next_pow2(s)))
 
 
 def _layout(q, k, v, i, f, c0, n0, m0, chunk, platform):
@@ -506,7 +483,7 @@ def _final_state(c, n, m, d):
 def mlstm_fwd(q_BHSK, k_BHSK, v_BHSW, i_BHS, f_BHS, c0_BHKW, n0_BHK, m0_BH, *, chunk: int, eps: float, platform: str,
               interpret: bool = False):
     """Forward: (h [B,H,S,W] in v's dtype, final state (C [B,H,K,W], n [B,H,K], m [B,H]) in float32)."""
-    _check_platform(platform)
+    check_platform(platform)
     a, d = _layout(q_BHSK, k_BHSK, v_BHSW, i_BHS, f_BHS, c0_BHKW, n0_BHK, m0_BH, chunk, platform)
     kw = dict(Y=d["Y"], platform=platform, interpret=interpret)
     cs, ns, ms, c, n, m = _states_call(a["k"], a["v"], a["i"], a["lf"], a["c0"], a["n0"], a["m0"], **kw)
@@ -519,7 +496,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, dh_BHSW, dc_BHKW, dn_BHK, *, chunk: int
               interpret: bool = False):
     """Backward of mlstm_fwd w.r.t. (q, k, v, i, f, c0, n0) for cotangents dh and (dC, dn) of the final state
     (the final m gets none). Returns (dq, dk, dv, di, df, dc0, dn0) in the dtypes of the inputs."""
-    _check_platform(platform)
+    check_platform(platform)
     a, d = _layout(q, k, v, i, f, c0, n0, m0, chunk, platform)
     nr, kp, vp, sp = a["q"].shape[0], d["kp"], d["vp"], d["sp"]
     kw = dict(Y=d["Y"], platform=platform, interpret=interpret)

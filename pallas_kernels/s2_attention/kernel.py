@@ -53,14 +53,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plt
 
-from ..common import dot as _dot, next_pow2 as _next_pow2, pad_dim as _pad_dim
+from ..common import (F32, MIN_DIM, PAR, PLATFORMS, SEQ, check_platform,
+                      compiler_params, dot as _dot, next_pow2 as _next_pow2, pad_dim as _pad_dim, sds)
 
-F32 = jnp.float32
-PLATFORMS = ("triton", "tpu")
-_MIN_DIM = 16  # tl.dot needs >= 16 per dim; also the bf16 sublane tile on TPU
-_PAR, _SEQ = "parallel", "arbitrary"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -266,24 +262,6 @@ def _dkdv_kernel_grid(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_platform(platform: str):
-    if platform not in PLATFORMS:
-        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-
-
-def _params(platform: str, interpret, semantics, bs: int, dp: int):
-    """Compiler params per backend (None in the interpreter). Untuned: no GPU/TPU was available."""
-    if interpret:
-        return None
-    if platform == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=semantics)
-    return plt.CompilerParams(num_warps=8 if bs * dp >= 128 * 64 else 4, num_stages=2)
-
-
-def _sds(shape, dtype=F32):
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
 class _Dims:
     """Static sizes: B*hq query rows, B*hkv KV rows, r = hq // hkv query heads per KV head (R), padded Sp / Kp,
     nq query blocks (I)."""
@@ -305,9 +283,9 @@ class _Dims:
 def _fwd_call(q, k, v, idx, cnt, dm: _Dims, *, scale, platform, interpret):
     """out [B*H, Sp, Kp] in q.dtype, lse [B*H, Sp, 1] f32."""
     nrows, bs, dp, sp, nq = dm.b * dm.hq, dm.bs, dm.dp, dm.sp, dm.nq
-    out_shape = (_sds((nrows, sp, dp), q.dtype), _sds((nrows, sp, 1)))
+    out_shape = (sds((nrows, sp, dp), q.dtype), sds((nrows, sp, 1)))
     kw = dict(bs=bs, scale=scale, seq_len=dm.s)
-    params = _params(platform, interpret, (_PAR, _PAR, _SEQ), bs, dp)
+    params = compiler_params(platform, interpret, (PAR, PAR, SEQ), bs * dp)
     if platform == "triton":
         m = idx.shape[-1]
         return pl.pallas_call(
@@ -340,9 +318,9 @@ def _fwd_call(q, k, v, idx, cnt, dm: _Dims, *, scale, platform, interpret):
 def _dq_call(q, k, v, do, lse, delta, idx, cnt, dm: _Dims, *, scale, platform, interpret):
     """dq [B*H, Sp, Kp] in q.dtype."""
     nrows, bs, dp, sp, nq = dm.b * dm.hq, dm.bs, dm.dp, dm.sp, dm.nq
-    out_shape = _sds((nrows, sp, dp), q.dtype)
+    out_shape = sds((nrows, sp, dp), q.dtype)
     kw = dict(bs=bs, scale=scale, seq_len=dm.s)
-    params = _params(platform, interpret, (_PAR, _PAR, _SEQ), bs, dp)
+    params = compiler_params(platform, interpret, (PAR, PAR, SEQ), bs * dp)
     m = idx.shape[-1]
     if platform == "triton":
         own = lambda w: pl.BlockSpec((None, bs, w), lambda n, i: (n, i, 0))  # noqa: E731
@@ -370,9 +348,9 @@ def _dq_call(q, k, v, do, lse, delta, idx, cnt, dm: _Dims, *, scale, platform, i
 def _dkdv_call(qg, k, v, dog, lseg, deltag, idx, cnt, dm: _Dims, *, scale, platform, interpret):
     """dk, dv [B*G, Sp, Kp] in k/v dtypes. qg, dog: [B*G, R*Sp, Kp]; lseg, deltag: [B*G, R*Sp, 1]."""
     nrows, bs, dp, sp, nk, r = dm.b * dm.hkv, dm.bs, dm.dp, dm.sp, dm.nq, dm.r
-    out_shape = (_sds((nrows, sp, dp), k.dtype), _sds((nrows, sp, dp), v.dtype))
+    out_shape = (sds((nrows, sp, dp), k.dtype), sds((nrows, sp, dp), v.dtype))
     kw = dict(bs=bs, scale=scale, seq_len=dm.s)
-    params = _params(platform, interpret, (_PAR, _PAR, _SEQ), bs, dp)
+    params = compiler_params(platform, interpret, (PAR, PAR, SEQ), bs * dp)
     m = idx.shape[-1]
     hkv = dm.hkv
     if platform == "triton":
@@ -408,15 +386,15 @@ def _dkdv_call(qg, k, v, dog, lseg, deltag, idx, cnt, dm: _Dims, *, scale, platf
 
 def _check_block(block_size: int, platform: str):
     bs = int(block_size)
-    if platform == "triton" and (bs < _MIN_DIM or bs & (bs - 1)):
-        raise ValueError(f"the triton body needs a power-of-two block_size >= {_MIN_DIM}, got {block_size!r}")
-    if platform == "tpu" and (bs < _MIN_DIM or bs % _MIN_DIM):
-        raise ValueError(f"the tpu body needs a block_size that is a multiple of {_MIN_DIM}, got {block_size!r}")
+    if platform == "triton" and (bs < MIN_DIM or bs & (bs - 1)):
+        raise ValueError(f"the triton body needs a power-of-two block_size >= {MIN_DIM}, got {block_size!r}")
+    if platform == "tpu" and (bs < MIN_DIM or bs % MIN_DIM):
+        raise ValueError(f"the tpu body needs a block_size that is a multiple of {MIN_DIM}, got {block_size!r}")
     return bs
 
 
 def _dims(q, k, v, block_size, platform) -> _Dims:
-    _check_platform(platform)
+    check_platform(platform)
     bs = _check_block(block_size, platform)
     b, s, hq, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:

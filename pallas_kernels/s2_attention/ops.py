@@ -51,9 +51,9 @@ def pattern(q_shape, kv_heads: int, *, block_size: int, local_blocks: int, vert_
 # ---------------------------------------------------------------------------------------------- Pallas + VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _pallas(q, k, v, mask_key, block_size, scale, interpret):
-    return _pallas_fwd(q, k, v, mask_key, block_size, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _pallas(q, k, v, mask_key, block_size, scale, platform, interpret):
+    return _pallas_fwd(q, k, v, mask_key, block_size, scale, platform, interpret)[0]
 
 
 def _layouts(mask_key):
@@ -63,27 +63,23 @@ def _layouts(mask_key):
     return (*_ref.padded_csr(mask), *_ref.padded_csr(np.swapaxes(mask, 1, 2)))
 
 
-def _pallas_fwd(q, k, v, mask_key, block_size, scale, interpret):
+def _pallas_fwd(q, k, v, mask_key, block_size, scale, platform, interpret):
     kv_index, kv_count, _, _ = _layouts(mask_key)
     out, lse = _kernel().s2_forward(q, k, v, jnp.asarray(kv_index), jnp.asarray(kv_count), block_size=block_size,
-                                    scale=scale, platform=_platform(), interpret=interpret)
+                                    scale=scale, platform=platform, interpret=interpret)
     return (out, lse), (q, k, v, out, lse)
 
 
-def _pallas_bwd(mask_key, block_size, scale, interpret, res, cts):
+def _pallas_bwd(mask_key, block_size, scale, platform, interpret, res, cts):
     q, k, v, out, lse = res
     d_out, _ = cts  # the lse output is for merging partitions; its cotangent is not propagated (documented)
     kv_index, kv_count, q_index, q_count = _layouts(mask_key)
     return _kernel().s2_backward(q, k, v, out, lse, d_out, jnp.asarray(kv_index), jnp.asarray(kv_count),
                                  jnp.asarray(q_index), jnp.asarray(q_count), block_size=block_size, scale=scale,
-                                 platform=_platform(), interpret=interpret)
+                                 platform=platform, interpret=interpret)
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
-
-
-def _platform() -> str:
-    return "tpu" if jax.default_backend() == "tpu" else "triton"
 
 
 # ---------------------------------------------------------------------------------------------- the op
@@ -117,8 +113,12 @@ def s2_attention(q, k, v, *, block_size: int = 64, local_blocks: int, vert_strid
 
     mask_key = (np.ascontiguousarray(mask).tobytes(), mask.shape)
 
-    def pallas(interpret: bool):
-        return _pallas(q, k, v, mask_key, block_size, scale, interpret)
+    def pallas(platform: str, interpret: bool = False):
+        return _pallas(q, k, v, mask_key, block_size, scale, platform, interpret)
+
+    # The kernel variant is chosen when lowering (lax.platform_dependent), not from jax.default_backend() at trace
+    # time: lowering for a TPU from a CPU host must emit the Mosaic body, not the Triton one.
+    kernels = {"cuda": lambda: pallas("triton"), "rocm": lambda: pallas("triton"), "tpu": lambda: pallas("tpu")}
 
     pallas_ok = block_size >= 16 and block_size & (block_size - 1) == 0
     if impl == "pallas" and not pallas_ok:
@@ -129,9 +129,9 @@ def s2_attention(q, k, v, *, block_size: int = 64, local_blocks: int, vert_strid
     elif impl == "xla":
         out, lse = xla()
     elif impl == "pallas":
-        out, lse = lax.platform_dependent(cpu=lambda: pallas(True), default=lambda: pallas(False))
+        out, lse = lax.platform_dependent(cpu=lambda: pallas("triton", interpret=True), **kernels)
     elif pallas_ok:
-        out, lse = lax.platform_dependent(cpu=xla, default=lambda: pallas(False))
+        out, lse = lax.platform_dependent(cpu=xla, **kernels)
     else:  # the kernels cannot tile this block size: the gather form everywhere
         out, lse = xla()
     return (out, lse) if return_lse else out

@@ -296,17 +296,6 @@ def test_dropless_expert_parallel_lowers_to_ragged_all_to_all_for_accelerators(t
 # ---------------------------------------------------------------------------------------------- one routing per layer
 
 
-def _old_route(logits_NE, top_k, normalize, bias_E=None):
-    """`route` as it was when the layer routed twice (dispatch, then losses): the reference's own copy."""
-    probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-    scores_NE = probs_NE if bias_E is None else probs_NE + jax.lax.stop_gradient(bias_E)
-    _, experts_NA = jax.lax.top_k(jax.lax.stop_gradient(scores_NE), top_k)
-    gates_NA = jnp.take_along_axis(probs_NE, experts_NA, axis=-1)
-    if normalize:
-        gates_NA = gates_NA / jnp.sum(gates_NA, axis=-1, keepdims=True)
-    return experts_NA, gates_NA, probs_NE
-
-
 def _old_kept(experts_NA, n_experts, slots):
     """The capacity rule: per expert, the first `slots` token-choices in (choice rank, token) order."""
     n, a = experts_NA.shape
@@ -317,7 +306,8 @@ def _old_kept(experts_NA, n_experts, slots):
 
 
 def two_routing_reference(params, x_BSD, cfg, shards=1, mistake=None):
-    """The layer before routing once: (y, aux) with a routing for the dispatch (each of `shards` devices applies
+    """The layer before routing once (`route` itself did not change, and is tested above): (y, aux) with a routing
+    for the dispatch (each of `shards` devices applies
     the capacity rule to its own tokens) and a second routing of all tokens for the losses. The experts run densely
     (every expert on every token, weighted by its kept gates). `mistake` plants a bug, to show the check sees it."""
     sec = cfg.moe
@@ -327,7 +317,7 @@ def two_routing_reference(params, x_BSD, cfg, shards=1, mistake=None):
     bias_E = params.get("balance_bias")
     normalize = sec.normalize_top_k and mistake != "gates"
     # routing 1: dispatch
-    experts_NA, gates_NA, _ = _old_route(logits_NE, sec.top_k, normalize, bias_E)
+    experts_NA, gates_NA, _ = route(logits_NE, sec.top_k, normalize, bias_E)
     kept_NA = jnp.ones(experts_NA.shape, bool)
     if sec.capacity_factor is not None:
         local = x_ND.shape[0] // shards
@@ -337,7 +327,7 @@ def two_routing_reference(params, x_BSD, cfg, shards=1, mistake=None):
     y = dense_experts(params, x_ND, sec, lambda e: jnp.sum(jnp.where((experts_NA == e) & kept_NA, gates_NA, 0.0),
                                                            axis=-1))
     # routing 2: the losses, from all tokens
-    experts2_NA, _, probs_NE = _old_route(logits_NE, sec.top_k, sec.normalize_top_k, bias_E)
+    experts2_NA, _, probs_NE = route(logits_NE, sec.top_k, sec.normalize_top_k, bias_E)
     load_E = jnp.sum(jax.nn.one_hot(experts2_NA, n_experts), axis=(0, 1)) / experts2_NA.size
     tag = "moe/layer0"
     aux = {f"loss/{tag}/balance": sec.load_balance_weight * n_experts * jnp.sum(load_E * probs_NE.mean(0)),

@@ -1,6 +1,6 @@
 # Two commands for a fresh machine with Python 3.11 and pip:
 #   make train   set up .venv, install jaxeff, train the default debug model on CPU
-#   make test    set up .venv with the dev and parity extras and run the whole test suite
+#   make test    set up .venv with the dev and parity extras (and libtpu, to compile for TPU) and run the whole test suite
 #   make docs    regenerate docs/config.md and configs/jaxeff.schema.json from jaxeff/config/
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,8 +17,10 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
+# libtpu at the jax version in use (jax[tpu] unpinned would move jax): the tests compile the kernels for a TPU chip.
 setup-dev: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev,parity]"
+	$(BIN)/python -m pip install --quiet "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 
 train: setup
 	$(BIN)/jaxeff train --config $(CONFIG) --workdir $(WORKDIR)

@@ -12,20 +12,19 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 
-from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                                Section)
+from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                                PositiveInt, Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
 from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
+# Importing jaxeff.layers (the package of this module) imports every layer file: the registries are complete.
 from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, unknown_name_message
-
-import jaxeff.layers  # noqa: F401,E402  (imports every layer module: the registries are complete)
 
 FORECASTERS = ("spacetime", "linear", "dlinear")
 
 
-def _registered_in(table: dict[str, Any], key: str):
-    """A list of mixer names checked against a registry when the config loads (with a did-you-mean), whose JSON
-    schema enumerates the registered names (read when the schema is generated, so it is never hand-kept)."""
+def _mixer_names(table: dict[str, Any], key: str):
+    """The type of a list of mixer names: checked against a registry when the config loads (with a did-you-mean),
+    its JSON schema enumerating the registered names (read when the schema is generated, so never hand-kept)."""
 
     def check(names: list[str]) -> list[str]:
         for name in names:
@@ -37,7 +36,11 @@ def _registered_in(table: dict[str, Any], key: str):
     def schema(field_schema: dict[str, Any]) -> None:
         field_schema["items"] = {"type": "string", "enum": sorted(table)}
 
-    return AfterValidator(check), schema
+    return Annotated[list[str], AfterValidator(check), Field(min_length=1, json_schema_extra=schema)]
+
+
+TokenMixerNames = _mixer_names(TOKEN_MIXERS, "model.mixer_pattern")
+ChannelMixerNames = _mixer_names(CHANNEL_MIXERS, "model.channel_mixer_pattern")
 
 
 class ModelConfig(Section):
@@ -57,11 +60,9 @@ class ModelConfig(Section):
     """per-head width; null = `d_model / n_heads` (must be even, for RoPE)"""
     mlp_dim: PositiveInt = 384
     """hidden width of the channel mixer"""
-    mixer_pattern: Annotated[list[str], _registered_in(TOKEN_MIXERS, "model.mixer_pattern")[0]] = Field(
-        default_factory=lambda: ["attention"], min_length=1, json_schema_extra=_registered_in(TOKEN_MIXERS, "model.mixer_pattern")[1])
+    mixer_pattern: TokenMixerNames = Field(default_factory=lambda: ["attention"])
     """token mixer per layer, cycled over the layers (a list as long as `n_layers` places each layer)"""
-    channel_mixer_pattern: Annotated[list[str], _registered_in(CHANNEL_MIXERS, "model.channel_mixer_pattern")[0]] = Field(
-        default_factory=lambda: ["swiglu"], min_length=1, json_schema_extra=_registered_in(CHANNEL_MIXERS, "model.channel_mixer_pattern")[1])
+    channel_mixer_pattern: ChannelMixerNames = Field(default_factory=lambda: ["swiglu"])
     """channel mixer per layer, cycled over the layers"""
     tie_embeddings: bool = True
     """output head reuses the embedding matrix"""

@@ -62,17 +62,12 @@ class CompanionMixer(nn.Module):
         y_BSD, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
             full=lambda: companion_ssm(u, a, b, c, skip, impl=impl),
-            step=lambda state: _one_token(companion_step(u[:, 0], a, b, c, skip, state)),
+            step=lambda state: companion_step(u[:, 0], a, b, c, skip, state),
             prefill=lambda state: companion_ssm(u, a, b, c, skip, initial_state=state, return_final_state=True,
                                                 impl=impl))
         out = projection(self.cfg.d_model, -1, (None, "embed"), output_std(self.cfg), self.dtype, "out")
         return out(y_BSD.astype(self.dtype)), new_cache
 
-
-def _one_token(step_output):
-    """(y_BD, state) of one recurrence step -> (y_BSD with S = 1, state)."""
-    y_BD, state = step_output
-    return y_BD[:, None], state
 
 
 def init_companion_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

@@ -106,8 +106,7 @@ class LightningMixer(nn.Module):
         a_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
             full=lambda: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, block_size=block, impl=impl),
-            step=lambda state: _one_token(lightning_attention_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], rate_H,
-                                                                   state)),
+            step=lambda state: lightning_attention_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], rate_H, state),
             prefill=lambda state: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state=state,
                                                       return_final_state=True, block_size=block, impl=impl))
 
@@ -118,11 +117,6 @@ class LightningMixer(nn.Module):
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
         return out(gated_BSHW), new_cache
 
-
-def _one_token(step_output):
-    """(a_BHW, state) of one recurrence step -> (a_BSHW with S = 1, state)."""
-    a_BHW, state = step_output
-    return a_BHW[:, None], state
 
 
 def init_lightning_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

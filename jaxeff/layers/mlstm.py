@@ -99,8 +99,8 @@ class MlstmMixer(nn.Module):
         h_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
             full=lambda: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, chunk_size=chunk, impl=impl, **cell),
-            step=lambda state: _one_token(mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], i_BSH[:, 0],
-                                                     f_BSH[:, 0], state, **cell)),
+            step=lambda state: mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], i_BSH[:, 0], f_BSH[:, 0], state,
+                                          **cell),
             prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, initial_state=state,
                                         return_final_state=True, chunk_size=chunk, impl=impl, **cell))
 
@@ -109,11 +109,6 @@ class MlstmMixer(nn.Module):
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), wang_init_std(cfg), self.dtype, "out")
         return out(gated_BSHW), new_cache
 
-
-def _one_token(step_output):
-    """(h_BHW, state) of one recurrence step -> (h_BSHW with S = 1, state)."""
-    h_BHW, state = step_output
-    return h_BHW[:, None], state
 
 
 def init_mlstm_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

@@ -118,10 +118,14 @@ def recurrent_call(cache, seq_len: int, *, full: Callable[[], Any], step: Callab
                    prefill: Callable[[Any], tuple[Any, Any]]):
     """The cache path shared by recurrent mixers: (y, new_cache) with new_cache = {"state": ...} or None.
 
-    No cache (training): `full()`. One token with a cache: `step(state)`, the recurrence. Several tokens with a
-    cache (prefill, or a chunk of it): `prefill(state)`, the parallel form continued from the state.
+    No cache (training): `full()`. One token with a cache: `step(state)`, the recurrence, whose output has no
+    sequence axis (it is added here). Several tokens with a cache (prefill, or a chunk of it): `prefill(state)`, the
+    parallel form continued from the state.
     """
     if cache is None:
         return full(), None
-    y, state = (step if seq_len == 1 else prefill)(cache["state"])
+    if seq_len == 1:
+        y, state = step(cache["state"])
+        return y[:, None], {"state": state}
+    y, state = prefill(cache["state"])
     return y, {"state": state}

@@ -11,24 +11,24 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxeff.artifacts.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
+from jaxeff.artifacts.load import load_trained
 from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
 from jaxeff.config.resume import check_resume
+from jaxeff.models.params import count_params
+from jaxeff.parallel.collectives import collective_stats
 from jaxeff.parallel.mesh import build_mesh
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
 from jaxeff.paths import make_writable_dir
-from jaxeff.parallel.collectives import collective_stats
-from jaxeff.artifacts.checkpoint import CheckpointStore, param_shapes, restore_newest, shape_mismatch, warn
-from jaxeff.artifacts.load import load_trained
+from jaxeff.tasks import Task, build_task
 from jaxeff.train.comm_report import aot_compile_train_step, comm_scalars, comm_summary
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
-from jaxeff.models.params import count_params
 from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, init_state, init_state_from_params,
                                 logical_axes)
 from jaxeff.train.step import make_train_step
-from jaxeff.tasks import Task, build_task
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 
 @dataclasses.dataclass

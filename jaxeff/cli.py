@@ -1,4 +1,4 @@
-"""The `jaxeff` command: train, export, generate, forecast, import, config-schema, comm-report.
+"""The `jaxeff` command: train, export, generate, forecast, import, config-schema, comm-report, plan.
 
 Exit codes, decided here and only here: 0 done; 2 a user error (`jaxeff.errors.UserError`: config,
 data, paths, flags, workdir), printed as one line without a traceback; 1 training stopped (e.g.
@@ -64,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
                     "XLA_FLAGS=--xla_force_host_platform_device_count=N.")
     cr.add_argument("--config", required=True, help="YAML config, e.g. configs/debug.yaml")
     cr.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. mesh.data=4")
+
+    pl = sub.add_parser(
+        "plan", help="compile the train step for a machine you do not have: memory, collectives, estimated step time",
+        description="Compile the exact train step of `jaxeff train` (mesh, shardings, donation, microbatches, remat) "
+                    "for a target machine with its real compiler, on abstract arrays (nothing allocated, no data "
+                    "read), and print per device: parameter / optimizer / temporary bytes and the peak, whether it "
+                    "fits, the collectives, FLOPs and a roofline step-time estimate with its MFU. Last line: one "
+                    "JSON object. Needs the target's compiler plugin: pip install -e \".[aot]\". See "
+                    "docs/hardware.md.")
+    pl.add_argument("--config", required=True, help="YAML config, e.g. configs/xlstm-7b.yaml")
+    pl.add_argument("--target", required=True, metavar="NAME",
+                    help="h100x1, h100x8, h100x16, h100x32, or a TPU slice by jax's topology name (v5e:2x2, "
+                         "v5p:2x2x1, v6e:4x4, ...)")
+    pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.microbatches=4")
 
     c = sub.add_parser("config-schema", help="print the JSON schema of config files (for editors' YAML language server)")
     c.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of printing it")
@@ -134,6 +148,22 @@ def _comm_report(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from jaxeff.parallel.hardware import aot_environment, get_target
+
+    get_target(args.target)  # an unknown target fails before anything is loaded
+    aot_environment()  # before jax starts a backend
+    from pathlib import Path
+
+    from jaxeff.config import load_config
+    from jaxeff.train.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    for line in format_plan(make_plan(cfg, args.target), Path(args.config).name):
+        print(line, flush=True)
+    return 0
+
+
 def _export(args) -> int:
     from jaxeff.infer import export_checkpoint
 
@@ -186,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # saves, grain workers) cannot print over it while the interpreter shuts down.
     try:
         commands = {"train": _train, "export": _export, "generate": _generate, "import": _import, "forecast": _forecast,
-                    "config-schema": _config_schema, "comm-report": _comm_report}
+                    "config-schema": _config_schema, "comm-report": _comm_report, "plan": _plan}
         return commands[args.command](args)
     except UserError as e:
         exit_now(f"jaxeff: error: {e}", EXIT_USER_ERROR)

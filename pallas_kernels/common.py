@@ -3,6 +3,8 @@ matmul, and head-width padding."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -28,6 +30,17 @@ def compiler_params(platform: str, interpret: bool, semantics, state_elems: int 
     if platform == "tpu":
         return pltpu.CompilerParams(dimension_semantics=semantics)
     return plt.CompilerParams(num_warps=8 if state_elems >= 128 * 64 else 4, num_stages=2)
+
+
+def on_platform(args, *, kernel: Callable[[str], Callable], cpu: Callable, variant: str | None = None):
+    """`kernel(body)(*args)` with the body of the platform being lowered for, `cpu(*args)` on CPU.
+
+    `kernel(body)` returns the function for one kernel body, "triton" (CUDA, ROCm) or "tpu" (Mosaic); `variant`
+    forces one body everywhere (tests run both in the interpreter). The choice is made when lowering
+    (`lax.platform_dependent`), never from `jax.default_backend()` at trace time: a CPU host compiling ahead of
+    time for a GPU or TPU must emit that platform's kernel, and the other branches are never lowered."""
+    gpu, tpu = kernel(variant or "triton"), kernel(variant or "tpu")
+    return lax.platform_dependent(*args, cpu=cpu, cuda=gpu, rocm=gpu, tpu=tpu)
 
 
 def sds(shape, dtype=F32) -> jax.ShapeDtypeStruct:

@@ -13,7 +13,13 @@ from jaxeff.parallel.collectives import (
     collective_stats_from_hlo_text,
     format_report,
     shape_bytes,
+    wire_bytes,
 )
+
+
+def _counted(kind_stats: dict) -> dict:
+    """The counting fields (wire bytes are checked on their own below)."""
+    return {k: v for k, v in kind_stats.items() if k != "wire_bytes"}
 
 # ---------------------------------------------------------------------------------------------------
 # Hand-written HLO, in the syntax XLA prints (checked against Compiled.as_text() on jax 0.10.2 CPU).
@@ -67,8 +73,8 @@ ENTRY %main (a: f32[1024], b: bf16[512]) -> (f32[1024], bf16[512]) {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["all-reduce"] == {"count": 1, "bytes": 1024 * 4 + 512 * 2}
-    assert stats["total"] == {"count": 1, "bytes": 1024 * 4 + 512 * 2, "unknown_trip_count": 0}
+    assert _counted(stats["all-reduce"]) == {"count": 1, "bytes": 1024 * 4 + 512 * 2}
+    assert _counted(stats["total"]) == {"count": 1, "bytes": 1024 * 4 + 512 * 2, "unknown_trip_count": 0}
 
 
 def test_all_gather_start_done_pair_counts_once_with_the_operand_bytes():
@@ -80,7 +86,7 @@ ENTRY %main (p: f32[8,16]) -> f32[64,16] {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["all-gather"] == {"count": 1, "bytes": 8 * 16 * 4}  # what one device contributes
+    assert _counted(stats["all-gather"]) == {"count": 1, "bytes": 8 * 16 * 4}  # what one device contributes
     assert set(stats) == {"all-gather", "total"}
 
 
@@ -107,16 +113,16 @@ ENTRY %main (p: f32[64], q: f32[32]) -> (f32[8], f32[8], f32[32], f32[32]) {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["reduce-scatter"] == {"count": 2, "bytes": 2 * 64 * 4}  # operand = the full buffer
-    assert stats["all-reduce"] == {"count": 1, "bytes": 32 * 4}
-    assert stats["collective-permute"] == {"count": 1, "bytes": 32 * 4}
+    assert _counted(stats["reduce-scatter"]) == {"count": 2, "bytes": 2 * 64 * 4}  # operand = the full buffer
+    assert _counted(stats["all-reduce"]) == {"count": 1, "bytes": 32 * 4}
+    assert _counted(stats["collective-permute"]) == {"count": 1, "bytes": 32 * 4}
     assert stats["total"]["count"] == 4
 
 
 def test_collective_in_while_body_is_multiplied_by_the_known_trip_count():
     config = ', backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"5"}}'
     stats = collective_stats_from_hlo_text(_while_module(config))
-    assert stats["all-reduce"] == {"count": 5, "bytes": 5 * F32_256}
+    assert _counted(stats["all-reduce"]) == {"count": 5, "bytes": 5 * F32_256}
     assert stats["total"]["unknown_trip_count"] == 0
 
 
@@ -127,7 +133,7 @@ def test_escaped_backend_config_trip_count_is_read():
 
 def test_unknown_trip_count_counts_the_body_once_and_is_reported():
     stats = collective_stats_from_hlo_text(_while_module(""))
-    assert stats["all-reduce"] == {"count": 1, "bytes": F32_256}
+    assert _counted(stats["all-reduce"]) == {"count": 1, "bytes": F32_256}
     assert stats["total"]["unknown_trip_count"] == 1
 
 
@@ -167,9 +173,9 @@ ENTRY %main (p: (s32[], f32[128])) -> (s32[], f32[128]) {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["all-reduce"] == {"count": 3 * 4, "bytes": 3 * 4 * 128 * 4}
-    assert stats["all-gather"] == {"count": 3, "bytes": 3 * 128 * 4}
-    assert stats["total"] == {"count": 15, "bytes": 15 * 128 * 4, "unknown_trip_count": 0}
+    assert _counted(stats["all-reduce"]) == {"count": 3 * 4, "bytes": 3 * 4 * 128 * 4}
+    assert _counted(stats["all-gather"]) == {"count": 3, "bytes": 3 * 128 * 4}
+    assert _counted(stats["total"]) == {"count": 15, "bytes": 15 * 128 * 4, "unknown_trip_count": 0}
 
 
 def test_computation_called_twice_is_counted_for_each_call_and_fusions_are_followed():
@@ -192,8 +198,8 @@ ENTRY %main (p: bf16[64,32]) -> bf16[64,32] {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["all-reduce"] == {"count": 2, "bytes": 2 * 64 * 32 * 2}
-    assert stats["all-to-all"] == {"count": 1, "bytes": 64 * 32 * 2, "bytes_off_device": 64 * 32 * 2 * 7 // 8}
+    assert _counted(stats["all-reduce"]) == {"count": 2, "bytes": 2 * 64 * 32 * 2}
+    assert _counted(stats["all-to-all"]) == {"count": 1, "bytes": 64 * 32 * 2, "bytes_off_device": 64 * 32 * 2 * 7 // 8}
 
 
 def test_conditional_counts_each_branch_once():
@@ -215,8 +221,8 @@ ENTRY %main (i: s32[], x: f32[16]) -> f32[16] {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["all-reduce"] == {"count": 1, "bytes": 64}
-    assert stats["collective-permute"] == {"count": 1, "bytes": 64}
+    assert _counted(stats["all-reduce"]) == {"count": 1, "bytes": 64}
+    assert _counted(stats["collective-permute"]) == {"count": 1, "bytes": 64}
 
 
 @pytest.mark.parametrize("element_type,size", [
@@ -256,7 +262,7 @@ def test_psum_compiles_to_one_all_reduce_of_the_operand(mesh):
     x = jnp.ones((1024,), jnp.float32)
     compiled = _compile(mesh, lambda v: jax.lax.psum(v, "x"), P(), P(), x)
     stats = collective_stats(compiled)
-    assert stats["all-reduce"] == {"count": 1, "bytes": x.size * x.dtype.itemsize}, compiled.as_text()
+    assert _counted(stats["all-reduce"]) == {"count": 1, "bytes": x.size * x.dtype.itemsize}, compiled.as_text()
     assert stats["total"]["count"] == 1
 
 
@@ -267,7 +273,7 @@ def test_all_to_all_bytes_are_the_per_device_block(mesh):
     stats = collective_stats(compiled)
     expected = int(np.prod(per_device)) * x.dtype.itemsize
     # 8 devices in the group: each keeps its own 1/8 chunk
-    assert stats["all-to-all"] == {"count": 1, "bytes": expected, "bytes_off_device": expected * 7 // 8}, \
+    assert _counted(stats["all-to-all"]) == {"count": 1, "bytes": expected, "bytes_off_device": expected * 7 // 8}, \
         compiled.as_text()
 
 
@@ -283,7 +289,7 @@ def test_scan_with_psum_keeps_the_while_loop_and_counts_each_iteration(mesh):
     assert " while(" in text and f'"known_trip_count":{{"n":"{length}"}}' in text, text
     assert text.count(" all-reduce(") == 1, text  # one all-reduce in the HLO, run `length` times
     stats = collective_stats(compiled)
-    assert stats["all-reduce"] == {"count": length, "bytes": length * x.size * x.dtype.itemsize}, text
+    assert _counted(stats["all-reduce"]) == {"count": length, "bytes": length * x.size * x.dtype.itemsize}, text
     assert stats["total"]["unknown_trip_count"] == 0
 
 
@@ -311,4 +317,33 @@ ENTRY %main (p: f32[4,8]) -> f32[4,8] {
 }
 """
     stats = collective_stats_from_hlo_text(text)
-    assert stats["all-to-all"] == {"count": 1, "bytes": 128, "bytes_off_device": 96}
+    assert _counted(stats["all-to-all"]) == {"count": 1, "bytes": 128, "bytes_off_device": 96}
+
+
+@pytest.mark.parametrize("kind, group, expected", [
+    ("all-reduce", 4, 2 * 3 / 4 * 1000),  # ring: reduce-scatter then all-gather
+    ("all-gather", 4, 3 * 1000),  # receives/forwards the other 3 contributions
+    ("reduce-scatter", 8, 7 / 8 * 1000),
+    ("all-to-all", 2, 500),
+    ("collective-permute", 8, 1000),
+    ("all-reduce", None, 1000),  # unreadable group: counted as 2 devices
+])
+def test_wire_bytes_follow_ring_algorithms(kind, group, expected):
+    assert wire_bytes(kind, 1000, group) == pytest.approx(expected)
+
+
+def test_wire_bytes_of_a_compiled_all_gather_and_all_reduce():
+    mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+    x = jax.ShapeDtypeStruct((4, 256), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, P("d")))
+
+    def f(x):  # an all-gather of each device's row, and an all-reduce of a per-device partial sum
+        full = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, P()))
+        return full * 2, jnp.sum(x, axis=0)
+
+    stats = collective_stats(jax.jit(f).lower(x).compile())
+    for kind, v in stats.items():
+        if kind != "total":
+            group = 4
+            assert v["wire_bytes"] == int(wire_bytes(kind, v["bytes"], group)), (kind, v)
+    assert stats["total"]["wire_bytes"] == sum(v["wire_bytes"] for k, v in stats.items() if k != "total")
+    assert stats["total"]["wire_bytes"] > 0

@@ -82,8 +82,8 @@ def test_microbatches_count_what_runs():
     runs, not double counting. The expectations come from the HLO, so a hoisting XLA keeps this test true."""
     stats, found = {}, {}
     for micro in (1, 2):
-        compiled, _ = compile_train_step(_cfg(**{"mesh.data": 8, "train.microbatches": micro,
-                                                  "train.global_batch_size": 16}), jax.devices())
+        compiled = compile_train_step(_cfg(**{"mesh.data": 8, "train.microbatches": micro,
+                                              "train.global_batch_size": 16}), jax.devices()).compiled
         stats[micro] = collective_stats(compiled)["all-reduce"]
         found[micro] = _all_reduces_by_loop(compiled.as_text())
         # Exactly what runs: each all-reduce instruction times the trip count of the loop around it.

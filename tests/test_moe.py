@@ -240,7 +240,7 @@ def test_all_to_all_bytes_match_the_closed_form_and_dcca_is_r_times_cdac():
                                  "model.moe.top_k": 2, "model.moe.structure": structure, "model.moe.ratio": ratio,
                                  "mesh.data": 2, "mesh.expert": 4})
         cfg = load_config(None, over)
-        stats = collective_stats(compile_train_step(cfg, jax.devices()[:8])[0])
+        stats = collective_stats(compile_train_step(cfg, jax.devices()[:8]).compiled)
         m, t = cfg.model, cfg.train
         tokens = t.global_batch_size // 8 * cfg.data.seq_len  # per device
         slots = math.ceil(m.moe.capacity_factor * tokens * m.moe.top_k / m.moe.n_experts)

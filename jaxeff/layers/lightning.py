@@ -14,9 +14,9 @@ decoding see the same phases.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import functools
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.errors import ConfigError
-from jaxeff.layers.common import head_dim, output_std, projection
+from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
+from jaxeff.parallel.sharding import per_shard
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ class LightningMixer(nn.Module):
         block, impl = cfg.lightning.block_size, cfg.lightning.impl
         a_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, block_size=block, impl=impl),
+            full=lambda: per_shard(functools.partial(lightning_attention, block_size=block, impl=impl),
+                                   (q_BSHK, k_BSHK, v_BSHW, rate_H), (*[BSHK_AXES] * 3, ("heads",)), BSHK_AXES),
             step=lambda state: lightning_attention_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], rate_H, state),
             prefill=lambda state: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state=state,
                                                       return_final_state=True, block_size=block, impl=impl))

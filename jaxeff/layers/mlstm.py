@@ -14,6 +14,7 @@ linspace(`fgate_bias_init`) over the heads (3 to 6).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -21,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.errors import ConfigError
-from jaxeff.layers.common import projection
+from jaxeff.layers.common import BSH_AXES, BSHK_AXES, projection
 from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
+from jaxeff.parallel.sharding import per_shard
 from pallas_kernels.mlstm import mlstm, mlstm_step
 
 if TYPE_CHECKING:
@@ -98,7 +100,9 @@ class MlstmMixer(nn.Module):
         chunk, impl = sec.chunk_size, sec.impl
         h_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, chunk_size=chunk, impl=impl, **cell),
+            full=lambda: per_shard(functools.partial(mlstm, chunk_size=chunk, impl=impl, **cell),
+                                   (q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH), (*[BSHK_AXES] * 3, *[BSH_AXES] * 2),
+                                   BSHK_AXES),
             step=lambda state: mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], i_BSH[:, 0], f_BSH[:, 0], state,
                                           **cell),
             prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, initial_state=state,

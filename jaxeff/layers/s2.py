@@ -14,6 +14,7 @@ head's residue), instead of `max_blocks`. With dense heads in the layer every he
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import TYPE_CHECKING, Callable
@@ -24,7 +25,9 @@ import numpy as np
 
 from jaxeff.errors import ConfigError
 from jaxeff.layers.attention import SoftmaxAttention, attention_flops_per_token, head_dims
+from jaxeff.layers.common import BSGK_AXES, BSHK_AXES
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from jaxeff.parallel.sharding import per_shard
 from pallas_kernels.s2_attention import block_mask, check_coverage, s2_attention
 from pallas_kernels.s2_attention.reference import default_step
 
@@ -84,8 +87,8 @@ class S2Attention(SoftmaxAttention):
 
     def attend(self, q_BSHK, k_BSGK, v_BSGW):
         cfg = self.cfg
-        return s2_attention(q_BSHK, k_BSGK, v_BSGW, block_size=cfg.s2.block_size, impl=cfg.s2.impl,
-                            **self.pattern(cfg))
+        attend = functools.partial(s2_attention, block_size=cfg.s2.block_size, impl=cfg.s2.impl, **self.pattern(cfg))
+        return per_shard(attend, (q_BSHK, k_BSGK, v_BSGW), (BSHK_AXES, BSGK_AXES, BSGK_AXES), BSHK_AXES)
 
     def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
         layout = _Layout(self.cfg, self.pattern, capacity=cache["k"].shape[2])

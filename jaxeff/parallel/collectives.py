@@ -252,6 +252,17 @@ def _off_device_bytes(kind: str, nbytes: int, instruction: Instruction) -> int |
     return None if size is None else nbytes * (size - 1) // size
 
 
+def wire_bytes(kind: str, nbytes: int, group: int | None) -> float:
+    """Bytes one device sends over links for a collective of `nbytes` (counted as above) over `group` devices,
+    with the bandwidth-optimal (ring) algorithms: all-reduce 2(g-1)/g of its buffer, all-gather g-1 times its
+    contribution, reduce-scatter and all-to-all (g-1)/g, a permute or broadcast its buffer. An unreadable group
+    counts as 2 devices (the least any collective can span)."""
+    g = group or 2
+    factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": g - 1, "reduce-scatter": (g - 1) / g,
+              "all-to-all": (g - 1) / g, "ragged-all-to-all": (g - 1) / g}.get(kind, 1.0)
+    return nbytes * factor
+
+
 def _collective_bytes(kind: str, instruction: Instruction, computation: Computation,
                       module_shapes: dict[str, str]) -> int:
     operands = instruction.operands
@@ -287,14 +298,14 @@ class _Walker:
         self.memo: dict[str, tuple[Counter, Counter]] = {}
         self.unknown_loops: set[str] = set()
 
-    def stats(self, name: str) -> tuple[Counter, Counter, Counter]:
+    def stats(self, name: str) -> tuple[Counter, Counter, Counter, Counter]:
         if name not in self.memo:
             self.memo[name] = self._compute(self.computations[name])
         return self.memo[name]
 
     def _compute(self, computation: Computation) -> tuple[Counter, Counter, Counter]:
-        """(count, bytes, off-device bytes) per kind for one execution of `computation`."""
-        counts, nbytes, off = Counter(), Counter(), Counter()
+        """(count, bytes, off-device bytes, wire bytes) per kind for one execution of `computation`."""
+        counts, nbytes, off, wire = Counter(), Counter(), Counter(), Counter()
         for instruction in computation.instructions:
             if _is_ignored_async_part(instruction.opcode):
                 continue
@@ -306,12 +317,13 @@ class _Walker:
                 crossing = _off_device_bytes(kind, size, instruction)
                 if crossing is not None:
                     off[kind] += crossing
+                wire[kind] += wire_bytes(kind, size, group_size(instruction.attributes))
                 continue
             for callee, multiplier in self._scaled_callees(instruction):
-                for mine, theirs in zip((counts, nbytes, off), self.stats(callee)):
+                for mine, theirs in zip((counts, nbytes, off, wire), self.stats(callee)):
                     for k, v in theirs.items():
                         mine[k] += multiplier * v
-        return counts, nbytes, off
+        return counts, nbytes, off, wire
 
     def _scaled_callees(self, instruction: Instruction) -> list[tuple[str, int]]:
         """Called computations with their multiplier: trip count for a while body, +1 for its condition."""
@@ -340,15 +352,17 @@ def collective_stats_from_hlo_text(text: str) -> dict[str, dict[str, int]]:
     """
     computations, entry = parse_hlo_module(text)
     walker = _Walker(computations)
-    counts, nbytes, off = walker.stats(entry)
+    counts, nbytes, off, wire = walker.stats(entry)
     result: dict[str, dict[str, int]] = {
-        kind: {"count": int(counts[kind]), "bytes": int(nbytes[kind])} for kind in KINDS if counts[kind]
+        kind: {"count": int(counts[kind]), "bytes": int(nbytes[kind]), "wire_bytes": int(wire[kind])}
+        for kind in KINDS if counts[kind]
     }
     for kind, v in off.items():  # all-to-alls whose replica groups were readable
         result[kind]["bytes_off_device"] = int(v)
     result["total"] = {
         "count": sum(v["count"] for v in result.values()),
         "bytes": sum(v["bytes"] for v in result.values()),
+        "wire_bytes": sum(v["wire_bytes"] for v in result.values()),
         "unknown_trip_count": len(walker.unknown_loops),
     }
     return result

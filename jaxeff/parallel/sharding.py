@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -45,3 +45,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def with_logical_constraint(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Activation sharding hint by logical names; a no-op unless traced under `jax.set_mesh(mesh)`."""
     return nn.with_logical_constraint(x, axes, rules=LOGICAL_AXIS_RULES)
+
+
+def logical_spec(axes: tuple[str | None, ...]) -> P:
+    """The mesh PartitionSpec of logical axis names (LOGICAL_AXIS_RULES)."""
+    return nn.logical_to_mesh_axes(axes, LOGICAL_AXIS_RULES)
+
+
+def per_shard(fn: Callable, args: tuple, in_axes: tuple[tuple[str | None, ...], ...],
+              out_axes: tuple[str | None, ...]):
+    """`fn(*args)` run on each device's own shard (a `shard_map` over the mesh set while tracing), the shards
+    named by logical axes. Pallas kernels need it: XLA does not partition a Mosaic kernel at all, nor a Triton
+    one without gathering its operands, so an op whose rows and heads are independent runs per shard instead.
+    Without a mesh of more than one device (tests, inference, `model.init`), `fn(*args)`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    in_specs = tuple(logical_spec(a) for a in in_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_spec(out_axes), check_vma=False)(*args)

@@ -18,9 +18,10 @@ def task_class(name: str) -> type[Task]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_task(cfg, platform: str | None = None) -> Task:
-    """The task object of a validated config: loads its data."""
-    return task_class(cfg.task)(cfg, platform)
+def build_task(cfg, platform: str | None = None, *, with_data: bool = True) -> Task:
+    """The task object of a validated config: loads its data (`with_data=False`: only what the model, the batch
+    shapes and the loss need, to compile the train step without the data)."""
+    return task_class(cfg.task)(cfg, platform, with_data=with_data)
 
 
 __all__ = ["Meta", "TASKS", "Task", "build_task", "task_class"]

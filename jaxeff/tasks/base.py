@@ -69,14 +69,20 @@ class Task(abc.ABC):
     model: nn.Module
     meta: Meta
 
-    def __init__(self, cfg: Config, platform: str | None = None):
+    def __init__(self, cfg: Config, platform: str | None = None, *, with_data: bool = True):
         self.cfg = cfg
-        self.meta = self.load_data()
+        self.meta = self.load_data() if with_data else self.meta_without_data()
         self.model = self.build_model(cfg, self.meta, platform)
 
     @abc.abstractmethod
     def load_data(self) -> Meta:
         """Read the training data (kept on `self`); return the meta it implies."""
+
+    def meta_without_data(self) -> Meta:
+        """The meta from the config alone, for compiling the train step without its data (`jaxeff plan`): the
+        batch shapes, loss and model must then work. By default the data is loaded; a task whose data may live
+        only on the training cluster (LM text) derives it from its config instead."""
+        return self.load_data()
 
     @property
     def init_input(self) -> jax.ShapeDtypeStruct:

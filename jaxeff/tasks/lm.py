@@ -75,6 +75,9 @@ class LanguageModelTask(Task):
         self.corpus = build_corpus(self.cfg.data, self.tokenizer)
         return tokenizer_meta(self.tokenizer)
 
+    def meta_without_data(self) -> Meta:
+        return tokenizer_meta(load_tokenizer(self.cfg.data.tokenizer))  # the vocabulary: all the model needs
+
     def batch_shapes(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         tokens = jax.ShapeDtypeStruct((global_batch_size, self.cfg.data.seq_len), np.int32)
         return {"inputs": tokens, "targets": tokens}

@@ -9,6 +9,7 @@ state and touches no workdir or checkpoint. The counts come from the optimised H
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -28,10 +29,34 @@ def aot_compile_train_step(train_step: Callable, abstract: Any, shardings: Any, 
                        out_shardings=(shardings, replicated(mesh)), donate_argnums=0).lower(abstract, batch).compile()
 
 
-def compile_train_step(cfg, devices: list) -> tuple[Any, Any]:
-    """(compiled train step, mesh) of `cfg` on `devices`, as `jaxeff train` would compile it (also when
-    train.jit is false: the report shows what a jitted step does). ConfigError for a config these devices
-    cannot run."""
+@dataclasses.dataclass
+class TrainStep:
+    """The train step of a config on given devices, everything built but not compiled."""
+
+    step_fn: Callable
+    mesh: Any
+    task: Any
+    abstract: Any  # the train state's ShapeDtypeStructs
+    shardings: Any
+    batch_shapes: Mapping[str, jax.ShapeDtypeStruct]
+    compiled: Any = None  # jax.stages.Compiled, once `compile()` ran
+
+    def compile(self) -> "TrainStep":
+        self.compiled = aot_compile_train_step(self.step_fn, self.abstract, self.shardings, self.mesh,
+                                               self.batch_shapes)
+        return self
+
+
+def compile_train_step(cfg, devices: list, **kwargs) -> TrainStep:
+    """`build_train_step(...).compile()`."""
+    return build_train_step(cfg, devices, **kwargs).compile()
+
+
+def build_train_step(cfg, devices: list, *, processes: int | None = None, with_data: bool = True) -> TrainStep:
+    """The train step of `cfg` on `devices` as `jaxeff train` would compile it (also when train.jit is false: the
+    report shows what a jitted step does), with its mesh, task and state shapes. `devices` may be compile-only
+    devices of another platform (`jaxeff plan`), spread over `processes` hosts; `with_data=False` builds the task
+    without reading its data. ConfigError for a config these devices cannot run."""
     from jaxeff.config import validate
     from jaxeff.parallel.mesh import build_mesh
     from jaxeff.tasks import build_task
@@ -39,21 +64,18 @@ def compile_train_step(cfg, devices: list) -> tuple[Any, Any]:
     from jaxeff.train.state import abstract_state_and_shardings
     from jaxeff.train.step import make_train_step
 
-    validate(cfg, len(devices), jax.process_count())
-    task = build_task(cfg)
+    validate(cfg, len(devices), jax.process_count() if processes is None else processes)
+    task = build_task(cfg, devices[0].platform, with_data=with_data)
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)
     abstract, shardings = abstract_state_and_shardings(task.model, tx, mesh, cfg.train.seed, task.init_input)
     train_step = make_train_step(task.loss, tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
-    compiled = aot_compile_train_step(train_step, abstract, shardings, mesh,
-                                      task.batch_shapes(cfg.train.global_batch_size))
-    return compiled, mesh
+    return TrainStep(train_step, mesh, task, abstract, shardings, task.batch_shapes(cfg.train.global_batch_size))
 
 
 def comm_report_lines(cfg, devices: list) -> list[str]:
     """One JSON line per collective kind in one train step, the "total" line last (`format_report`)."""
-    compiled, _ = compile_train_step(cfg, devices)
-    return format_report(collective_stats(compiled))
+    return format_report(collective_stats(compile_train_step(cfg, devices).compiled))
 
 
 def comm_scalars(stats: Mapping[str, Mapping[str, int]]) -> dict[str, float]:

@@ -8,23 +8,16 @@ from pathlib import Path
 
 import jax
 
-# Dense bfloat16 peak FLOP/s per device, by a substring of `device.device_kind`.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-    "V100": 125e12, "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-}
+from jaxeff.parallel.hardware import chip_of_device_kind
 
 
 def peak_flops_per_device(override_tflops: float | None) -> float | None:
-    """Override from config, else the table; None when unknown (CPU), and MFU is then not logged."""
+    """Override from config, else the chip table (jaxeff.parallel.hardware); None when unknown (CPU), and MFU is
+    then not logged."""
     if override_tflops:
         return override_tflops * 1e12
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_BF16_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+    chip = chip_of_device_kind(jax.devices()[0].device_kind)
+    return None if chip is None else chip.peak_bf16_flops
 
 
 def device_memory_bytes() -> dict[str, float]:

@@ -9,8 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from ..common import on_platform
 from . import reference as _ref
 
 IMPLS = ("auto", "reference", "xla", "pallas")
@@ -116,9 +116,8 @@ def s2_attention(q, k, v, *, block_size: int = 64, local_blocks: int, vert_strid
     def pallas(platform: str, interpret: bool = False):
         return _pallas(q, k, v, mask_key, block_size, scale, platform, interpret)
 
-    # The kernel variant is chosen when lowering (lax.platform_dependent), not from jax.default_backend() at trace
-    # time: lowering for a TPU from a CPU host must emit the Mosaic body, not the Triton one.
-    kernels = {"cuda": lambda: pallas("triton"), "rocm": lambda: pallas("triton"), "tpu": lambda: pallas("tpu")}
+    def on_device(cpu):  # the kernel body of the platform being lowered for (Triton on GPU, Mosaic on TPU)
+        return on_platform((), kernel=lambda body: lambda: pallas(body), cpu=cpu)
 
     pallas_ok = block_size >= 16 and block_size & (block_size - 1) == 0
     if impl == "pallas" and not pallas_ok:
@@ -129,9 +128,9 @@ def s2_attention(q, k, v, *, block_size: int = 64, local_blocks: int, vert_strid
     elif impl == "xla":
         out, lse = xla()
     elif impl == "pallas":
-        out, lse = lax.platform_dependent(cpu=lambda: pallas("triton", interpret=True), **kernels)
+        out, lse = on_device(cpu=lambda: pallas("triton", interpret=True))
     elif pallas_ok:
-        out, lse = lax.platform_dependent(cpu=xla, **kernels)
+        out, lse = on_device(cpu=xla)
     else:  # the kernels cannot tile this block size: the gather form everywhere
         out, lse = xla()
     return (out, lse) if return_lse else out

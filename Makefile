@@ -1,6 +1,6 @@
 # Two commands for a fresh machine with Python 3.11 and pip:
 #   make train   set up .venv, install jaxeff, train the default debug model on CPU
-#   make test    set up .venv with the dev and parity extras (and libtpu, to compile for TPU) and run the whole test suite
+#   make test    set up .venv with the dev, parity and aot extras (compilers for H100 and TPU) and run the whole suite
 #   make docs    regenerate docs/config.md and configs/jaxeff.schema.json from jaxeff/config/
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,10 +17,11 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 
-# libtpu at the jax version in use (jax[tpu] unpinned would move jax): the tests compile the kernels for a TPU chip.
+# The aot compilers (CUDA plugin, libtpu) pinned to the jax version in use, so that they never move jax: the tests
+# compile the kernels and train steps for an H100 and TPU chips (`jaxeff plan`).
 setup-dev: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev,parity]"
-	$(BIN)/python -m pip install --quiet "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
+	$(BIN)/python -m pip install --quiet "jax[cuda12,tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 
 train: setup
 	$(BIN)/jaxeff train --config $(CONFIG) --workdir $(WORKDIR)

@@ -170,3 +170,16 @@ def compile_only_devices(target: Target) -> list:
         raise UnknownTarget(f"target {target.name}: the {target.platform} plugin describes {len(devices)} devices, "
                             f"expected {target.devices}")
     return devices
+
+
+def chip_table_markdown() -> str:
+    """The plan targets' figures as docs/hardware.md shows them (a test keeps the two in step)."""
+    rows = ["| chip | peak bf16 TFLOP/s | HBM GiB | HBM TB/s | link GB/s (one way) | between hosts GB/s | source |",
+            "|---|---|---|---|---|---|---|"]
+    for chip in CHIPS.values():
+        if chip.hbm_bytes is None:
+            continue
+        host = f"{chip.host_link_bandwidth / 1e9:.0f}" if chip.host_link_bandwidth else "- (one slice: ICI)"
+        rows.append(f"| {chip.name} | {chip.peak_bf16_flops / 1e12:.0f} | {chip.hbm_bytes / GiB:.1f} | "
+                    f"{chip.hbm_bandwidth / 1e12:.2f} | {chip.link_bandwidth / 1e9:.0f} | {host} | {chip.source} |")
+    return "\n".join(rows)

@@ -34,7 +34,10 @@ plus these two terms, each routed (as jnp.max's gradient does) to the log weight
 The reverse kernel carries this routed d(m) across chunks (dropped at m0, which is not differentiated) and tells
 the chunk kernel where it went, so both kernels agree on each max's winner. Exact ties (measure zero) go wholly
 to one side here where jnp splits them.
-All matmuls accumulate in float32; float32 operands use HIGHEST precision.
+All matmuls accumulate in float32 at float32 accuracy: Mosaic's float32 matmul (HIGHEST) on TPU; on GPU bf16
+tensor-core matmuls with each float32 operand split into 3 bf16 terms (_split_dot: Triton lowers a float32 dot as
+unrolled FMAs, which made ptxas take minutes on the backward kernel). The Triton parallel kernels run 8 warps
+at these tile sizes, as the sequential ones do (4 warps spilled the (Kp, Wp) f32 states: slow compiles).
 
 Not done yet: head-dim tiling. Every program holds a whole (Kp, Wp) f32 state (and the parallel kernels the
 (Y, Y) matrices), which suits d_qk, d_v <= 128; xLSTM-7B sizes (256 x 512) need d_v tiles (and, in the backward,
@@ -61,6 +64,46 @@ _PAD_INPUT_GATE = -1e30  # as reference.pad_to_chunks: exp(-1e30 - m) == 0
 # --------------------------------------------------------------------------------------------------------------
 # In-kernel math (arrays in, arrays out; shared by both bodies)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _bf16_parts(x, n: int):
+    """x (float32) as n bfloat16 terms, largest first: x = sum(parts) exactly for n = 3 (3 x 8 significant bits;
+    each remainder x - part is exact in float32), barring underflow below float32's normal range."""
+    parts = []
+    for _ in range(n):
+        p = x.astype(jnp.bfloat16)
+        parts.append(p)
+        x = x - p.astype(F32)
+    return parts
+
+
+def _split_dot(a, b, contract_a: int, contract_b: int):
+    """Triton's matmul at float32 accuracy on bf16 tensor cores, accumulated in float32.
+
+    A float32 operand is split into 3 bf16 terms (exact); products of bf16 terms are exact in float32, so a
+    bf16 x f32 matmul is 3 bf16 matmuls with the result of the float32 one up to the order of the float32 sums.
+    f32 x f32 keeps the 6 products hi.hi .. lo.hi whose scale is >= 2^-16 of the leading one (the 3 dropped ones
+    are <= 2^-24 relative: float32 rounding). Why not `_dot` (precision HIGHEST): Triton lowers a float32 dot
+    as IEEE FMAs, not tensor-core instructions; at (64, 128) x (128, 128) that is thousands of unrolled FMAs
+    per thread, which took ptxas minutes per kernel (and runs far slower)."""
+    dims = (((contract_a,), (contract_b,)), ((), ()))
+    if a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
+        return lax.dot_general(a, b, dims, preferred_element_type=F32)
+    if not all(x.dtype in (jnp.bfloat16, jnp.float16, F32) for x in (a, b)):  # float64: the plain dot
+        return _dot(a, b, contract_a, contract_b)
+    pa, pb = ([x] if x.dtype == jnp.bfloat16 else _bf16_parts(x.astype(F32), 3) for x in (a, b))
+    terms = [(x, y) for ia, x in enumerate(pa) for ib, y in enumerate(pb) if ia + ib <= 2]
+    out = None
+    for x, y in reversed(terms):  # smallest terms first
+        t = lax.dot_general(x, y, dims, preferred_element_type=F32)
+        out = t if out is None else out + t
+    return out
+
+
+def _matmul(platform: str):
+    """The in-kernel matmul of a body: bf16 tensor-core splits for Triton; Mosaic's float32 matmul (HIGHEST) on
+    TPU, which compiles in seconds."""
+    return _split_dot if platform == "triton" else _dot
 
 
 def _iotas(n: int):
@@ -108,24 +151,24 @@ def _row_logw(i_Y1, gt, m_11):
     return logD, m_inter, m_intra, jnp.maximum(m_inter, m_intra)
 
 
-def _state_step(k, v, i_Y1, logf_Y1, c_KW, n_1K, m_11):
+def _state_step(k, v, i_Y1, logf_Y1, c_KW, n_1K, m_11, mm):
     """State after one chunk from the state before it (the same maths as reference.chunk_states)."""
     gt = _gates(i_Y1, logf_Y1, m_11)
     m_next = gt["m_next_11"]
     decay = jnp.exp(gt["l_11"] - m_next)
     kw = k.astype(F32) * jnp.exp(gt["a_Y1"] - m_next)
-    c_KW = decay * c_KW + _dot(kw, v, 0, 0)
+    c_KW = decay * c_KW + mm(kw, v, 0, 0)
     n_1K = decay * n_1K + jnp.sum(kw, axis=0, keepdims=True)
     return c_KW, n_1K, m_next
 
 
-def _chunk_num_den(q, k, v, i_Y1, logf_Y1, c_KW, n_1K, m_11, scale):
+def _chunk_num_den(q, k, v, i_Y1, logf_Y1, c_KW, n_1K, m_11, scale, mm):
     """Unnormalised chunk outputs (num (Y, Wp), den (Y, 1)) and the row stabiliser terms."""
     gt = _gates(i_Y1, logf_Y1, m_11)
     logD, m_inter, m_intra, m_row = _row_logw(i_Y1, gt, m_11)
-    s = _dot(q, k, 1, 1) * scale * jnp.exp(logD - m_row)
+    s = mm(q, k, 1, 1) * scale * jnp.exp(logD - m_row)
     wq = jnp.exp(m_inter - m_row) * scale  # the start state's weight per row, with the q scale
-    num = _dot(s, v, 1, 0) + _dot(q, c_KW, 1, 0) * wq
+    num = mm(s, v, 1, 0) + mm(q, c_KW, 1, 0) * wq
     den = jnp.sum(s, axis=1, keepdims=True) + jnp.sum(q.astype(F32) * n_1K, axis=1, keepdims=True) * wq
     return num, den, m_row, m_inter >= m_intra
 
@@ -150,7 +193,7 @@ def _prep_terms(num, den, m_row, inter_wins, dh, eps: float):
     return dh * inv, dden, r_inter, dm_row - r_inter
 
 
-def _state_step_bwd(q, dnum, dden_Y1, m_row_Y1, r_inter_Y1, i_Y1, logf_Y1, m_11, dc_KW, dn_1K, dm_11, scale):
+def _state_step_bwd(q, dnum, dden_Y1, m_row_Y1, r_inter_Y1, i_Y1, logf_Y1, m_11, dc_KW, dn_1K, dm_11, scale, mm):
     """Cotangents of the chunk-start state from those of the chunk-end state. dm is the routed gradient of the
     chunk-end stabiliser m_{k+1}; it goes to the start state's weight l = g + m_k (rl, passed on to m_k) or to
     the winning row a_tau (ra)."""
@@ -159,7 +202,7 @@ def _state_step_bwd(q, dnum, dden_Y1, m_row_Y1, r_inter_Y1, i_Y1, logf_Y1, m_11,
     rl = jnp.where(l_wins, dm_11, 0.0)
     decay = jnp.exp(gt["l_11"] - gt["m_next_11"])
     qw = q.astype(F32) * (jnp.exp(gt["b_Y1"] + m_11 - m_row_Y1) * scale)
-    dc_KW = decay * dc_KW + _dot(qw, dnum, 0, 0)
+    dc_KW = decay * dc_KW + mm(qw, dnum, 0, 0)
     dn_1K = decay * dn_1K + jnp.sum(qw * dden_Y1, axis=0, keepdims=True)
     dm_prev = rl + jnp.sum(r_inter_Y1, axis=0, keepdims=True)
     return dc_KW, dn_1K, dm_prev, rl, dm_11 - rl
@@ -172,7 +215,7 @@ def _suffix_sum(x_Y1):
 
 
 def _chunk_grads(q, k, v, dnum, dden, m_row, r_inter, r_intra, i_Y1, logf_Y1, c_KW, n_1K, m_11, dc_KW, dn_1K,
-                 rl_11, ra_11, scale):
+                 rl_11, ra_11, scale, mm):
     """dq, dk, dv, d(i), d(log f) of one chunk.
 
     G (Y, Y) and G0 (Y, 1) are the gradients w.r.t. the log weights logD_ts and b_t + m_k of the outputs, Ga and
@@ -183,17 +226,17 @@ def _chunk_grads(q, k, v, dnum, dden, m_row, r_inter, r_intra, i_Y1, logf_Y1, c_
     gt = _gates(i_Y1, logf_Y1, m_11)
     logD, m_inter, m_intra, _ = _row_logw(i_Y1, gt, m_11)
     dmat = jnp.exp(logD - m_row)
-    s = _dot(q, k, 1, 1) * scale * dmat
-    ds = _dot(dnum, v, 1, 1) + dden  # d(score_ts)
+    s = mm(q, k, 1, 1) * scale * dmat
+    ds = mm(dnum, v, 1, 1) + dden  # d(score_ts)
     dp = ds * dmat * scale  # d(q_t . k_s)
     wq = jnp.exp(m_inter - m_row) * scale
-    dq_state = _dot(dnum, c_KW, 1, 1) + dden * n_1K  # (Y, Kp), before the row weight wq
-    dq = _dot(dp, k, 1, 0) + dq_state * wq
+    dq_state = mm(dnum, c_KW, 1, 1) + dden * n_1K  # (Y, Kp), before the row weight wq
+    dq = mm(dp, k, 1, 0) + dq_state * wq
     # Chunk-end state: C_{k+1} gets exp(a_tau - m_{k+1}) k_tau v_tau^T.
     wk = jnp.exp(gt["a_Y1"] - gt["m_next_11"])
-    dk_state = (_dot(v, dc_KW, 1, 1) + dn_1K) * wk
-    dk = _dot(dp, q, 0, 0) + dk_state
-    dv = _dot(s, dnum, 0, 0) + _dot(k, dc_KW, 1, 0) * wk
+    dk_state = (mm(v, dc_KW, 1, 1) + dn_1K) * wk
+    dk = mm(dp, q, 0, 0) + dk_state
+    dv = mm(s, dnum, 0, 0) + mm(k, dc_KW, 1, 0) * wk
     # Log-weight gradients, plus the routed stabiliser gradients (see the module docstring).
     g_mat = ds * s + jnp.where(logD == m_intra, r_intra, 0.0)
     g0 = jnp.sum(f32(q) * dq_state, axis=1, keepdims=True) * wq + r_inter
@@ -216,21 +259,21 @@ def _rows(t, Y):
 
 
 def _states_kernel_loop(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_ref, ns_ref, ms_ref, c_ref, n_ref,
-                        m_ref, *, Y, nc):
+                        m_ref, *, Y, nc, mm):
     def body(t, carry):
         c, n, m = carry
         cs_ref[t] = c
         ns_ref[t] = n
         ms_ref[t] = m
         rows = _rows(t, Y)
-        return _state_step(k_ref[rows, :], v_ref[rows, :], i_ref[rows, :], lf_ref[rows, :], c, n, m)
+        return _state_step(k_ref[rows, :], v_ref[rows, :], i_ref[rows, :], lf_ref[rows, :], c, n, m, mm)
 
     c, n, m = lax.fori_loop(0, nc, body, (c0_ref[...], n0_ref[...], m0_ref[...]))
     c_ref[...], n_ref[...], m_ref[...] = c, n, m
 
 
 def _states_kernel_grid(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_ref, ns_ref, ms_ref, c_ref, n_ref,
-                        m_ref, c_scr, n_scr, m_scr):
+                        m_ref, c_scr, n_scr, m_scr, *, mm):
     t = pl.program_id(1)
 
     @pl.when(t == 0)
@@ -239,7 +282,7 @@ def _states_kernel_grid(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_
 
     c, n, m = c_scr[...], n_scr[...], m_scr[...]
     cs_ref[...], ns_ref[...], ms_ref[...] = c, n, m
-    c, n, m = _state_step(k_ref[...], v_ref[...], i_ref[...], lf_ref[...], c, n, m)
+    c, n, m = _state_step(k_ref[...], v_ref[...], i_ref[...], lf_ref[...], c, n, m, mm)
     c_scr[...], n_scr[...], m_scr[...] = c, n, m
 
     @pl.when(t == pl.num_programs(1) - 1)
@@ -247,23 +290,23 @@ def _states_kernel_grid(k_ref, v_ref, i_ref, lf_ref, c0_ref, n0_ref, m0_ref, cs_
         c_ref[...], n_ref[...], m_ref[...] = c, n, m
 
 
-def _out_kernel(q_ref, k_ref, v_ref, i_ref, lf_ref, c_ref, n_ref, m_ref, h_ref, *, scale, eps):
+def _out_kernel(q_ref, k_ref, v_ref, i_ref, lf_ref, c_ref, n_ref, m_ref, h_ref, *, scale, eps, mm):
     num, den, m_row, _ = _chunk_num_den(q_ref[...], k_ref[...], v_ref[...], i_ref[...], lf_ref[...], c_ref[...],
-                                        n_ref[...], m_ref[...], scale)
+                                        n_ref[...], m_ref[...], scale, mm)
     h_ref[...] = (num / _denom(den, m_row, eps)[0]).astype(h_ref.dtype)
 
 
 def _prep_kernel(q_ref, k_ref, v_ref, i_ref, lf_ref, c_ref, n_ref, m_ref, dh_ref, dnum_ref, mrow_ref, dden_ref,
-                 rint_ref, rintra_ref, *, scale, eps):
+                 rint_ref, rintra_ref, *, scale, eps, mm):
     num, den, m_row, inter_wins = _chunk_num_den(q_ref[...], k_ref[...], v_ref[...], i_ref[...], lf_ref[...],
-                                                 c_ref[...], n_ref[...], m_ref[...], scale)
+                                                 c_ref[...], n_ref[...], m_ref[...], scale, mm)
     dnum, dden, r_inter, r_intra = _prep_terms(num, den, m_row, inter_wins, dh_ref[...], eps)
     dnum_ref[...], mrow_ref[...], dden_ref[...] = dnum, m_row, dden
     rint_ref[...], rintra_ref[...] = r_inter, r_intra
 
 
 def _dstates_kernel_loop(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, lf_ref, ms_ref, dc_ref, dn_ref,
-                         dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, *, Y, nc, scale):
+                         dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, *, Y, nc, scale, mm):
     def body(j, carry):
         t = nc - 1 - j  # reverse sweep
         dc, dn, dm = carry
@@ -272,7 +315,7 @@ def _dstates_kernel_loop(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, l
         rows = _rows(t, Y)
         dc, dn, dm, rl, ra = _state_step_bwd(q_ref[rows, :], dnum_ref[rows, :], dden_ref[rows, :],
                                              mrow_ref[rows, :], rint_ref[rows, :], i_ref[rows, :], lf_ref[rows, :],
-                                             ms_ref[t], dc, dn, dm, scale)
+                                             ms_ref[t], dc, dn, dm, scale, mm)
         rl_ref[t] = rl
         ra_ref[t] = ra
         return dc, dn, dm
@@ -283,7 +326,7 @@ def _dstates_kernel_loop(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, l
 
 def _dstates_kernel_grid(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, lf_ref, ms_ref, dc_ref, dn_ref,
                          dm_ref, dcs_ref, dns_ref, rl_ref, ra_ref, dc0_ref, dn0_ref, dc_scr, dn_scr, dm_scr, *,
-                         scale):
+                         scale, mm):
     j = pl.program_id(1)  # the index maps walk the chunks backwards
 
     @pl.when(j == 0)
@@ -293,7 +336,7 @@ def _dstates_kernel_grid(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, l
     dc, dn, dm = dc_scr[...], dn_scr[...], dm_scr[...]
     dcs_ref[...], dns_ref[...] = dc, dn
     dc, dn, dm, rl, ra = _state_step_bwd(q_ref[...], dnum_ref[...], dden_ref[...], mrow_ref[...], rint_ref[...],
-                                         i_ref[...], lf_ref[...], ms_ref[...], dc, dn, dm, scale)
+                                         i_ref[...], lf_ref[...], ms_ref[...], dc, dn, dm, scale, mm)
     rl_ref[...], ra_ref[...] = rl, ra
     dc_scr[...], dn_scr[...], dm_scr[...] = dc, dn, dm
 
@@ -303,11 +346,11 @@ def _dstates_kernel_grid(q_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, i_ref, l
 
 
 def _grads_kernel(q_ref, k_ref, v_ref, dnum_ref, dden_ref, mrow_ref, rint_ref, rintra_ref, i_ref, lf_ref, c_ref,
-                  n_ref, m_ref, dc_ref, dn_ref, rl_ref, ra_ref, dq_ref, dk_ref, dv_ref, di_ref, dlf_ref, *, scale):
+                  n_ref, m_ref, dc_ref, dn_ref, rl_ref, ra_ref, dq_ref, dk_ref, dv_ref, di_ref, dlf_ref, *, scale, mm):
     dq, dk, dv, di, dlogf = _chunk_grads(
         q_ref[...], k_ref[...], v_ref[...], dnum_ref[...], dden_ref[...], mrow_ref[...], rint_ref[...],
         rintra_ref[...], i_ref[...], lf_ref[...], c_ref[...], n_ref[...], m_ref[...], dc_ref[...], dn_ref[...],
-        rl_ref[...], ra_ref[...], scale)
+        rl_ref[...], ra_ref[...], scale, mm)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -350,9 +393,9 @@ def _states_call(k, v, i, lf, c0, n0, m0, *, Y, platform, interpret):
     out_specs = [specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.row_state(kp, vp),
                  specs.row_state(1, kp), specs.row_state(1, 1)]
     if platform == "triton":
-        kernel, grid, scratch = functools.partial(_states_kernel_loop, Y=Y, nc=nc), (n,), ()
+        kernel, grid, scratch = functools.partial(_states_kernel_loop, Y=Y, nc=nc, mm=_matmul(platform)), (n,), ()
     else:
-        kernel, grid = _states_kernel_grid, (n, nc)
+        kernel, grid = functools.partial(_states_kernel_grid, mm=_matmul(platform)), (n, nc)
         scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
@@ -373,9 +416,10 @@ def _outputs_call(q, k, v, i, lf, cs, ns, ms, *, Y, scale, eps, platform, interp
     vp, nc = v.shape[-1], sp // Y
     specs = _Specs(Y, sp, nc, per_chunk=True)
     return pl.pallas_call(
-        functools.partial(_out_kernel, scale=scale, eps=eps), out_shape=sds((n, sp, vp), v.dtype), grid=(n, nc),
-        in_specs=_chunk_in_specs(specs, kp, vp), out_specs=specs.rows(vp),
-        compiler_params=compiler_params(platform, interpret, (PAR, PAR)), interpret=interpret, name="mlstm_fwd_outputs",
+        functools.partial(_out_kernel, scale=scale, eps=eps, mm=_matmul(platform)),
+        out_shape=sds((n, sp, vp), v.dtype), grid=(n, nc), in_specs=_chunk_in_specs(specs, kp, vp),
+        out_specs=specs.rows(vp), compiler_params=compiler_params(platform, interpret, (PAR, PAR), kp * vp),
+        interpret=interpret, name="mlstm_fwd_outputs",
     )(q, k, v, i, lf, cs, ns, ms)
 
 
@@ -386,11 +430,12 @@ def _prep_call(q, k, v, i, lf, cs, ns, ms, dh, *, Y, scale, eps, platform, inter
     specs = _Specs(Y, sp, nc, per_chunk=True)
     col = sds((n, sp, 1))
     return pl.pallas_call(
-        functools.partial(_prep_kernel, scale=scale, eps=eps),
+        functools.partial(_prep_kernel, scale=scale, eps=eps, mm=_matmul(platform)),
         out_shape=(sds((n, sp, vp)), col, col, col, col), grid=(n, nc),
         in_specs=_chunk_in_specs(specs, kp, vp) + [specs.rows(vp)],
         out_specs=[specs.rows(vp)] + [specs.rows(1)] * 4,
-        compiler_params=compiler_params(platform, interpret, (PAR, PAR)), interpret=interpret, name="mlstm_bwd_prep",
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR), kp * vp), interpret=interpret,
+        name="mlstm_bwd_prep",
     )(q, k, v, i, lf, cs, ns, ms, dh)
 
 
@@ -407,9 +452,10 @@ def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, Y, sc
     out_specs = [specs.chunk_state(kp, vp), specs.chunk_state(1, kp), specs.chunk_state(1, 1), specs.chunk_state(1, 1),
                  specs.row_state(kp, vp), specs.row_state(1, kp)]
     if platform == "triton":
-        kernel, grid, scratch = functools.partial(_dstates_kernel_loop, Y=Y, nc=nc, scale=scale), (n,), ()
+        kernel = functools.partial(_dstates_kernel_loop, Y=Y, nc=nc, scale=scale, mm=_matmul(platform))
+        grid, scratch = (n,), ()
     else:
-        kernel, grid = functools.partial(_dstates_kernel_grid, scale=scale), (n, nc)
+        kernel, grid = functools.partial(_dstates_kernel_grid, scale=scale, mm=_matmul(platform)), (n, nc)
         scratch = [pltpu.VMEM((kp, vp), F32), pltpu.VMEM((1, kp), F32), pltpu.VMEM((1, 1), F32)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
@@ -431,9 +477,10 @@ def _grads_call(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms,
     out_shape = (sds((n, sp, kp), q.dtype), sds((n, sp, kp), k.dtype), sds((n, sp, vp), v.dtype),
                  sds((n, sp, 1)), sds((n, sp, 1)))
     return pl.pallas_call(
-        functools.partial(_grads_kernel, scale=scale), out_shape=out_shape, grid=(n, nc), in_specs=in_specs,
-        out_specs=[specs.rows(kp), specs.rows(kp), specs.rows(vp), col, col],
-        compiler_params=compiler_params(platform, interpret, (PAR, PAR)), interpret=interpret, name="mlstm_bwd_grads",
+        functools.partial(_grads_kernel, scale=scale, mm=_matmul(platform)), out_shape=out_shape, grid=(n, nc),
+        in_specs=in_specs, out_specs=[specs.rows(kp), specs.rows(kp), specs.rows(vp), col, col],
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR), kp * vp), interpret=interpret,
+        name="mlstm_bwd_grads",
     )(q, k, v, dnum, dden, m_row, r_inter, r_intra, i, lf, cs, ns, ms, dcs, dns, rl, ra)
 
 

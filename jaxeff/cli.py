@@ -151,8 +151,8 @@ def _comm_report(args) -> int:
 def _plan(args) -> int:
     from jaxeff.parallel.hardware import aot_environment, get_target
 
-    get_target(args.target)  # an unknown target fails before anything is loaded
-    aot_environment()  # before jax starts a backend
+    target = get_target(args.target)  # an unknown target fails before anything is loaded
+    aot_environment(target)  # before jax starts a backend
     from pathlib import Path
 
     from jaxeff.config import load_config

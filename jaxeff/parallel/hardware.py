@@ -133,8 +133,18 @@ def gpu_target_config(chip: Chip, compute_capability: tuple[int, int] = (9, 0)) 
             f'device_description_str: "NVIDIA {chip.name} 80GB HBM3"\n')
 
 
-def aot_environment() -> None:
+# libtpu loads with jax even when the target is a GPU, and warns at length when it cannot tell which TPU host it is
+# on. Naming one host of the target's generation (any host: the slice comes from the topology name) quiets it.
+_TPU_HOST_TYPE = {"v5e": "v5litepod-4", "v5p": "v5p-8", "v6e": "v6e-4"}
+
+
+def aot_environment(target: Target | None = None) -> None:
     """Environment for compiling for devices this host lacks; must run before jax initialises its backends."""
+    if target is not None:
+        version = target.name.split(":")[0] if target.platform == "tpu" else "v5e"
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", _TPU_HOST_TYPE[version])
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lockfile guards real chips; we only compile

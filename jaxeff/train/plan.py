@@ -10,13 +10,14 @@ allocated and no data is read. From the compiled program:
   library workspaces, fragmentation).
 - **Collectives per step** from the optimised HLO (the comm-report counter), and the bytes each device sends for
   them with ring algorithms (`wire_bytes`).
-- **A roofline estimate**: compute time (the larger of the model's FLOPs and XLA's counted FLOPs per device, at
-  the chip's peak), memory time (XLA's bytes accessed per device where the compiler reports them, else every
+- **A roofline estimate**: compute time (the larger of the model's FLOPs, plus one more forward pass under
+  `model.remat: full`, and XLA's counted FLOPs per device, at the chip's peak), memory time (XLA's bytes accessed per device where the compiler reports them, else every
   state byte read and written once and every temporary written and read once, at the HBM bandwidth) and
   collective time (wire bytes at the link bandwidth: NVLink / ICI within a host or slice, the per-GPU network
   link as soon as the mesh spans GPU hosts). The step time is the largest of the three (perfect overlap), which
-  names the bound; MFU = model FLOPs / (devices x peak x that time). An estimate from public peak figures, not
-  a measurement: real steps are slower (kernel efficiency, imperfect overlap, launch overheads).
+  names the bound; MFU = model FLOPs / (devices x peak x that time). Their sum (no overlap at all) gives the
+  pessimistic end. An estimate from public peak figures, not a measurement: real steps are slower still (kernel
+  efficiency below peak, launch overheads), so a compute-bound plan's MFU is an upper bound.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class Plan:
     def times(self) -> dict[str, float]:
         """Seconds per step of each roofline term."""
         chip = self.target.chip
-        flops = max((self.model_flops_per_step or 0.0) / self.devices, self.xla_flops_per_device or 0.0)
+        recompute = 4 / 3 if self.remat == "full" else 1.0  # full remat runs the forward twice: 4 passes, not 3
+        flops = max((self.model_flops_per_step or 0.0) * recompute / self.devices, self.xla_flops_per_device or 0.0)
         if self.xla_bytes_per_device:
             memory_bytes = self.xla_bytes_per_device
         else:
@@ -98,15 +100,23 @@ class Plan:
         return max(self.times().values())
 
     @property
+    def serial_step_s(self) -> float:
+        """No overlap at all between compute, memory traffic and collectives."""
+        return sum(self.times().values())
+
+    @property
     def bound(self) -> str:
         times = self.times()
         return max(times, key=times.get)
 
     @property
     def est_mfu(self) -> float | None:
-        if not self.model_flops_per_step or not self.est_step_s:
+        return self.mfu_at(self.est_step_s)
+
+    def mfu_at(self, step_s: float) -> float | None:
+        if not self.model_flops_per_step or not step_s:
             return None
-        return self.model_flops_per_step / (self.devices * self.target.chip.peak_bf16_flops * self.est_step_s)
+        return self.model_flops_per_step / (self.devices * self.target.chip.peak_bf16_flops * step_s)
 
     def summary(self) -> dict[str, Any]:
         """The last line of `jaxeff plan`."""
@@ -232,7 +242,9 @@ def format_plan(plan: Plan, config_name: str) -> list[str]:
         f"{_seconds(times['memory'])} at {chip.hbm_bandwidth / 1e12:.2f} TB/s, collectives "
         f"{_seconds(times['collectives'])} ({_gib(wire)} sent per device at {plan.link_bandwidth / 1e9:.0f} GB/s) "
         f"-> step {_seconds(plan.est_step_s)}, {plan.bound}-bound"
-        + (f", MFU {plan.est_mfu:.0%}" if plan.est_mfu is not None else ""))
+        + (f", MFU {plan.est_mfu:.0%}" if plan.est_mfu is not None else "")
+        + f"; without overlap {_seconds(plan.serial_step_s)}"
+        + (f", MFU {plan.mfu_at(plan.serial_step_s):.0%}" if plan.est_mfu is not None else ""))
     lines.append(f"compiled for {t.name} in {plan.compile_s:.1f} s")
     lines.append(json.dumps(plan.summary()))
     return lines

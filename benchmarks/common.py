@@ -1,14 +1,23 @@
-"""Shared benchmark helpers: build a compiled train step of a config on a mesh, time it."""
+"""Shared benchmark helpers: build a compiled train step of a config on a mesh, time it.
+
+Compile-only ("AOT") mode, for the GPU scripts' dry run on a host without the GPU (`benchmarks/gpu/run_all.py
+--aot h100`): `set_aot_device(device)` with a compile-only device (jaxeff.parallel.hardware) makes `run`, `bench`
+and `timed` compile each program for that device instead of running it. `run` then returns zeros of the output
+shapes and dtypes (so a script's checks and tables still run), `bench`/`timed` return nan, `shapes(cases)` keeps
+only the first case and `write_section` writes nothing. Outside AOT mode all of them behave as before.
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from jaxeff.config import load_config
 from jaxeff.tasks.lm import lm_loss
@@ -63,21 +72,100 @@ def time_steps(bench: dict, n: int) -> list[float]:
     return times
 
 
+AOT_DEVICE = None  # a compile-only device: compile, never run (set by benchmarks/gpu/run_all.py --aot)
+AOT_MEMORY_BYTES: int | None = None  # device memory a program may use there (jax's GPU pool), None: unchecked
+AOT_ALL_SHAPES = False  # AOT mode at every shape of the real run (its compile-time share), not only the first
+AOT_COMPILES: list[tuple[str, float]] = []  # (program, seconds) of every compile in AOT mode, in order
+
+
+def set_aot_device(device, memory_bytes: int | None = None) -> None:
+    """Compile-only mode for `device` (None: back to running on the local devices); a program needing more than
+    `memory_bytes` (arguments + outputs + temporaries) raises AotOutOfMemory, as it would fail on the device."""
+    global AOT_DEVICE, AOT_MEMORY_BYTES
+    AOT_DEVICE, AOT_MEMORY_BYTES = device, memory_bytes
+
+
+class AotOutOfMemory(RuntimeError):
+    """A program compiled in AOT mode needs more device memory than the device gives."""
+
+
+def aot() -> bool:
+    return AOT_DEVICE is not None
+
+
+def target_device():
+    """The device the numbers are for: the compile-only device in AOT mode, else the first local device."""
+    return AOT_DEVICE if aot() else jax.devices()[0]
+
+
+def shapes(cases: list, aot_case: int = 0) -> list:
+    """A script's shape list: all of it, or in AOT mode only its case `aot_case` (the first; each program compiled
+    once, at a case where all of them run)."""
+    return [cases[aot_case]] if aot() and not AOT_ALL_SHAPES else list(cases)
+
+
+def normal(key, shape, dtype=jnp.float32):
+    """`jax.random.normal(key, shape, dtype)`; zeros in AOT mode, where no value is used (a multi-GB random input
+    on the CPU would cost more than compiling)."""
+    return jnp.zeros(shape, dtype) if aot() else jax.random.normal(key, shape, dtype)
+
+
+def compile_for_target(fn, args) -> object:
+    """Compile `fn` (jitted or not) for the AOT device at the shapes/dtypes of `args`; returns the output's
+    ShapeDtypeStructs. Compile errors propagate, and AotOutOfMemory is raised where the compiled program would not
+    fit (as both would at the first call on the device)."""
+    sharding = SingleDeviceSharding(AOT_DEVICE)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=sharding),
+                            tuple(args))
+    jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
+    t0 = time.perf_counter()
+    traced = jitted.trace(*abstract)
+    memory = traced.lower().compile().memory_analysis()
+    seconds = time.perf_counter() - t0
+    shapes_text = ", ".join(f"{a.dtype}{list(a.shape)}" for a in jax.tree.leaves(abstract))
+    need = 0 if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    AOT_COMPILES.append((f"{need / 2**30:.1f} GiB {traced.fun_name}({shapes_text})", seconds))
+    if AOT_MEMORY_BYTES is not None and need > AOT_MEMORY_BYTES:
+        raise AotOutOfMemory(f"{traced.fun_name}({shapes_text}) needs {need / 2**30:.1f} GiB of device memory, "
+                             f"more than the {AOT_MEMORY_BYTES / 2**30:.1f} GiB jax gives it on the "
+                             f"{AOT_DEVICE.device_kind}")
+    return traced.out_info
+
+
+def run(fn, *args):
+    """`jax.jit(fn)(*args)`; in AOT mode `fn` is compiled for the AOT device instead and zeros of its output's
+    shapes and dtypes come back."""
+    if not aot():
+        return jax.jit(fn)(*args)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), compile_for_target(fn, args))
+
+
 def timed(fn, args) -> float:
+    """Seconds of one call of `fn` (nan in AOT mode: compiled only)."""
+    if aot():
+        compile_for_target(fn, args)
+        return math.nan
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - t0
 
 
 def bench(fn, args, reps: int = 10) -> float:
-    """Median seconds of `reps` calls after one warm-up (compile) call."""
+    """Median seconds of `reps` calls after one warm-up (compile) call (nan in AOT mode: compiled once)."""
+    if aot():
+        return timed(fn, args)
     timed(fn, args)
     return float(np.median([timed(fn, args) for _ in range(reps)]))
 
 
 def fwd_bwd(fn, argnums=(0, 1, 2)):
     """The jitted gradient of sum(fn(...)^2) in float32: one forward + backward of `fn`, the thing to time."""
-    return jax.jit(jax.grad(lambda *args: jnp.sum(fn(*args).astype(jnp.float32) ** 2), argnums=argnums))
+    def loss(*args):
+        return jnp.sum(fn(*args).astype(jnp.float32) ** 2)
+
+    loss.__name__ = f"fwd_bwd_{getattr(fn, '__name__', 'fn')}"  # names the program in AOT logs
+    return jax.jit(jax.grad(loss, argnums=argnums))
 
 
 def max_relative_error(reference, candidate) -> float:
@@ -86,14 +174,31 @@ def max_relative_error(reference, candidate) -> float:
                for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(candidate)))
 
 
-def bench_softmax(grad, q, k, v) -> float:
+def bench_softmax(grad, q, k, v, reps: int = 10) -> float:
     """Forward+backward time of causal softmax attention (cuDNN flash attention where it runs, else XLA's).
     `grad(fn)` turns fn(q, k, v) -> output into the jitted gradient to time."""
     try:
         return bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                       implementation="cudnn")), (q, k, v))
-    except Exception:  # cuDNN flash attention unavailable for this platform/shape/dtype
-        return bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (q, k, v))
+                                                                       implementation="cudnn")), (q, k, v), reps)
+    except Exception as e:  # cuDNN flash attention unavailable for this platform/shape/dtype
+        if aot():
+            print(f"aot: cuDNN attention did not compile ({first_line(e)}); XLA attention instead", flush=True)
+        return bench(grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)), (q, k, v), reps)
+
+
+def bench_softmax_or_none(grad, q, k, v, label: str, reps: int = 10) -> float | None:
+    """bench_softmax, or None (reported) where it fails, e.g. out of memory: without cuDNN (head dim > 128) XLA's
+    attention holds the whole [B, H, S, S] score matrix, 81 GiB for mLSTM's 4 x 16384 shape."""
+    try:
+        return bench_softmax(grad, q, k, v, reps)
+    except Exception as e:
+        print(f"softmax at {label}: {first_line(e)}", flush=True)
+        return None
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 PALLAS_TABLE_HEADER = ["| batch x seq | pallas fwd+bwd ms | chunked fwd+bwd ms | softmax fwd+bwd ms | chunked / pallas "
@@ -101,10 +206,10 @@ PALLAS_TABLE_HEADER = ["| batch x seq | pallas fwd+bwd ms | chunked fwd+bwd ms |
 
 
 def pallas_table_row(label: str, times: dict[str, float]) -> str:
-    """One row of the GPU scripts' table from seconds per step of "pallas", "chunked" and "softmax"."""
-    p = times["pallas"]
-    return (f"| {label} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {times['softmax'] * 1e3:.2f} "
-            f"| {times['chunked'] / p:.2f} | {times['softmax'] / p:.2f} |")
+    """One row of the GPU scripts' table from seconds per step of "pallas", "chunked" and "softmax" (None: "-")."""
+    p, s = times["pallas"], times["softmax"]
+    return (f"| {label} | {p * 1e3:.2f} | {times['chunked'] * 1e3:.2f} | {'-' if s is None else f'{s * 1e3:.2f}'} "
+            f"| {times['chunked'] / p:.2f} | {'-' if s is None else f'{s / p:.2f}'} |")
 
 
 def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str], float]:
@@ -123,7 +228,11 @@ def median_times(make_fns, names, lengths, rounds: int) -> dict[tuple[int, str],
 
 
 def write_section(path: Path, name: str, title: str, body: str) -> None:
-    """(Re)write the block between <!-- name:start --> and <!-- name:end --> in a markdown file."""
+    """(Re)write the block between <!-- name:start --> and <!-- name:end --> in a markdown file (not in AOT mode:
+    nothing was measured)."""
+    if aot():
+        print(f"aot: not writing section {name!r} of {path}", flush=True)
+        return
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body}\n{end}"

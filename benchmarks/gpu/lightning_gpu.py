@@ -1,4 +1,4 @@
-"""GPU check and timing of the lightning attention kernels (one call, a few minutes on one GPU).
+"""GPU check and timing of the lightning attention kernels (one call, ~1.5 min on one H100).
 
     python benchmarks/gpu/lightning_gpu.py [--write docs/benchmarks.md]
 
@@ -24,45 +24,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import PALLAS_TABLE_HEADER, bench, bench_softmax, fwd_bwd, max_relative_error, pallas_table_row  # noqa: E402
+from common import (PALLAS_TABLE_HEADER, bench, bench_softmax_or_none, fwd_bwd, max_relative_error,  # noqa: E402
+                    normal, pallas_table_row, run, shapes, target_device)
 
 HEADS, DIM = 8, 128
-SHAPES = [(64, 1024), (16, 4096), (4, 16384), (1, 65536)]  # (batch, seq): 64K tokens per step each
+# (batch, seq): 64K tokens per step each. Each shape compiles the Pallas forward+backward anew (~30 s for an H100
+# on our 2-core host, run_all.py --aot h100 --all-shapes): 64 x 1024 was dropped to keep run_all.py under 8 min.
+SHAPES = [(16, 4096), (4, 16384), (1, 65536)]
 
 
 def check_correctness() -> float:
     keys = jax.random.split(jax.random.key(0), 5)
-    q, k = (jax.random.normal(kk, (2, 300, 4, 64), jnp.float32) * 0.3 for kk in keys[:2])
-    v = jax.random.normal(keys[2], (2, 300, 4, 32), jnp.float32)
-    s0 = jax.random.normal(keys[3], (2, 4, 64, 32), jnp.float32)
+    q, k = (normal(kk, (2, 300, 4, 64), jnp.float32) * 0.3 for kk in keys[:2])
+    v = normal(keys[2], (2, 300, 4, 32), jnp.float32)
+    s0 = normal(keys[3], (2, 4, 64, 32), jnp.float32)
     rate = jnp.asarray([1e-3, 0.05, 0.5, 2.0], jnp.float32)
-    ct = jax.random.normal(keys[4], (2, 300, 4, 32), jnp.float32)
+    ct = normal(keys[4], (2, 300, 4, 32), jnp.float32)
 
     def loss(impl):
         return lambda q, k, v, s0: jnp.sum(lightning_attention(q, k, v, rate, initial_state=s0, impl=impl) * ct)
 
-    ref = jax.jit(jax.value_and_grad(loss("reference"), argnums=(0, 1, 2, 3)))(q, k, v, s0)
-    pal = jax.jit(jax.value_and_grad(loss("pallas"), argnums=(0, 1, 2, 3)))(q, k, v, s0)
+    ref = run(jax.value_and_grad(loss("reference"), argnums=(0, 1, 2, 3)), q, k, v, s0)
+    pal = run(jax.value_and_grad(loss("pallas"), argnums=(0, 1, 2, 3)), q, k, v, s0)
     return max_relative_error(ref, pal)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", type=Path, default=None)
-    args = parser.parse_args()
-    device = jax.devices()[0]
+    args = parser.parse_args(argv)
+    device = target_device()
     print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
     err = check_correctness()
     print(f"pallas vs reference, float32, forward + grads, seq 300: max relative error {err:.2e}", flush=True)
 
     rows = list(PALLAS_TABLE_HEADER)
     rate = jnp.asarray(2.0 ** -np.arange(1, HEADS + 1), jnp.float32)
-    for batch, seq in SHAPES:
+    for batch, seq in shapes(SHAPES):
         keys = jax.random.split(jax.random.key(seq), 3)
-        q, k, v = (jax.random.normal(kk, (batch, seq, HEADS, DIM), jnp.bfloat16) * 0.1 for kk in keys)
+        q, k, v = (normal(kk, (batch, seq, HEADS, DIM), jnp.bfloat16) * 0.1 for kk in keys)
         times = {impl: bench(fwd_bwd(lambda q, k, v, impl=impl: lightning_attention(q, k, v, rate, impl=impl)),
                              (q, k, v)) for impl in ("pallas", "chunked")}
-        times["softmax"] = bench_softmax(fwd_bwd, q, k, v)
+        times["softmax"] = bench_softmax_or_none(fwd_bwd, q, k, v, f"{batch} x {seq}")
         rows.append(pallas_table_row(f"{batch} x {seq}", times))
         print(rows[-1], flush=True)
     table = "\n".join(rows)

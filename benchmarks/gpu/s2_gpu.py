@@ -1,4 +1,4 @@
-"""GPU check and timing of the S2-Attention Pallas kernels against dense flash attention (one call, a few minutes).
+"""GPU check and timing of the S2-Attention Pallas kernels against dense flash attention (one call, ~1.5 min).
 
     python benchmarks/gpu/s2_gpu.py [--write docs/benchmarks.md]
 
@@ -6,7 +6,8 @@
    a ragged length, GQA.
 2. Timing, bfloat16, batch 1, 32 query / 8 KV heads of width 128, blocks of 64, Phi-3-small's pattern (window 16
    blocks, vertical stride 8), 8K-128K tokens: forward + backward of the Pallas S2 kernels vs dense causal
-   attention (`jax.nn.dot_product_attention`, cuDNN flash attention where available, else XLA). Table last.
+   attention (`jax.nn.dot_product_attention`, cuDNN flash attention where available, else XLA), 3 timed calls
+   each (dense fwd+bwd at 128K is ~0.5 PFLOP). Table last.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import jaxeff  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import bench, bench_softmax, fwd_bwd, max_relative_error, write_section  # noqa: E402
+from common import (bench, bench_softmax, fwd_bwd, max_relative_error, normal, run, shapes, target_device,  # noqa: E402
+                    write_section)
 from pallas_kernels.s2_attention import s2_attention  # noqa: E402
 
 HQ, HKV, D, BLOCK, LOCAL, STRIDE = 32, 8, 128, 64, 16, 8
@@ -30,34 +32,34 @@ LENGTHS = [8192, 16384, 32768, 65536, 131072]
 
 def check_correctness() -> float:
     keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (2, 1000, 8, 64), jnp.float32)
-    k, v = (jax.random.normal(kk, (2, 1000, 2, 64), jnp.float32) for kk in keys[1:3])
-    ct = jax.random.normal(keys[3], q.shape)
+    q = normal(keys[0], (2, 1000, 8, 64), jnp.float32)
+    k, v = (normal(kk, (2, 1000, 2, 64), jnp.float32) for kk in keys[1:3])
+    ct = normal(keys[3], q.shape)
     kw = {"block_size": 64, "local_blocks": 2, "vert_stride": 4}
 
     def loss(impl):
-        return jax.jit(jax.value_and_grad(
-            lambda q, k, v: jnp.sum(s2_attention(q, k, v, impl=impl, **kw) * ct), argnums=(0, 1, 2)))
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(s2_attention(q, k, v, impl=impl, **kw) * ct),
+                                  argnums=(0, 1, 2))
 
-    return max_relative_error(loss("reference")(q, k, v), loss("pallas")(q, k, v))
+    return max_relative_error(run(loss("reference"), q, k, v), run(loss("pallas"), q, k, v))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", default=None, metavar="MARKDOWN")
-    args = parser.parse_args()
-    device = jax.devices()[0]
+    args = parser.parse_args(argv)
+    device = target_device()
     err = check_correctness()
     print(f"device: {device.device_kind}; pallas vs reference (fwd + grads) max relative error {err:.2e}", flush=True)
     s2 = fwd_bwd(lambda q, k, v: s2_attention(q, k, v, block_size=BLOCK, local_blocks=LOCAL, vert_stride=STRIDE,
                                               impl="pallas"))
     rows = ["| length | S2 pallas fwd+bwd ms | dense fwd+bwd ms | dense / S2 |", "|---|---|---|---|"]
-    for n in LENGTHS:
-        q = jax.random.normal(jax.random.key(1), (1, n, HQ, D), jnp.bfloat16)
-        k, v = (jax.random.normal(jax.random.key(i), (1, n, HKV, D), jnp.bfloat16) for i in (2, 3))
+    for n in shapes(LENGTHS):
+        q = normal(jax.random.key(1), (1, n, HQ, D), jnp.bfloat16)
+        k, v = (normal(jax.random.key(i), (1, n, HKV, D), jnp.bfloat16) for i in (2, 3))
         t_s2 = bench(s2, (q, k, v), reps=3)
         try:
-            t_dense = bench_softmax(fwd_bwd, q, k, v)
+            t_dense = bench_softmax(fwd_bwd, q, k, v, reps=3)
         except Exception as e:  # out of memory at the longest lengths without flash attention
             print(f"dense at {n}: {type(e).__name__}", flush=True)
             t_dense = None

@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import sys
 
 from jaxeff.errors import UserError
 
@@ -148,6 +149,8 @@ def aot_environment(target: Target | None = None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lockfile guards real chips; we only compile
+    if "jax" in sys.modules:  # jax read JAX_PLATFORMS when imported (jaxeff.parallel imports it); backends start later
+        sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
 def require_compiler(target: Target) -> None:

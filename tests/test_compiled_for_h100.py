@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from jaxeff.parallel.hardware import compile_only_devices, get_target
+from pallas_kernels.gpu_resources import kernel_resources
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.mlstm import mlstm
 from pallas_kernels.s2_attention import s2_attention
@@ -24,6 +25,9 @@ def h100():
     return SingleDeviceSharding(device)
 
 
+H100_SHARED_BYTES_PER_BLOCK, MAX_REGISTERS = 227 * 1024, 255
+PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_"}  # the kernels' function names
+
 OPS = {
     "lightning": (lambda q, k, v: lightning_attention(q, k, v, jnp.linspace(0.05, 0.9, H), impl="pallas",
                                                       block_size=128), [(H, D)] * 3),
@@ -34,7 +38,7 @@ OPS = {
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_op_forward_and_backward_compile_for_an_h100(h100, name):
+def test_op_forward_and_backward_compile_for_an_h100(h100, name, tmp_path):
     op, shapes = OPS[name]
     args = [jax.ShapeDtypeStruct((B, S, *shape), jnp.bfloat16 if len(shape) == 2 else jnp.float32, sharding=h100)
             for shape in shapes]
@@ -42,9 +46,16 @@ def test_op_forward_and_backward_compile_for_an_h100(h100, name):
     def loss(*xs):
         return jnp.sum(op(*xs).astype(jnp.float32))
 
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))))).trace(*args).lower().compile()
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))))).trace(*args).lower()
+    compiled = lowered.compile(compiler_options={"xla_dump_to": str(tmp_path)})  # PTX + launches, for the resources
     text = compiled.as_text()
     # Triton kernels (forward and backward), never the Mosaic bodies or the interpreter's loops
     assert text.count("__gpu$xla.gpu.triton") >= 2, text.count("__gpu$xla.gpu.triton")
     assert "tpu_custom_call" not in text
     assert compiled.memory_analysis().temp_size_in_bytes < 8 * 2**30
+    # What each Triton kernel uses (ptxas -v on the PTX XLA emitted; shared memory from the launch sequence)
+    kernels = kernel_resources(tmp_path, (PREFIX[name],))
+    assert len(kernels) >= 2, [k.name for k in kernels]  # forward and backward kernels
+    for k in kernels:
+        assert not k.spills, f"{k.name} spills registers: {k}"
+        assert k.shared_bytes <= H100_SHARED_BYTES_PER_BLOCK and k.registers <= MAX_REGISTERS, k

@@ -71,3 +71,11 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
     readme = (REPO / "README.md").read_text()
     assert "make train" in readme and "make test" in readme
     assert "make test" in (REPO / ".ci/run").read_text()
+
+
+def test_the_hardware_figures_in_the_docs_are_the_code_s():
+    from jaxeff.parallel.hardware import chip_table_markdown
+
+    text = (REPO / "docs/hardware.md").read_text()
+    block = text[text.index("<!-- chips:start -->") + len("<!-- chips:start -->"):text.index("<!-- chips:end -->")]
+    assert block.strip() == chip_table_markdown(), "docs/hardware.md's chip table is stale: paste chip_table_markdown()"

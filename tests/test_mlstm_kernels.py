@@ -3,8 +3,9 @@
 Forward h and final state vs the exact quadratic oracle; gradients of sum(h*w) + sum(C*wc) + sum(n*wn) w.r.t.
 q, k, v, i, f, C0, n0 vs jax.vjp of the chunkwise reference; both kernel bodies ("triton", "tpu") run by the CPU
 interpreter; and lowering of the real kernels for GPU (Triton) and TPU (Mosaic) from this CPU host.
-Shapes are tiny (S = 40 is not a multiple of the chunk 16; d_qk = 8 != d_v = 16, both padded inside) and every
-kernel call is jitted once per body, so the whole file stays well under a minute on 2 cores.
+Shapes are tiny (S = 40 is not a multiple of the chunk 16; d_qk = 8 != d_v = 16, both padded inside); the head-dim
+tiling runs with forced small tiles (2 d_qk tiles, 4 d_v tiles). Every kernel call is jitted once per body (and
+tile setting), so the whole file takes about a minute and a half on 2 cores.
 """
 
 import functools
@@ -25,20 +26,21 @@ GRAD_NAMES = ("dq", "dk", "dv", "di", "df", "dc0", "dn0")
 CASES = [(0.0, True), (-5.0, True), (-10.0, True), (0.0, False)]
 
 
-def _inputs(offset: float, init: bool, seed: int = 0):
+def _inputs(offset: float, init: bool, seed: int = 0, dk: int = DK, dv: int = DV):
     rng = np.random.default_rng(seed)
     a = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    q, k, v = a(B, H, S, DK), a(B, H, S, DK), a(B, H, S, DV)
+    q, k, v = a(B, H, S, dk), a(B, H, S, dk), a(B, H, S, dv)
     i, f = a(B, H, S) + offset, a(B, H, S) + 3.0  # forget gates near 0.95, as trained models have
-    state = (a(B, H, DK, DV), a(B, H, DK), a(B, H)) if init else reference.zero_state(B, H, DK, DV)
-    dh = a(B, H, S, DV)
-    dc, dn = (a(B, H, DK, DV), a(B, H, DK)) if init else (jnp.zeros((B, H, DK, DV)), jnp.zeros((B, H, DK)))
+    state = (a(B, H, dk, dv), a(B, H, dk), a(B, H)) if init else reference.zero_state(B, H, dk, dv)
+    dh = a(B, H, S, dv)
+    dc, dn = (a(B, H, dk, dv), a(B, H, dk)) if init else (jnp.zeros((B, H, dk, dv)), jnp.zeros((B, H, dk)))
     return (q, k, v, i, f, *state), (dh, dc, dn)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(platform: str):
-    kw = dict(chunk=CHUNK, eps=EPS, platform=platform, interpret=True)
+def _kernels(platform: str, tiles: int | None = None):
+    """Jitted forward and backward kernels; `tiles` forces the d_qk and d_v tiles."""
+    kw = dict(chunk=CHUNK, eps=EPS, platform=platform, interpret=True, block_v=tiles, block_k=tiles)
     return jax.jit(functools.partial(kernel.mlstm_fwd, **kw)), jax.jit(functools.partial(kernel.mlstm_bwd, **kw))
 
 
@@ -119,8 +121,38 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target, marker, dtype):
         return kernel.mlstm_fwd(*a[:8], **kw), kernel.mlstm_bwd(*a, **kw)
 
     text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=(target,)).as_text()
-    # forward: states + outputs; backward: states again, prep, reverse states, chunk gradients
-    assert text.count(marker) == 6
+    # forward: states + outputs; backward: states again, prep, reverse states, dv, dq/dk
+    assert text.count(marker) == 7
+
+
+@pytest.mark.parametrize("offset", [0.0, -10.0])
+@pytest.mark.parametrize("platform", kernel.PLATFORMS)
+def test_head_dim_tiles(platform, offset):
+    """Several d_qk and d_v tiles per row (forced small): d_qk 32 in 2 tiles of 16; d_v 40, padded to 64, in 4
+    tiles of 16 (the last one all padding). Every kernel splits or sums over the tiles; the numbers must not
+    change: forward vs the quadratic oracle, gradients (with a non-zero initial state and final-state
+    cotangents, S = 40 not a multiple of the chunk 16) vs the chunked reference's VJP."""
+    dk, dv = 32, 40
+    tiles = kernel._tiles(kernel._pad_dim(dk, platform), kernel._pad_dim(dv, platform), platform, 16, 16)
+    assert tiles == dict(ks=16, ws=16, kt=16, wt=16)
+    args, cts = _inputs(offset, True, seed=5, dk=dk, dv=dv)
+    fwd, bwd = _kernels(platform, tiles=16)
+    h, (c, n, m) = fwd(*args)
+    h_ref, (c_ref, n_ref, m_ref) = _quadratic(*args)
+    for name, x, ref in (("h", h, h_ref), ("C", c, c_ref), ("n", n, n_ref), ("m", m, m_ref)):
+        assert _err(x, ref) < FWD_TOL, name
+    grads = bwd(*args, *cts)
+    for name, g, ref, x in zip(GRAD_NAMES, grads, _chunked_vjp(args, cts), args):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert _err(g, ref) < (DF_TOL if name == "df" else GRAD_TOL), name
+
+
+def test_default_tiles_cover_xlstm_7b_heads():
+    """xLSTM 7B's heads (d_qk 256, d_v 512) are split per platform (see kernel._tiles)."""
+    assert kernel._tiles(256, 512, "triton") == dict(ks=64, ws=64, kt=64, wt=64)
+    assert kernel._tiles(128, 128, "triton") == dict(ks=64, ws=64, kt=64, wt=128)
+    assert kernel._tiles(256, 512, "tpu") == dict(ks=256, ws=512, kt=256, wt=512)
+    assert kernel._tiles(512, 1024, "tpu") == dict(ks=512, ws=256, kt=512, wt=256)
 
 
 @pytest.mark.parametrize("chunk", [32, 64])  # 2 chunks; one chunk with 24 padded steps

@@ -157,10 +157,44 @@ def test_pallas_impl_through_the_op_matches_the_reference_forward_and_gradients(
         assert rel_err(a, b) < (1e-3 if name == "f" else 2e-4), (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("platform, marker", [("cuda", "triton"), ("tpu", "tpu_custom_call")])
-def test_auto_lowers_to_the_platform_kernels(platform, marker):
-    (q, k, v, i, f), _ = inputs(10, s=40)
-    grad = jax.jit(jax.grad(lambda q, k, v, i, f: jnp.sum(mlstm(q, k, v, i, f, chunk_size=16)),
-                            argnums=(0, 1, 2, 3, 4)))
-    text = grad.trace(q, k, v, i, f).lower(lowering_platforms=(platform,)).as_text()
-    assert marker in text
+def test_pallas_impl_with_several_d_v_tiles_matches_the_reference():
+    """d_v = 200 (padded to 256): the Triton body's state kernels and the d_q/d_k kernel's sum run over 4 d_v tiles
+    of 64 by default (kernel._tiles)."""
+    args, state = inputs(11, s=23, dv=200, i_offset=-5.0, with_state=True)
+    w = np.random.default_rng(12).standard_normal((2, 23, 2, 200)).astype(np.float32)
+
+    def loss(impl, q, k, v, i, f, c0, n0):
+        h, (c, n, _) = mlstm(q, k, v, i, f, initial_state=(c0, n0, state[2]), return_final_state=True, impl=impl,
+                             chunk_size=16, pallas_variant="triton" if impl == "pallas" else None)
+        return jnp.sum(h * w) + jnp.sum(c) + jnp.sum(n)
+
+    ref = jax.value_and_grad(loss, argnums=tuple(range(1, 8)))("reference", *args, state[0], state[1])
+    pal = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(1, 8))), static_argnums=0)("pallas", *args,
+                                                                                         state[0], state[1])
+    assert abs(float(pal[0]) - float(ref[0])) < 1e-4 * abs(float(ref[0]))
+    for name, a, b in zip(("q", "k", "v", "i", "f", "C0", "n0"), pal[1], ref[1]):
+        assert rel_err(a, b) < (1e-3 if name == "f" else 2e-4), (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dk, dv", [(8, 12), (256, 512)])  # small heads; xLSTM 7B's heads (kernels tile them)
+@pytest.mark.parametrize("platform, marker", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
+def test_auto_lowers_to_the_platform_kernels(platform, marker, dk, dv, dtype):
+    sd = jax.ShapeDtypeStruct
+    args = [sd((2, 40, 2, dk), dtype)] * 2 + [sd((2, 40, 2, dv), dtype)] + [sd((2, 40, 2), jnp.float32)] * 2
+    loss = lambda q, k, v, i, f: jnp.sum(mlstm(q, k, v, i, f, chunk_size=16).astype(jnp.float32))  # noqa: E731
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+    text = grad.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) == 7  # forward: states, outputs; backward: states, prep, reverse states, dv, dq/dk
+
+
+@pytest.mark.parametrize("platform, kernels", [("cuda", 0), ("tpu", 2)])
+def test_auto_takes_the_chunked_form_only_for_d_qk_beyond_the_gpu_kernels(platform, kernels):
+    """d_qk 1024 outgrows the Triton kernels' shared memory: "auto" lowers the chunked form for GPU; TPU keeps the
+    kernels (forward: states, outputs)."""
+    sd = jax.ShapeDtypeStruct
+    args = [sd((1, 40, 1, 1024), jnp.bfloat16)] * 2 + [sd((1, 40, 1, 64), jnp.bfloat16)]
+    args += [sd((1, 40, 1), jnp.float32)] * 2
+    fwd = jax.jit(lambda q, k, v, i, f: mlstm(q, k, v, i, f, chunk_size=16))
+    text = fwd.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count("tpu_custom_call") + text.count("__gpu$xla.gpu.triton") == kernels

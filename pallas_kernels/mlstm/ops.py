@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..common import on_platform
 from . import reference as _ref
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
@@ -69,33 +70,40 @@ def _chunked_bwd(q, k, v, i, f, c0, n0, m0, dh, dc, dn, *, chunk, eps):
         h, (c, n, _) = _ref.chunked(q, k, v, i, f, (c0, n0, m0), chunk, eps)
         return h, c, n
 
-    _, pullback = jax.vjp(fwd, q, k, v, i, f, c0, n0)
-    return pullback((dh.astype(jnp.result_type(q, k, v)), dc, dn))
+    (h, c, n), pullback = jax.vjp(fwd, q, k, v, i, f, c0, n0)
+    return pullback((dh.astype(h.dtype), dc.astype(c.dtype), dn.astype(n.dtype)))  # bf16 inputs give an f32 h
 
 
-def _branches(kernel_fn, cpu_fn, pallas_variant):
-    """Per-platform functions for lax.platform_dependent (the branch is chosen when lowering)."""
-    gpu = functools.partial(kernel_fn, platform=pallas_variant or "triton", interpret=False)
-    tpu = functools.partial(kernel_fn, platform=pallas_variant or "tpu", interpret=False)
-    return dict(cpu=cpu_fn, cuda=gpu, rocm=gpu, tpu=tpu)
+# The kernels tile both head dims (any d_v; xLSTM 7B's 256 x 512 heads included), so "auto" runs them for every
+# head size on TPU, and on GPU up to this d_qk: the Triton parallel kernels hold whole (chunk, d_qk) blocks of q
+# and k, which outgrow an H100's shared memory above 512 (measured: 1024 asks for 259 KB of the 227 KB). Wider
+# d_qk on GPU takes the chunked jnp form under "auto"; impl="pallas" always uses the kernels.
+AUTO_TRITON_MAX_D_QK = 512
 
 
-# The kernels keep a whole d_qk x d_v state per program (no head-dim tiling yet): "auto" uses them only up to
-# this size and the chunked jnp form beyond it (xLSTM 7B's 256 x 512 heads). impl="pallas" always uses them.
-AUTO_PALLAS_MAX_HEAD_DIM = 128
+def _h_in_dtype_of_v(fn, *args):
+    h, state = fn(*args)
+    return h.astype(args[2].dtype), state  # the op casts h to this dtype anyway
 
 
 def _dispatch(kind: str, impl, chunk, eps, pallas_variant, *args):
     jnp_fn = functools.partial(_chunked_fwd if kind == "fwd" else _chunked_bwd, chunk=chunk, eps=eps)
-    q, v = args[0], args[2]
-    too_wide = max(q.shape[-1], v.shape[-1]) > AUTO_PALLAS_MAX_HEAD_DIM
-    if impl == "chunked" or (impl == "auto" and too_wide):
+    if impl == "chunked":
         return jnp_fn(*args)
+    if kind == "fwd":  # on_platform's branches must agree on types: h in v's dtype, as the kernels return it
+        jnp_fn = functools.partial(_h_in_dtype_of_v, jnp_fn)
     kernel = _kernel()
     kernel_fn = functools.partial(kernel.mlstm_fwd if kind == "fwd" else kernel.mlstm_bwd, chunk=chunk, eps=eps)
+    d_qk = args[0].shape[-1]
+
+    def lowered(body):  # the function of one kernel body ("triton": CUDA/ROCm, "tpu": Mosaic)
+        if impl == "auto" and body == "triton" and d_qk > AUTO_TRITON_MAX_D_QK:
+            return jnp_fn
+        return functools.partial(kernel_fn, platform=body, interpret=False)
+
     interpreted = functools.partial(kernel_fn, platform=pallas_variant or "triton", interpret=True)
     cpu_fn = interpreted if impl == "pallas" else jnp_fn  # "auto": the chunked jnp form on CPU
-    return lax.platform_dependent(*args, **_branches(kernel_fn, cpu_fn, pallas_variant))
+    return on_platform(args, kernel=lowered, cpu=cpu_fn, variant=pallas_variant)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
@@ -141,8 +149,8 @@ def mlstm(q, k, v, i_preact, f_preact, *, initial_state=None, return_final_state
       impl: "reference" (exact O(S^2) stabilised quadratic form with the initial-state column), "chunked"
         (jnp: `lax.scan` over chunk states + parallel intra-chunk outputs), "pallas" (Pallas kernels: Triton on
         GPU, Mosaic on TPU, the interpreter on CPU) or "auto" (Pallas on GPU/TPU, chunked on CPU; chosen when
-        lowering, so AOT lowering for another platform emits that platform's kernels). "auto" keeps the chunked
-        form for head dims above AUTO_PALLAS_MAX_HEAD_DIM until the kernels tile the head dims.
+        lowering, so AOT lowering for another platform emits that platform's kernels). The kernels tile the head
+        dims; "auto" keeps the chunked form only on GPU for d_qk above AUTO_TRITON_MAX_D_QK (512).
       pallas_variant: None (by platform) or force "triton" / "tpu" kernel bodies (tests run both on CPU).
 
     Returns:

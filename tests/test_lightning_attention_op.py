@@ -176,6 +176,146 @@ def test_float64_reference_matches_chunked():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Head-dim tiling: the kernels split d_v over a grid axis (dq, dk summed from per-tile partials) and may use a
+# smaller block than the op's, so one program fits an H100's shared memory / a TPU's VMEM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["triton", "tpu"])
+@pytest.mark.parametrize("dk,dv,tv,blk", [(16, 64, 16, 16), (32, 48, 32, 32)])
+def test_dv_tiles_and_a_smaller_kernel_block_match_the_reference(monkeypatch, variant, dk, dv, tv, blk):
+    """Forced tiles: d_v 64 in 4 tiles of 16 with the kernel block halved (32 -> 16), and d_v 48 (padded to 64)
+    in 2 tiles of 32; ragged length 37, initial and final state, forward and gradients, both kernel variants."""
+    from pallas_kernels.lightning_attention import kernel
+
+    monkeypatch.setattr(kernel, "fwd_tiles", lambda platform, b, kp, vp, itemsize: (blk, tv))
+    monkeypatch.setattr(kernel, "bwd_tiles", lambda platform, b, kp, vp, itemsize: (blk, tv))
+    partials = []
+    bwd = kernel.lightning_bwd
+
+    def spy(*args, **kwargs):
+        out = bwd(*args, **kwargs)
+        partials.append((out[0].shape, out[0].dtype, out[1].shape))
+        return out
+
+    monkeypatch.setattr(kernel, "lightning_bwd", spy)
+    q, k, v, rate, s0, do, dst = _inputs(12, dk=dk, dv=dv)
+    o_ref, st_ref = _op("reference")(q, k, v, rate, s0)
+    o, st = _op("pallas", variant, block_size=32)(q, k, v, rate, s0)
+    _close(o, o_ref)
+    _close(st, st_ref)
+    g_ref = _grads(_op("reference"), do, dst)(q, k, v, s0, rate)
+    g = _grads(_op("pallas", variant, block_size=32), do, dst)(q, k, v, s0, rate)
+    for what, a, e in zip(("dq", "dk", "dv", "d_initial_state"), g[:4], g_ref[:4]):
+        try:
+            _close(a, e)
+        except AssertionError as err:
+            raise AssertionError(f"{what} differs from the reference") from err
+    # the backward really ran per tile: float32 partials [tiles, B*H, Sp, Kp] (64 // tv tiles, Sp = 37 padded to
+    # the op's block of 32 = 64 rows); traced once per lax.platform_dependent branch
+    kp = max(16, dk)
+    assert partials and set(partials) == {((64 // tv, 4, 64, kp), jnp.dtype(jnp.float32), (64 // tv, 4, 64, kp))}
+
+
+def test_one_tile_partials_keep_the_input_dtype():
+    """A single d_v tile (the common case) writes dq/dk in the input dtype, no float32 partials to sum."""
+    from pallas_kernels.lightning_attention import kernel
+
+    n, sp, kp, vp = 2, 32, 16, 16
+    x = jnp.ones((n, sp, kp), jnp.bfloat16)
+    w = jnp.ones((n, sp, vp), jnp.bfloat16)
+    st = jnp.zeros((n, kp, vp), jnp.float32)
+    dq, dk, dv, ds0 = kernel.lightning_bwd(x, x, w, jnp.full((n, 1, 1), 0.5), st, w, st, seq_len=30, blk=16,
+                                           platform="triton", interpret=True)
+    assert dq.shape == dk.shape == (1, n, sp, kp) and dq.dtype == dk.dtype == jnp.bfloat16
+    assert dv.shape == (n, sp, vp) and dv.dtype == jnp.bfloat16 and ds0.shape == (n, kp, vp)
+
+
+# (kernel, block, d_k, d_v tile, itemsize, bytes), each kernel compiled alone for an H100 (sm_90, jax 0.10.2):
+# XLA's "Shared memory size limit exceeded: requested N" (52 that did not fit) and the launch's dynamic shared memory
+# read by pallas_kernels.gpu_resources (41 that did). kernel._triton_smem must bound them, tightly.
+SMEM_TOO_BIG = [
+    ("dkdv", 64, 256, 128, 2, 294912), ("dkdv", 128, 128, 128, 2, 262144), ("dkdv", 64, 256, 256, 2, 458752),
+    ("dkdv", 64, 128, 256, 2, 294912), ("dkdv", 128, 256, 64, 2, 360448), ("dkdv", 64, 512, 64, 2, 409600),
+    ("dkdv", 64, 512, 32, 2, 335872), ("dkdv", 32, 512, 64, 2, 270336), ("dkdv", 16, 512, 128, 2, 335872),
+    ("dkdv", 32, 128, 512, 2, 409600), ("dkdv", 64, 256, 128, 4, 393216), ("dkdv", 128, 128, 128, 4, 393216),
+    ("dkdv", 32, 256, 128, 4, 262144), ("dkdv", 64, 128, 256, 4, 393216), ("dkdv", 32, 128, 512, 4, 491520),
+    ("dkdv", 128, 64, 128, 4, 294912), ("dkdv", 16, 512, 64, 4, 237568), ("dq", 64, 256, 256, 2, 425984),
+    ("dq", 128, 256, 128, 2, 327680), ("dq", 64, 512, 128, 2, 393216), ("dq", 64, 128, 256, 2, 278528),
+    ("dq", 32, 256, 256, 2, 344064), ("dq", 128, 128, 256, 2, 425984), ("dq", 16, 512, 256, 2, 573440),
+    ("dq", 64, 256, 128, 4, 294912), ("dq", 128, 128, 128, 4, 327680), ("dq", 128, 256, 64, 4, 327680),
+    ("dq", 64, 128, 256, 4, 360448), ("dq", 32, 256, 256, 4, 393216), ("dq", 128, 128, 256, 4, 589824),
+    ("dq", 64, 512, 64, 4, 311296), ("dq", 32, 512, 128, 4, 376832), ("dq", 16, 512, 256, 4, 606208),
+    ("dq", 128, 64, 256, 4, 491520), ("dq", 64, 256, 256, 4, 524288), ("intra", 128, 256, 256, 2, 262144),
+    ("intra", 128, 64, 512, 2, 294912), ("intra", 128, 256, 128, 4, 393216), ("intra", 64, 256, 256, 4, 262144),
+    ("intra", 128, 128, 256, 4, 393216), ("fwd", 128, 256, 32, 2, 286720), ("fwd", 128, 512, 32, 2, 548864),
+    ("fwd", 64, 512, 32, 2, 274432), ("fwd", 128, 256, 16, 2, 274432), ("fwd", 128, 256, 64, 2, 311296),
+    ("fwd", 64, 512, 64, 2, 286720), ("fwd", 64, 512, 16, 2, 268288), ("fwd", 32, 512, 128, 2, 305152),
+    ("fwd", 128, 256, 32, 4, 409600), ("fwd", 128, 256, 16, 4, 401408), ("fwd", 128, 256, 64, 4, 425984),
+    ("fwd", 64, 512, 32, 4, 401408),
+]
+SMEM_FITTED = [
+    ("intra", 64, 256, 64, 2, 106496), ("intra", 64, 256, 16, 2, 100352), ("intra", 128, 64, 16, 2, 53248),
+    ("intra", 128, 16, 16, 2, 40960), ("intra", 32, 256, 32, 2, 51200), ("intra", 64, 128, 128, 2, 65536),
+    ("intra", 128, 128, 64, 2, 98304), ("intra", 16, 128, 128, 2, 16384), ("intra", 32, 512, 32, 2, 100352),
+    ("intra", 64, 64, 64, 2, 32768), ("intra", 128, 32, 32, 2, 49152), ("intra", 64, 256, 64, 4, 163840),
+    ("intra", 128, 64, 16, 4, 139264), ("fwd", 64, 256, 32, 2, 143360), ("fwd", 128, 128, 32, 2, 155648),
+    ("fwd", 64, 128, 32, 2, 77824), ("fwd", 32, 512, 32, 2, 104448), ("fwd", 128, 16, 16, 2, 28672),
+    ("fwd", 16, 16, 16, 2, 3072), ("fwd", 64, 64, 32, 2, 45056), ("dq", 64, 256, 64, 2, 131072),
+    ("dq", 32, 512, 32, 2, 106496), ("dq", 128, 128, 64, 2, 163840), ("dq", 128, 16, 16, 2, 28672),
+    ("dq", 64, 64, 64, 2, 57344), ("dq", 16, 128, 128, 2, 86016), ("dq", 128, 64, 64, 2, 114688),
+    ("dq", 128, 128, 32, 2, 131072), ("dq", 128, 32, 32, 2, 57344), ("dq", 64, 128, 64, 2, 81920),
+    ("dq", 128, 64, 128, 2, 180224), ("dq", 64, 64, 16, 2, 32768), ("dq", 128, 128, 16, 2, 114688),
+    ("dq", 64, 128, 16, 2, 57344), ("dq", 32, 128, 16, 2, 28672), ("dkdv", 64, 256, 64, 2, 212992),
+    ("dkdv", 32, 512, 32, 2, 200704), ("dkdv", 128, 128, 64, 2, 196608), ("dkdv", 128, 16, 16, 2, 32768),
+    ("dkdv", 64, 64, 64, 2, 65536), ("dkdv", 16, 128, 128, 2, 90112),
+]
+
+
+def test_triton_shared_memory_model_bounds_the_measured_use():
+    from pallas_kernels.lightning_attention import kernel
+
+    exact = 0
+    for name, blk, kp, tv, itemsize, measured in SMEM_TOO_BIG + SMEM_FITTED:
+        got = kernel._triton_smem(name, blk, kp, tv, itemsize)
+        assert measured <= got <= 1.5 * measured, (name, blk, kp, tv, itemsize, got, measured)
+        exact += got == measured
+    assert exact >= 0.85 * len(SMEM_TOO_BIG + SMEM_FITTED), exact
+    for name, blk, kp, tv, itemsize, measured in SMEM_TOO_BIG:
+        assert kernel._triton_smem(name, blk, kp, tv, itemsize) > kernel.H100_SMEM
+
+
+def test_tile_choice_fits_the_chip_and_keeps_small_heads_whole():
+    from pallas_kernels.lightning_attention import kernel
+
+    # small heads: the asked block and one backward tile (the forward's Triton tiles are 32 wide as before)
+    assert kernel.bwd_tiles("triton", 64, 128, 128, 2) == (64, 128)
+    assert kernel.fwd_tiles("triton", 64, 128, 128, 2) == (64, 32)
+    assert kernel.bwd_tiles("tpu", 128, 128, 128, 2) == (128, 128)
+    assert kernel.bwd_tiles("tpu", 128, 256, 512, 2) == (128, 512)  # v5e VMEM holds a 256 x 512 f32 state
+    # the LRPE layer (d_k = 2 d_v) that exceeded H100 shared memory: d_v tiles of 64, block kept
+    assert kernel.bwd_tiles("triton", 64, 256, 128, 2) == (64, 64)
+    assert kernel.bwd_tiles("triton", 128, 256, 512, 2) == (64, 64)  # block 128 x d_k 256 fits no tile
+    for platform in ("triton", "tpu"):
+        for blk in (16, 32, 64, 128, 256):
+            for kp in (16, 32, 64, 128, 256, 512):
+                for vp in (16, 32, 64, 128, 256, 512) if platform == "triton" else (16, 64, 128, 256, 384, 512):
+                    for itemsize in (2, 4):
+                        for family, choose in (("fwd", kernel.fwd_tiles), ("bwd", kernel.bwd_tiles)):
+                            b, tv = choose(platform, blk, kp, vp, itemsize)
+                            case = (platform, family, blk, kp, vp, itemsize, b, tv)
+                            assert blk % b == 0 and b >= 16 and vp % tv == 0, case
+                            if platform == "tpu":
+                                assert tv == vp or tv % 128 == 0, case
+                                assert kernel._tpu_vmem(b, kp, tv, itemsize) <= kernel.TPU_VMEM, case
+                            else:
+                                assert tv & (tv - 1) == 0 and tv >= 16, case
+                                kernels = ("fwd",) if family == "fwd" else ("intra", "dq", "dkdv")
+                                for name in kernels:
+                                    assert kernel._triton_smem(name, b, kp, tv, itemsize) <= kernel.H100_SMEM, case
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------------------------
 

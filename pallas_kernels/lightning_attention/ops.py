@@ -9,15 +9,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..common import MIN_DIM, next_pow2, on_platform, pad_dim
 from . import kernel as _kernel
 from . import reference as _ref
 
 IMPLS = ("auto", "reference", "chunked", "pallas")
-_MIN_PALLAS_BLOCK = 16  # tl.dot needs >= 16 per dim; also a multiple of the TPU sublane tile (8, or 16 for bf16)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _shape_error(name: str, got, expected: str) -> ValueError:
@@ -54,17 +50,9 @@ def _check_inputs(q, k, v, rate, initial_state, block_size, impl):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _pad_dim(d: int, variant: str) -> int:
-    """Head-dim padding: a power of two >= 16 (Triton power-of-2 arrays, tl.dot minimum); on TPU, above 128,
-    a multiple of 128 (lane tile). Zero padding of d_k/d_v changes no result."""
-    if variant == "tpu" and d > 128:
-        return -(-d // 128) * 128
-    return max(16, _next_pow2(d))
-
-
 def _pallas_block(block_size: int, seq: int) -> int:
     # Power of two (Triton) and >= 16; no bigger than the (power-of-two-rounded) sequence, to not waste work.
-    return max(_MIN_PALLAS_BLOCK, min(_next_pow2(block_size), _next_pow2(seq)))
+    return max(MIN_DIM, min(next_pow2(block_size), next_pow2(seq)))
 
 
 def _to_rows(x, sp: int, dp: int, dtype=None):
@@ -94,7 +82,7 @@ def _pallas_fwd(q, k, v, rate, s0, *, block_size: int, variant: str, interpret: 
     b, s, h, dk = q.shape
     dv = v.shape[-1]
     blk = _pallas_block(block_size, s)
-    sp, kp, vp = -(-s // blk) * blk, _pad_dim(dk, variant), _pad_dim(dv, variant)
+    sp, kp, vp = -(-s // blk) * blk, pad_dim(dk, variant), pad_dim(dv, variant)
     o, st = _kernel.lightning_fwd(
         _to_rows(q, sp, kp), _to_rows(k, sp, kp), _to_rows(v, sp, vp), _rate_rows(rate, b), _state_rows(s0, kp, vp),
         seq_len=s, blk=blk, platform=variant, interpret=interpret,
@@ -107,32 +95,19 @@ def _pallas_bwd(q, k, v, rate, s0, do, dst, *, block_size: int, variant: str, in
     b, s, h, dk = q.shape
     dv = v.shape[-1]
     blk = _pallas_block(block_size, s)
-    sp, kp, vp = -(-s // blk) * blk, _pad_dim(dk, variant), _pad_dim(dv, variant)
+    sp, kp, vp = -(-s // blk) * blk, pad_dim(dk, variant), pad_dim(dv, variant)
     dq, dk_, dv_, ds0 = _kernel.lightning_bwd(
         _to_rows(q, sp, kp), _to_rows(k, sp, kp), _to_rows(v, sp, vp), _rate_rows(rate, b), _state_rows(s0, kp, vp),
         _to_rows(do, sp, vp, v.dtype), _state_rows(dst, kp, vp),
         seq_len=s, blk=blk, platform=variant, interpret=interpret,
     )
+    # dq, dk: [d_v tiles, B*H, Sp, Kp], one partial per tile of the backward kernels' d_v axis.
+    dq, dk_ = (x[0] if x.shape[0] == 1 else jnp.sum(x, axis=0) for x in (dq, dk_))
     return (
         _from_rows(dq, b, s, h, dk).astype(q.dtype),
         _from_rows(dk_, b, s, h, dk).astype(k.dtype),
         _from_rows(dv_, b, s, h, dv).astype(v.dtype),
         ds0[:, :dk, :dv].reshape(b, h, dk, dv).astype(s0.dtype),
-    )
-
-
-def _platform_branches(fn, cpu_fn, pallas_variant):
-    """Per-platform functions for lax.platform_dependent: Triton on GPU, Mosaic on TPU, `cpu_fn` on CPU.
-
-    The choice is made when lowering, so `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` on a CPU
-    host emits the real GPU kernel; branches for other platforms are never lowered.
-    """
-    gpu = functools.partial(fn, variant=pallas_variant or "triton", interpret=False)
-    return dict(
-        cpu=cpu_fn,
-        cuda=gpu,
-        rocm=gpu,
-        tpu=functools.partial(fn, variant=pallas_variant or "tpu", interpret=False),
     )
 
 
@@ -144,8 +119,8 @@ def _dispatch_fwd(impl, block_size, pallas_variant, q, k, v, rate, s0):
         return chunked_fn(q, k, v, rate, s0)
     interp = functools.partial(_pallas_fwd, block_size=block_size, variant=pallas_variant or "triton", interpret=True)
     cpu_fn = interp if impl == "pallas" else chunked_fn  # "auto": chunked jnp on CPU
-    branches = _platform_branches(functools.partial(_pallas_fwd, block_size=block_size), cpu_fn, pallas_variant)
-    return lax.platform_dependent(q, k, v, rate, s0, **branches)
+    kernel = lambda body: functools.partial(_pallas_fwd, block_size=block_size, variant=body, interpret=False)
+    return on_platform((q, k, v, rate, s0), kernel=kernel, cpu=cpu_fn, variant=pallas_variant)
 
 
 def _dispatch_bwd(impl, block_size, pallas_variant, q, k, v, rate, s0, do, dst):
@@ -156,8 +131,8 @@ def _dispatch_bwd(impl, block_size, pallas_variant, q, k, v, rate, s0, do, dst):
         return chunked_fn(q, k, v, rate, s0, do, dst)
     interp = functools.partial(_pallas_bwd, block_size=block_size, variant=pallas_variant or "triton", interpret=True)
     cpu_fn = interp if impl == "pallas" else chunked_fn  # "auto": chunked jnp on CPU
-    branches = _platform_branches(functools.partial(_pallas_bwd, block_size=block_size), cpu_fn, pallas_variant)
-    return lax.platform_dependent(q, k, v, rate, s0, do, dst, **branches)
+    kernel = lambda body: functools.partial(_pallas_bwd, block_size=block_size, variant=body, interpret=False)
+    return on_platform((q, k, v, rate, s0, do, dst), kernel=kernel, cpu=cpu_fn, variant=pallas_variant)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,7 +191,9 @@ def lightning_attention(
         (float64 for float64 inputs).
       block_size: sequence block of the chunked/Pallas forms. The Pallas kernels round it up to a power of
         two >= 16 (Triton/TPU tile rules) and cap it at the sequence length rounded up to a power of two;
-        results do not depend on it beyond float rounding.
+        a kernel uses a smaller block (and splits d_v into tiles) where one program would not fit the chip's
+        shared memory / VMEM, e.g. for wide LRPE heads (kernel.fwd_tiles / bwd_tiles). Results do not depend
+        on either beyond float rounding.
       impl: "reference" (O(n^2) masked form, plain autodiff), "chunked" (Lightning Attention-2 in jnp with
         `lax.scan` and a hand-written backward), "pallas" (Pallas kernels: Triton on GPU, Mosaic on TPU, the
         interpreter on CPU) or "auto" (Pallas on GPU/TPU, chunked on CPU). "pallas"/"auto" choose the platform

@@ -514,7 +514,9 @@ def _states_call(k, v, i, lf, c0, n0, m0, *, Y, ks, ws, platform, interpret):
         scratch = [pltpu.VMEM((ks, ws), F32), pltpu.VMEM((1, ks), F32), pltpu.VMEM((1, 1), F32)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
-        compiler_params=compiler_params(platform, interpret, sem, ks * ws), interpret=interpret,
+        # f32 elements held: the state tile and the chunk's (Y, Y) gate matrices (8 Triton warps at 64 x 64 tiles
+        # and Y = 64; 4 warps spilled registers)
+        compiler_params=compiler_params(platform, interpret, sem, ks * ws + Y * Y), interpret=interpret,
         name="mlstm_fwd_states",
     )(k, v, i, lf, c0, n0, m0)
 
@@ -588,7 +590,9 @@ def _dstates_call(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm, *, Y, ks
         scratch = [pltpu.VMEM((ks, ws), F32), pltpu.VMEM((1, ks), F32), pltpu.VMEM((1, 1), F32)]
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch,
-        compiler_params=compiler_params(platform, interpret, sem, ks * ws), interpret=interpret,
+        # f32 elements held: the state tile and the chunk's (Y, Y) gate matrices (8 Triton warps at 64 x 64 tiles
+        # and Y = 64; 4 warps spilled registers)
+        compiler_params=compiler_params(platform, interpret, sem, ks * ws + Y * Y), interpret=interpret,
         name="mlstm_bwd_states",
     )(q, dnum, dden, m_row, r_inter, i, lf, ms, dc, dn, dm)
 

@@ -56,6 +56,46 @@ def dot(a, b, contract_a: int, contract_b: int):
                            preferred_element_type=F32)
 
 
+def bf16_parts(x, n: int):
+    """x (float32) as n bfloat16 terms, largest first: x = sum(parts) exactly for n = 3 (3 x 8 significant bits;
+    each remainder x - part is exact in float32), barring underflow below float32's normal range."""
+    parts = []
+    for _ in range(n):
+        p = x.astype(jnp.bfloat16)
+        parts.append(p)
+        x = x - p.astype(F32)
+    return parts
+
+
+def split_dot(a, b, contract_a: int, contract_b: int):
+    """Triton's matmul at float32 accuracy on bf16 tensor cores, accumulated in float32.
+
+    A float32 operand is split into 3 bf16 terms (exact); products of bf16 terms are exact in float32, so a
+    bf16 x f32 matmul is 3 bf16 matmuls with the result of the float32 one up to the order of the float32 sums.
+    f32 x f32 keeps the 6 products hi.hi .. lo.hi whose scale is >= 2^-16 of the leading one (the 3 dropped ones
+    are <= 2^-24 relative: float32 rounding). Why not `dot` (precision HIGHEST): Triton lowers a float32 dot
+    as IEEE FMAs, not tensor-core instructions; at (64, 128) x (128, 128) that is thousands of unrolled FMAs
+    per thread, which took ptxas minutes per kernel (and runs far slower)."""
+    dims = (((contract_a,), (contract_b,)), ((), ()))
+    if a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
+        return lax.dot_general(a, b, dims, preferred_element_type=F32)
+    if not all(x.dtype in (jnp.bfloat16, jnp.float16, F32) for x in (a, b)):  # float64: the plain dot
+        return dot(a, b, contract_a, contract_b)
+    pa, pb = ([x] if x.dtype == jnp.bfloat16 else bf16_parts(x.astype(F32), 3) for x in (a, b))
+    terms = [(x, y) for ia, x in enumerate(pa) for ib, y in enumerate(pb) if ia + ib <= 2]
+    out = None
+    for x, y in reversed(terms):  # smallest terms first
+        t = lax.dot_general(x, y, dims, preferred_element_type=F32)
+        out = t if out is None else out + t
+    return out
+
+
+def matmul(platform: str):
+    """The in-kernel matmul of a body: bf16 tensor-core splits for Triton; Mosaic's float32 matmul (HIGHEST) on
+    TPU, which compiles in seconds."""
+    return split_dot if platform == "triton" else dot
+
+
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 

@@ -31,7 +31,10 @@ Kernels:
   backward dkdv:     dk += (Gamma V_t) dKV^T, dv += (Gamma K_t) dKV; reverse over blocks, carries
                      dKV (suffix state); what is left of dKV at the end is d(initial_state).
 All matmuls accumulate in float32 (preferred_element_type); float32 operands use HIGHEST precision (IEEE on
-Triton instead of tf32, multi-pass on TPU instead of one bf16 pass).
+Triton instead of tf32, multi-pass on TPU instead of one bf16 pass). On Triton a float32 dot lowers to unrolled IEEE
+FMAs: the dq and dk/dv sweeps spill registers at 128-wide heads (docs/hardware.md). mLSTM's fix, 3-term bf16
+splits on the tensor cores (common.split_dot), asks for more shared memory than the tiles here were sized for
+(256 KiB at d 128, block 128): it needs the shared-memory model below refitted first.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..common import F32, MIN_DIM, PAR, PLATFORMS, SEQ, check_platform, compiler_params, dot as _dot
+from ..common import F32, MIN_DIM, PAR, PLATFORMS, SEQ, check_platform, compiler_params, dot as _dot, matmul
 
 
 
@@ -87,29 +90,29 @@ def _valid(seq_len: int, blk: int, t):
     return jnp.clip(seq_len - t * blk, 0, blk)
 
 
-def _fwd_block(q, k, v, kv, consts, rate, blk, m):
+def _fwd_block(q, k, v, kv, consts, rate, blk, m, dot=_dot):
     """One block of the forward: returns (o f32 [Y, tv], new kv f32 [Kp, tv]) (Y = blk rows of the block)."""
     mask, q_dec = consts
     k_dec, blk_dec = _tail_decays(rate, blk, m)
-    s = _dot(q, k, 1, 1) * mask  # (Q K^T) * M
-    o = _dot(s.astype(v.dtype), v, 1, 0)  # intra-block left product
-    o = o + _dot(q, kv, 1, 0) * q_dec  # inter-block: (Lambda Q) KV
-    kv = kv * blk_dec + _dot(k.astype(F32) * k_dec, v, 0, 0)  # (Gamma K)^T V
+    s = dot(q, k, 1, 1) * mask  # (Q K^T) * M
+    o = dot(s.astype(v.dtype), v, 1, 0)  # intra-block left product
+    o = o + dot(q, kv, 1, 0) * q_dec  # inter-block: (Lambda Q) KV
+    kv = kv * blk_dec + dot(k.astype(F32) * k_dec, v, 0, 0)  # (Gamma K)^T V
     return o, kv
 
 
-def _dq_inter(do, k, v, kv, dq_intra, q_dec, rate, blk, m):
+def _dq_inter(do, k, v, kv, dq_intra, q_dec, rate, blk, m, dot=_dot):
     k_dec, blk_dec = _tail_decays(rate, blk, m)
-    dq = dq_intra + _dot(do.astype(F32) * q_dec, kv, 1, 1)  # (Lambda dO) KV^T
-    kv = kv * blk_dec + _dot(k.astype(F32) * k_dec, v, 0, 0)
+    dq = dq_intra + dot(do.astype(F32) * q_dec, kv, 1, 1)  # (Lambda dO) KV^T
+    kv = kv * blk_dec + dot(k.astype(F32) * k_dec, v, 0, 0)
     return dq, kv
 
 
-def _dkdv_inter(q, k, v, do, dkv, dk_intra, dv_intra, q_dec, rate, blk, m):
+def _dkdv_inter(q, k, v, do, dkv, dk_intra, dv_intra, q_dec, rate, blk, m, dot=_dot):
     k_dec, blk_dec = _tail_decays(rate, blk, m)
-    dk = dk_intra + _dot(v.astype(F32) * k_dec, dkv, 1, 1)  # (Gamma V) dKV^T
-    dv = dv_intra + _dot(k.astype(F32) * k_dec, dkv, 1, 0)  # (Gamma K) dKV
-    dkv = dkv * blk_dec + _dot(q.astype(F32) * q_dec, do, 0, 0)  # (Lambda Q)^T dO
+    dk = dk_intra + dot(v.astype(F32) * k_dec, dkv, 1, 1)  # (Gamma V) dKV^T
+    dv = dv_intra + dot(k.astype(F32) * k_dec, dkv, 1, 0)  # (Gamma K) dKV
+    dkv = dkv * blk_dec + dot(q.astype(F32) * q_dec, do, 0, 0)  # (Lambda Q)^T dO
     return dk, dv, dkv
 
 
@@ -150,15 +153,15 @@ def _fwd_kernel_grid(rate_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, st_ref, kv_sc
         st_ref[...] = kv
 
 
-def _bwd_intra_kernel(rate_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, blk):
+def _bwd_intra_kernel(rate_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *, blk, dot):
     # Padded rows of q/k/v/do are zero, so they add nothing here: no valid-row logic needed.
     mask, _ = _block_consts(rate_ref[...], blk)
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    dp = _dot(do, v, 1, 1) * mask  # (dO V^T) * M
-    s = _dot(q, k, 1, 1) * mask  # (Q K^T) * M
-    dq_ref[...] = _dot(dp.astype(k.dtype), k, 1, 0)
-    dk_ref[...] = _dot(dp.astype(q.dtype), q, 0, 0)
-    dv_ref[...] = _dot(s.astype(do.dtype), do, 0, 0)
+    dp = dot(do, v, 1, 1) * mask  # (dO V^T) * M
+    s = dot(q, k, 1, 1) * mask  # (Q K^T) * M
+    dq_ref[...] = dot(dp.astype(k.dtype), k, 1, 0)
+    dk_ref[...] = dot(dp.astype(q.dtype), q, 0, 0)
+    dv_ref[...] = dot(s.astype(do.dtype), do, 0, 0)
 
 
 def _dq_kernel_loop(rate_ref, k_ref, v_ref, do_ref, s0_ref, dqi_ref, dq_ref, *, blk, seq_len, nblocks):
@@ -414,10 +417,11 @@ def lightning_bwd(q, k, v, rate, s0, do, dst, *, seq_len: int, blk: int, platfor
     blk_kp = pl.BlockSpec((None, None, blk, kp), lambda b, j, t: (j, b, t, 0))  # per-tile partials
     rate3 = pl.BlockSpec((None, 1, 1), lambda b, j, t: (b, 0, 0))
     dqi, dki, dvi = pl.pallas_call(
-        functools.partial(_bwd_intra_kernel, blk=blk),
+        functools.partial(_bwd_intra_kernel, blk=blk, dot=matmul(platform)),
         out_shape=(parts(F32), parts(F32), jax.ShapeDtypeStruct((n, sp, vp), F32)),
         grid=(n, nt, nblocks), in_specs=[rate3, blk_k, blk_k, blk_v, blk_v], out_specs=[blk_kp, blk_kp, blk_v],
-        compiler_params=compiler_params(platform, interpret, (PAR, PAR, PAR)),
+        # three f32 (blk, d) results: 8 warps from 128 x 64 up (4 spilled 8 KB at block 128, d 128 on an H100)
+        compiler_params=compiler_params(platform, interpret, (PAR, PAR, PAR), blk * kp),
         interpret=interpret, name="lightning_attn_bwd_intra",
     )(rate, q, k, v, do)
 

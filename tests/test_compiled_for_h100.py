@@ -2,7 +2,8 @@
 sm_90) for one H100 from this CPU host: the CUDA plugin (`jax[cuda12]`, in the `aot` extra that `make test`
 installs) describes the GPU from our target description (jaxeff.parallel.hardware). Interpret-mode tests check the
 numbers; these check that the Triton kernels are valid programs for the chip at a realistic shape (bf16, 8192
-tokens, 8 heads of 128). Compile times are measured by benchmarks/compile_times.py, not asserted here."""
+tokens, 8 heads of 128; lightning at block 64 as configs/tnl-*.yaml, mLSTM also at xLSTM 7B's heads). Compile
+times are measured by benchmarks/kernel_compile.py, not asserted here."""
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +32,14 @@ H100_SHARED_BYTES_PER_BLOCK, MAX_REGISTERS = 227 * 1024, 255
 # memory than their tiles allow. mLSTM's backward prep kernel at xLSTM 7B's 256 x 512 heads spills a few hundred
 # bytes whatever the warp count or tile.
 # lightning's intra-block backward holds three float32 (block, d) results: at 8 warps about 1.4 KB remain.
-ACCEPTED_SPILLS = {"lightning_attn_bwd_dq": 128 * 1024, "lightning_attn_bwd_dkdv": 128 * 1024,
-                   "lightning_attn_bwd_intra": 4 * 1024, "mlstm_bwd_prep": 1024}
+# Its forward carries the same float32 state (about 2 KB at block 64, 8 warps).
+ACCEPTED_SPILLS = {"lightning_attn_fwd": 8 * 1024, "lightning_attn_bwd_dq": 128 * 1024,
+                   "lightning_attn_bwd_dkdv": 128 * 1024, "lightning_attn_bwd_intra": 4 * 1024, "mlstm_bwd_prep": 1024}
 PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_"}  # the kernels' function names
 
 OPS = {
     "lightning": (lambda q, k, v: lightning_attention(q, k, v, jnp.linspace(0.05, 0.9, H), impl="pallas",
-                                                      block_size=128), [(H, D)] * 3),
+                                                      block_size=64), [(H, D)] * 3),
     "mlstm": (lambda q, k, v, i, f: mlstm(q, k, v, i, f, impl="pallas", chunk_size=64), [(H, D)] * 3 + [(H,)] * 2),
     "mlstm_xlstm7b_heads": (lambda q, k, v, i, f: mlstm(q, k, v, i, f, impl="pallas", chunk_size=64),
                             [(H, 256), (H, 256), (H, 512)] + [(H,)] * 2),

@@ -364,7 +364,8 @@ def lightning_fwd(q, k, v, rate, s0, *, seq_len: int, blk: int, platform: str, i
         ]
         return pl.pallas_call(
             kernel, out_shape=out_shape, grid=(n, nv), in_specs=in_specs, out_specs=out_specs,
-            compiler_params=compiler_params(platform, interpret, None, kp * tv), interpret=interpret,
+            # 8 warps also for a narrow state when the (blk, d_k) q/k blocks are large (4 spilled 26 KB at 128 x 128)
+            compiler_params=compiler_params(platform, interpret, None, max(kp * tv, blk * kp)), interpret=interpret,
             name="lightning_attn_fwd",
         )(rate, q, k, v, s0)
     kernel = functools.partial(_fwd_kernel_grid, blk=blk, seq_len=seq_len)

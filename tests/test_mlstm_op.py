@@ -139,10 +139,9 @@ def test_bad_arguments_name_the_argument_and_the_expected_shape(change, message)
         mlstm(**kwargs)
 
 
-@pytest.mark.parametrize("variant", ["triton", "tpu"])
-def test_pallas_impl_through_the_op_matches_the_reference_forward_and_gradients(variant):
-    args, state = inputs(8, s=23, i_offset=-5.0, with_state=True)
-    w = np.random.default_rng(9).standard_normal((2, 23, 2, 12)).astype(np.float32)
+def _assert_pallas_matches_reference(args, state, w, variant):
+    """Value and gradients (q, k, v, gates, initial C and n) of the Pallas op against the reference, with an initial
+    state and the final state in the loss."""
 
     def loss(impl, q, k, v, i, f, c0, n0):
         h, (c, n, _) = mlstm(q, k, v, i, f, initial_state=(c0, n0, state[2]), return_final_state=True, impl=impl,
@@ -157,23 +156,19 @@ def test_pallas_impl_through_the_op_matches_the_reference_forward_and_gradients(
         assert rel_err(a, b) < (1e-3 if name == "f" else 2e-4), (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("variant", ["triton", "tpu"])
+def test_pallas_impl_through_the_op_matches_the_reference_forward_and_gradients(variant):
+    args, state = inputs(8, s=23, i_offset=-5.0, with_state=True)
+    w = np.random.default_rng(9).standard_normal((2, 23, 2, 12)).astype(np.float32)
+    _assert_pallas_matches_reference(args, state, w, variant)
+
+
 def test_pallas_impl_with_several_d_v_tiles_matches_the_reference():
     """d_v = 200 (padded to 256): the Triton body's state kernels and the d_q/d_k kernel's sum run over 4 d_v tiles
     of 64 by default (kernel._tiles)."""
     args, state = inputs(11, s=23, dv=200, i_offset=-5.0, with_state=True)
     w = np.random.default_rng(12).standard_normal((2, 23, 2, 200)).astype(np.float32)
-
-    def loss(impl, q, k, v, i, f, c0, n0):
-        h, (c, n, _) = mlstm(q, k, v, i, f, initial_state=(c0, n0, state[2]), return_final_state=True, impl=impl,
-                             chunk_size=16, pallas_variant="triton" if impl == "pallas" else None)
-        return jnp.sum(h * w) + jnp.sum(c) + jnp.sum(n)
-
-    ref = jax.value_and_grad(loss, argnums=tuple(range(1, 8)))("reference", *args, state[0], state[1])
-    pal = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(1, 8))), static_argnums=0)("pallas", *args,
-                                                                                         state[0], state[1])
-    assert abs(float(pal[0]) - float(ref[0])) < 1e-4 * abs(float(ref[0]))
-    for name, a, b in zip(("q", "k", "v", "i", "f", "C0", "n0"), pal[1], ref[1]):
-        assert rel_err(a, b) < (1e-3 if name == "f" else 2e-4), (name, rel_err(a, b))
+    _assert_pallas_matches_reference(args, state, w, "triton")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxeff.errors import UserError
 from jaxeff.parallel.collectives import collective_stats
@@ -187,9 +186,8 @@ def _out_of_memory(error: Exception) -> tuple[str, int] | None:
 
 
 def _batch_bytes_per_device(step) -> int:
-    sharding = batch_sharding(step.mesh)
-    return sum(int(np.prod(sharding.shard_shape(s.shape))) * np.dtype(s.dtype).itemsize
-               for s in step.batch_shapes.values())
+    shapes = list(step.batch_shapes.values())
+    return tree_bytes_per_device(shapes, [batch_sharding(step.mesh)] * len(shapes))
 
 
 def _cost_analysis(compiled) -> dict[str, float]:

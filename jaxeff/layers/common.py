@@ -5,7 +5,6 @@ import jax.numpy as jnp
 
 # Logical axis names of the mixers' per-head activations (jaxeff.parallel.sharding maps them to mesh axes).
 BSHK_AXES = ("batch", "length", "heads", "head_dim")  # queries, keys, values, outputs [B, S, H, K or W]
-BSGK_AXES = ("batch", "length", "kv_heads", "head_dim")  # grouped keys and values [B, S, G, K or W]
 BSH_AXES = ("batch", "length", "heads")  # per-head gates [B, S, H]
 
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from jaxeff.errors import ConfigError
 from jaxeff.layers.attention import SoftmaxAttention, attention_flops_per_token, head_dims
-from jaxeff.layers.common import BSGK_AXES, BSHK_AXES
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from jaxeff.parallel.sharding import per_shard
 from pallas_kernels.s2_attention import block_mask, check_coverage, s2_attention
@@ -88,7 +87,10 @@ class S2Attention(SoftmaxAttention):
     def attend(self, q_BSHK, k_BSGK, v_BSGW):
         cfg = self.cfg
         attend = functools.partial(s2_attention, block_size=cfg.s2.block_size, impl=cfg.s2.impl, **self.pattern(cfg))
-        return per_shard(attend, (q_BSHK, k_BSGK, v_BSGW), (BSHK_AXES, BSGK_AXES, BSGK_AXES), BSHK_AXES)
+        # Per batch shard only: each KV head has its own block pattern (the offsets depend on the head's index), so a
+        # shard holding some of the heads would apply the first heads' patterns to them.
+        whole_heads = ("batch", "length", None, "head_dim")
+        return per_shard(attend, (q_BSHK, k_BSGK, v_BSGW), (whole_heads,) * 3, whole_heads)
 
     def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
         layout = _Layout(self.cfg, self.pattern, capacity=cache["k"].shape[2])

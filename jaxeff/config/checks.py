@@ -98,7 +98,14 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str,
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
                           f"{num_processes} processes; each process loads an equal share of every batch")
     if cfg.task != "lm":
+        if mesh["sequence"] > 1:
+            raise ConfigError(f"mesh.sequence={mesh['sequence']}: sequence parallelism splits a language model's "
+                              f"token sequence; task {cfg.task!r} has none to split. Set mesh.sequence=1")
         return mesh
+    sp = mesh["sequence"]
+    if cfg.data.seq_len % sp:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by mesh.sequence={sp}: every device "
+                          f"takes an equal chunk of each row; use a seq_len that is a multiple of {sp}")
     tp = mesh["tensor"]
     n_kv = m.n_kv_heads or m.n_heads
     for key, value in {"model.n_heads": m.n_heads, "model.n_kv_heads": n_kv, "model.mlp_dim": m.mlp_dim}.items():
@@ -106,8 +113,10 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str,
             raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tp}; change one of them")
     if m.vocab_multiple % tp:
         raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by mesh.tensor={tp}")
-    if m.d_model % mesh["fsdp"]:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={mesh['fsdp']}")
+    param_shards = mesh["fsdp"] * sp  # parameters are sharded over fsdp x sequence along `embed`
+    if m.d_model % param_shards:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp*mesh.sequence={param_shards} "
+                          f"(parameters are sharded over both along d_model); change one of them")
     return mesh
 
 

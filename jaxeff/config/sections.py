@@ -143,6 +143,9 @@ class MeshConfig(Section):
     """data parallelism (batch rows)"""
     fsdp: int = 1
     """fully sharded data parallelism (batch rows, and parameters/optimizer state over `embed`)"""
+    sequence: int = 1
+    """sequence (context) parallelism: each row's tokens split into contiguous chunks over it; parameters are
+    sharded over `fsdp x sequence` (see docs/sequence_parallel.md)"""
     tensor: int = 1
     """tensor parallelism (heads, MLP width, vocabulary)"""
     expert: int = 1

@@ -26,8 +26,9 @@ import numpy as np
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
-from jaxeff.parallel.sharding import per_shard
+from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
+from pallas_kernels.lightning_attention.sequence_parallel import sharded_lightning_attention
 
 if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
@@ -106,8 +107,10 @@ class LightningMixer(nn.Module):
         block, impl = cfg.lightning.block_size, cfg.lightning.impl
         a_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: per_shard(functools.partial(lightning_attention, block_size=block, impl=impl),
-                                   (q_BSHK, k_BSHK, v_BSHW, rate_H), (*[BSHK_AXES] * 3, ("heads",)), BSHK_AXES),
+            full=lambda: per_sequence_shard(functools.partial(lightning_attention, block_size=block, impl=impl),
+                                            functools.partial(sharded_lightning_attention, block_size=block, impl=impl),
+                                            (q_BSHK, k_BSHK, v_BSHW, rate_H), (*[BSHK_AXES] * 3, ("heads",)),
+                                            BSHK_AXES),
             step=lambda state: lightning_attention_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], rate_H, state),
             prefill=lambda state: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state=state,
                                                       return_final_state=True, block_size=block, impl=impl))

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import BSH_AXES, BSHK_AXES, projection
 from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
-from jaxeff.parallel.sharding import per_shard
+from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.mlstm import mlstm, mlstm_step
+from pallas_kernels.mlstm.sequence_parallel import sharded_mlstm
 
 if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
@@ -100,9 +101,10 @@ class MlstmMixer(nn.Module):
         chunk, impl = sec.chunk_size, sec.impl
         h_BSHW, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: per_shard(functools.partial(mlstm, chunk_size=chunk, impl=impl, **cell),
-                                   (q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH), (*[BSHK_AXES] * 3, *[BSH_AXES] * 2),
-                                   BSHK_AXES),
+            full=lambda: per_sequence_shard(functools.partial(mlstm, chunk_size=chunk, impl=impl, **cell),
+                                            functools.partial(sharded_mlstm, chunk_size=chunk, impl=impl, **cell),
+                                            (q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH),
+                                            (*[BSHK_AXES] * 3, *[BSH_AXES] * 2), BSHK_AXES),
             step=lambda state: mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], i_BSH[:, 0], f_BSH[:, 0], state,
                                           **cell),
             prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, initial_state=state,

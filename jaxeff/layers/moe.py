@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import normal_init, output_std, projection
 from jaxeff.layers.registry import ChannelMixerSpec, register_channel_mixer
-from jaxeff.parallel.sharding import BATCH_AXES
+from jaxeff.parallel.sharding import BATCH_AXES, sequence_axis
 
 if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
@@ -242,9 +242,12 @@ def expert_layer(experts_BSA, gates_BSA, payload_BSP, w_in_EPM, w_out_EMP, *, ca
     def body(experts, gates, payload, w_in, w_out):
         y_NP, dropped = local(flat(experts), flat(gates), flat(payload), w_in, w_out, expert_axis="expert", ep=ep,
                               tensor_axis="tensor" if tp > 1 else None)
-        return y_NP.reshape(payload.shape), jax.lax.pmean(dropped, batch_axes)
+        return y_NP.reshape(payload.shape), jax.lax.pmean(dropped, token_axes)
 
-    tokens = P(batch_axes, None, None)
+    # Tokens are independent here: a sequence split is more batch (each device routes its own chunk of every row).
+    sequence = sequence_axis()
+    token_axes = batch_axes + ((sequence,) if sequence else ())
+    tokens = P(batch_axes, sequence, None)
     tensor = "tensor" if tp > 1 else None  # a size-1 axis in the specs would make the outputs "vary" over it
     run = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, P("expert", None, tensor),
                                                   P("expert", tensor, None)),

@@ -11,7 +11,8 @@ import math
 
 from jaxeff.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Outermost first: the device order puts the axes that talk most (tensor, then expert) on the nearest devices.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
 
 
 def resolve_mesh_shape(mesh, num_devices: int) -> dict[str, int]:

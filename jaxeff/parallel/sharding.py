@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -12,9 +13,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # shards parameters) and "expert" (which also holds different MoE experts; dense layers see it as data).
 BATCH_AXES = ("data", "fsdp", "expert")
 
+# A row's tokens are split into contiguous chunks over "sequence" (jaxeff.parallel.sequence). Parameters shard over
+# fsdp x sequence: the sequence devices hold the same weights, so keeping a full copy on each would waste their
+# memory; they are gathered per layer as FSDP's are.
+SEQUENCE_AXIS = "sequence"
+
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", SEQUENCE_AXIS)),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -22,7 +28,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("expert", "expert"),
     ("activation_embed", None),
     ("head_dim", None),
-    ("length", None),
+    ("length", SEQUENCE_AXIS),
     ("layers", None),
     ("norm", None),
 )
@@ -63,3 +69,18 @@ def per_shard(fn: Callable, args: tuple, in_axes: tuple[tuple[str | None, ...], 
         return fn(*args)
     in_specs = tuple(logical_spec(a) for a in in_axes)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_spec(out_axes), check_vma=False)(*args)
+
+
+def sequence_axis() -> str | None:
+    """"sequence" when the mesh being traced under splits the sequence (mesh.sequence > 1), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return SEQUENCE_AXIS if not mesh.empty and mesh.shape.get(SEQUENCE_AXIS, 1) > 1 else None
+
+
+def per_sequence_shard(whole: Callable, sharded: Callable, args: tuple, in_axes: tuple[tuple[str | None, ...], ...],
+                       out_axes: tuple[str | None, ...]):
+    """`per_shard` of an op with a sequence-parallel form: `whole(*args)` on each shard, or, when the mesh splits the
+    sequence, `sharded(*args, axis_name="sequence")` there (the form that exchanges what crosses chunk borders)."""
+    axis = sequence_axis()
+    fn = whole if axis is None else functools.partial(sharded, axis_name=axis)
+    return per_shard(fn, args, in_axes, out_axes)

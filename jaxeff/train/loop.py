@@ -45,7 +45,7 @@ def apply_debug_mode(cfg: Config) -> list[str]:
     """--debug: one device, NaN checks, small batch and sequence. Returns what was changed, to print."""
     changes = []
     jax.config.update("jax_debug_nans", True)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert = 1, 1, 1, 1
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.sequence, cfg.mesh.tensor, cfg.mesh.expert = 1, 1, 1, 1, 1
     changes.append("mesh: 1 device, jax_debug_nans on")
     if cfg.train.global_batch_size > 4:
         cfg.train.global_batch_size, cfg.train.microbatches = 4, 1

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import rewind, tiny_config
 from jaxeff.parallel.sharding import batch_sharding
+from jaxeff.train import train
 from jaxeff.train.comm_report import build_train_step
 from jaxeff.train.optimizer import make_optimizer
 from jaxeff.train.state import init_state
@@ -67,3 +68,19 @@ def test_sequence_parallel_training_equals_one_device(mixer):
         np.testing.assert_allclose(losses, losses_1, rtol=1e-5, err_msg=f"{mixer} on {name}")
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{mixer} {name}"),
                      params, params_1)
+
+
+def test_checkpoints_move_between_a_sequence_split_and_one_device(tmp_path):
+    """Saved with data2 x sequence4, resumed on one device, and the reverse: the runs continue with the losses of
+    the uninterrupted run."""
+    base = {**MIXERS["lightning"], "data.seq_len": 64, "train.steps": 4, "checkpoint.every": 2,
+            "train.eval_every": 2, "checkpoint.async_save": False}
+    meshes = {"split": {"mesh.data": 2, "mesh.sequence": 4}, "one": {"mesh.data": 1}}
+    runs = {name: train(tiny_config(**base, **mesh), tmp_path / name) for name, mesh in meshes.items()}
+    np.testing.assert_allclose(list(runs["split"].losses.values()), list(runs["one"].losses.values()), rtol=1e-5)
+    for saved, resumed_on in (("split", "one"), ("one", "split")):
+        workdir = rewind(tmp_path / saved, tmp_path / f"{saved}_to_{resumed_on}", 2)
+        resumed = train(tiny_config(**base, **meshes[resumed_on]), workdir)
+        assert sorted(resumed.losses) == [3, 4]
+        np.testing.assert_allclose([resumed.losses[s] for s in (3, 4)],
+                                   [runs[resumed_on].losses[s] for s in (3, 4)], rtol=1e-5)

@@ -1,4 +1,5 @@
-"""Softmax attention: causal, rotary positions, grouped-query heads, with a KV cache for decoding."""
+"""Softmax attention: causal, rotary positions, grouped-query heads, with a KV cache for decoding; with the sequence
+split over mesh axis "sequence", each device's queries attend over all-gathered K and V (`sharded_causal_attention`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxeff.layers.common import head_dim, output_std, projection
+from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from jaxeff.layers.rope import apply_rope
+from jaxeff.parallel.sharding import per_sequence_shard, sequence_axis
+from pallas_kernels.sequence_parallel import chunk_index
 
 if TYPE_CHECKING:
     from jaxeff.config import ModelConfig
@@ -47,7 +50,13 @@ class SoftmaxAttention(nn.Module):
 
     # Subclasses with another attention pattern (S2, sink + window) override these two.
     def attend(self, q_BSHK, k_BSGK, v_BSGW):
-        return causal_attention(q_BSHK, k_BSGK, v_BSGW)
+        if sequence_axis() is None:  # GSPMD partitions batch and heads; cuDNN's kernel on NVIDIA GPUs
+            return causal_attention(q_BSHK, k_BSGK, v_BSGW)
+        # The sequence split: all-gather K and V (sharded_causal_attention). KV heads split over "tensor" as the
+        # query heads are: a device holds contiguous query heads and the KV heads they read (h // (H / G)).
+        kv_axes = ("batch", "length", "kv_heads", "head_dim")
+        return per_sequence_shard(causal_attention, sharded_causal_attention, (q_BSHK, k_BSGK, v_BSGW),
+                                  (BSHK_AXES, kv_axes, kv_axes), BSHK_AXES)
 
     def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
         return _attend_with_cache(q_BSHK, k_BSGK, v_BSGW, cache)
@@ -71,6 +80,25 @@ def causal_attention(q_BSHK, k_BSGK, v_BSGW):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
     return jax.lax.platform_dependent(q_BSHK, k_BSGK, v_BSGW, cuda=cudnn, default=xla)
+
+
+def sharded_causal_attention(q_BLHK, k_BLGK, v_BLGW, *, axis_name: str):
+    """`causal_attention` of the whole sequence for this device's chunk g of it (q [B, L, H, K], k, v [B, L, G, K]),
+    the sequence split into contiguous chunks over mesh axis `axis_name`. Call inside a shard_map.
+
+    All-gathers K and V (tiled along the sequence) and attends with the local queries, at global positions g L + t,
+    over keys 0..G L - 1 under the causal mask (XLA's masked form). Each device receives (G - 1) x B x L x kv_heads
+    x head_dim x 2 (K and V) x bytes per layer, growing with the sequence (the linear mixers exchange fixed-size
+    states); the backward returns as much (the gather's transpose is a reduce-scatter of dK and dV). Every device
+    computes the full [L, G L] score block (masked entries too; float32, B H L G L x 4 bytes): the same work on
+    every chunk, so contiguous chunks are balanced already and no load-balanced (zigzag) order is used; that
+    would pay with a kernel that skips masked blocks."""
+    k_BTGK = jax.lax.all_gather(k_BLGK, axis_name, axis=1, tiled=True)
+    v_BTGW = jax.lax.all_gather(v_BLGW, axis_name, axis=1, tiled=True)
+    length, total = q_BLHK.shape[1], k_BTGK.shape[1]
+    query_pos_L = chunk_index(axis_name) * length + jnp.arange(length)
+    mask_11LT = (jnp.arange(total)[None, :] <= query_pos_L[:, None])[None, None]
+    return jax.nn.dot_product_attention(q_BLHK, k_BTGK, v_BTGW, mask=mask_11LT, implementation="xla")
 
 
 def _attend_with_cache(q_BSHK, k_BSGK, v_BSGW, cache):

@@ -10,6 +10,9 @@ block a head stops reading is never needed later: the cache has `sink + local + 
 block slots per head (sink slots, a ring of `local` slots for the window, one slot per vertical block of the
 head's residue), instead of `max_blocks`. With dense heads in the layer every head gets `max_blocks` slots
 (one array; no saving). A multi-token call with a cache is a prefill from position 0.
+
+With the sequence split over mesh axis "sequence", a device's chunk of queries attends over all-gathered K and V
+under the whole sequence's pattern at global positions (pallas_kernels/s2_attention/sequence_parallel.py).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import numpy as np
 from jaxeff.errors import ConfigError
 from jaxeff.layers.attention import SoftmaxAttention, attention_flops_per_token, head_dims
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
-from jaxeff.parallel.sharding import per_shard
+from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.s2_attention import block_mask, check_coverage, s2_attention
 from pallas_kernels.s2_attention.reference import default_step
+from pallas_kernels.s2_attention.sequence_parallel import sharded_s2_attention
 
 if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
@@ -87,10 +91,13 @@ class S2Attention(SoftmaxAttention):
     def attend(self, q_BSHK, k_BSGK, v_BSGW):
         cfg = self.cfg
         attend = functools.partial(s2_attention, block_size=cfg.s2.block_size, impl=cfg.s2.impl, **self.pattern(cfg))
-        # Per batch shard only: each KV head has its own block pattern (the offsets depend on the head's index), so a
-        # shard holding some of the heads would apply the first heads' patterns to them.
+        # With the sequence split over "sequence": all-gather K and V, the whole sequence's pattern at the chunk's
+        # global positions (pallas_kernels/s2_attention/sequence_parallel.py).
+        sharded = functools.partial(sharded_s2_attention, block_size=cfg.s2.block_size, **self.pattern(cfg))
+        # Per batch (and sequence) shard only: each KV head has its own block pattern (the offsets depend on the
+        # head's index), so a shard holding some of the heads would apply the first heads' patterns to them.
         whole_heads = ("batch", "length", None, "head_dim")
-        return per_shard(attend, (q_BSHK, k_BSGK, v_BSGW), (whole_heads,) * 3, whole_heads)
+        return per_sequence_shard(attend, sharded, (q_BSHK, k_BSGK, v_BSGW), (whole_heads,) * 3, whole_heads)
 
     def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
         layout = _Layout(self.cfg, self.pattern, capacity=cache["k"].shape[2])

@@ -1,6 +1,7 @@
 """LongGen's sink + window attention (`model.mixer_pattern: [sink_window]`, settings in `model.s2`): query block i
 reads key block j iff j < sink_blocks or i - j < local_blocks. The S2 mixer with this pattern (see s2.py), so it
-shares S2's kernels and its pruned decode cache (sink slots and a ring for the window).
+shares S2's kernels, its pruned decode cache (sink slots and a ring for the window) and its sequence-parallel form
+(the sinks are the first blocks of the whole sequence, on the first device's chunk).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_inconsistent_values_fail_before_compiling(overrides, devices, message):
 
 def test_mesh_minus_one_takes_the_remaining_devices():
     cfg = load_config(None, ["mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2"])
-    assert resolve_mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert resolve_mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2, "expert": 1}
 
 
 @pytest.mark.parametrize("override, key, typo, fix", [
@@ -196,3 +196,13 @@ def test_saved_configs_with_old_flat_keys_are_migrated(tmp_path):
     saved = REPO / "tests/data/legacy_flat_keys/workdir/config.yaml"
     cfg = read_saved_config(saved)
     assert cfg.model.lightning.impl == "chunked" and cfg.model.lightning.block_size == 16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.sequence=8", "data.seq_len=100"], r"data.seq_len=100 is not divisible by mesh.sequence=8"),
+    (["mesh.sequence=8", "mesh.data=1", "model.d_model=36", "model.n_heads=3"],
+     r"model.d_model=36 is not divisible by mesh.fsdp\*mesh.sequence=8"),
+])
+def test_sequence_parallel_shapes_are_checked_by_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, overrides), 8)

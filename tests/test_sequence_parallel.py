@@ -84,3 +84,33 @@ def test_checkpoints_move_between_a_sequence_split_and_one_device(tmp_path):
         assert sorted(resumed.losses) == [3, 4]
         np.testing.assert_allclose([resumed.losses[s] for s in (3, 4)],
                                    [runs[resumed_on].losses[s] for s in (3, 4)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_the_whole_logits_loss(tie):
+    """model.loss_chunk: the logits of at most that many tokens per device at a time (recomputed in the backward);
+    5 does not divide the 32 tokens, so chunks of 4 are used. Loss and gradients as with all logits at once."""
+    import jax.numpy as jnp
+
+    from jaxeff.tasks import build_task
+
+    losses = {}
+    for chunk in (0, 5):
+        cfg = tiny_config(**{"model.loss_chunk": chunk, "model.tie_embeddings": str(tie).lower(),
+                             "model.logit_soft_cap": 30.0, "model.compute_dtype": "float32"})
+        task = build_task(cfg, with_data=False)
+        params = task.model.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
+        batch = jax.tree.map(jnp.asarray, random_batches(cfg, 1)[0])
+        losses[chunk] = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch)[0]))(params)
+    np.testing.assert_allclose(losses[5][0], losses[0][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), losses[5][1], losses[0][1])
+
+
+def test_chunked_loss_under_a_sequence_split_trains_as_one_device():
+    single_cfg = config("lightning", **{"mesh.data": 1})
+    batches = random_batches(single_cfg)
+    losses_1, params_1 = train_steps(single_cfg, jax.devices()[:1], batches)
+    losses, params = train_steps(config("lightning", **{"mesh.sequence": 8, "mesh.data": 1, "model.loss_chunk": 5}),
+                                 jax.devices()[:8], batches)
+    np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, params_1)

@@ -76,6 +76,10 @@ class ModelConfig(Section):
     """`auto` (bfloat16 on GPU/TPU, float32 on CPU), `float32`, `bfloat16`, `float16`; parameters stay float32"""
     remat: Annotated[Literal["none", "full", "dots_saveable"], MAY_CHANGE] = "none"
     """activation checkpointing per block: `none`, `full`, `dots_saveable`"""
+    loss_chunk: Annotated[NonNegativeInt, MAY_CHANGE] = 0
+    """training computes the output logits and loss this many tokens per device at a time, recomputing them in
+    the backward (0: all at once). Long rows need it: 131072 tokens x 64000 vocabulary are 31 GiB of float32
+    logits per device"""
     vocab_multiple: PositiveInt = 128
     """the embedding table is padded to a multiple of this (keeps tensor sharding even)"""
     norm: Literal["rms", "srms"] = "rms"
@@ -145,7 +149,7 @@ class MeshConfig(Section):
     """fully sharded data parallelism (batch rows, and parameters/optimizer state over `embed`)"""
     sequence: int = 1
     """sequence (context) parallelism: each row's tokens split into contiguous chunks over it; parameters are
-    sharded over `fsdp x sequence` (see docs/sequence_parallel.md)"""
+    sharded over `fsdp x sequence` (see docs/architecture.md, "Sequence parallelism")"""
     tensor: int = 1
     """tensor parallelism (heads, MLP width, vocabulary)"""
     expert: int = 1

@@ -7,13 +7,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 import jaxeff.layers  # noqa: F401  (registers the built-in mixers)
 from jaxeff.config import ConfigError, ModelConfig
 from jaxeff.layers.common import normal_init
 from jaxeff.layers.norms import NORMS
 from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
-from jaxeff.parallel.sharding import with_logical_constraint
+from jaxeff.parallel.sharding import sequence_shards, with_logical_constraint
 
 # The residual stream stays split by batch rows only; without this hint GSPMD may shard its width
 # over "fsdp" and then reshard it for every tensor-parallel matmul.
@@ -59,8 +60,56 @@ class Embedding(nn.Module):
     def __call__(self, tokens_BS):
         return jnp.take(self._table_VD(), tokens_BS, axis=0)
 
-    def attend(self, x_BSD):
-        return jnp.einsum("bsd,vd->bsv", x_BSD, self._table_VD())
+    def output_matrix(self):
+        """The table as the output layer's weight: ([V, D] in the compute dtype, its einsum letters)."""
+        return self._table_VD(), "vd"
+
+
+class OutputHead(nn.Module):
+    """The untied output layer's weight [D, V] (the parameter `head/kernel`, where nn.DenseGeneral kept it)."""
+
+    vocab_size: int
+    features: int
+    init_std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        kernel_DV = self.param("kernel", normal_init(self.init_std, ("embed", "vocab")),
+                               (self.features, self.vocab_size), jnp.float32)
+        return kernel_DV.astype(self.dtype), "dv"
+
+
+def output_logits(x_BSD, weight, letters: str, soft_cap: float | None):
+    """Float32 logits [..., V] of the final hidden states: x @ weight (`letters` "vd" or "dv"), soft-capped."""
+    logits = jnp.einsum(f"...d,{letters}->...v", x_BSD, weight).astype(jnp.float32)
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    return logits
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def token_losses(x_BSD, weight, letters: str, soft_cap: float | None, targets_BS, chunk: int):
+    """Next-token cross entropy per token [B, S] (float32). With `chunk` > 0 the logits exist for at most that many
+    tokens per device at a time, and are recomputed in the backward: the tokens are viewed as [B, G, n, c] with G
+    the sequence shards (the axis that stays split) and a loop over the n chunks of c tokens of every device."""
+    def losses(x, t, w):
+        return optax.softmax_cross_entropy_with_integer_labels(output_logits(x, w, letters, soft_cap), t)
+
+    if not chunk:
+        return losses(x_BSD, targets_BS, weight)
+    b, s, d = x_BSD.shape
+    g = sequence_shards()
+    c = _largest_divisor_at_most(s // g, chunk)
+    n = s // g // c
+    x_NBGCD = x_BSD.reshape(b, g, n, c, d).transpose(2, 0, 1, 3, 4)
+    t_NBGC = targets_BS.reshape(b, g, n, c).transpose(2, 0, 1, 3)
+    one_chunk = jax.checkpoint(losses)
+    ce_NBGC = jax.lax.map(lambda xt: one_chunk(xt[0], xt[1], weight), (x_NBGCD, t_NBGC))
+    return ce_NBGC.transpose(1, 2, 0, 3).reshape(b, s)
 
 
 class Block(nn.Module):
@@ -81,14 +130,16 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """Returns (logits_BSV in float32, new caches or None, aux dict of scalars summed over layers)."""
+    """Returns (logits_BSV in float32, new caches or None, aux dict of scalars summed over layers); given
+    `targets_BS`, the per-token cross entropy [B, S] in place of the logits (training: `model.loss_chunk` bounds
+    the logits held at once)."""
 
     cfg: ModelConfig
     vocab_size: int  # already padded
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens_BS, positions_BS=None, caches=None):
+    def __call__(self, tokens_BS, positions_BS=None, caches=None, targets_BS=None):
         cfg = self.cfg
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1]), tokens_BS.shape)
@@ -112,14 +163,12 @@ class DecoderLM(nn.Module):
 
         x_BSD = NORMS[cfg.norm](cfg.norm_eps, self.dtype, name="final_norm")(x_BSD)
         if cfg.tie_embeddings:
-            logits_BSV = embed.attend(x_BSD)
+            weight, letters = embed.output_matrix()
         else:
-            head = nn.DenseGeneral(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                   kernel_init=normal_init(cfg.init_std, ("embed", "vocab")), name="head")
-            logits_BSV = head(x_BSD)
-        logits_BSV = logits_BSV.astype(jnp.float32)
-        if cfg.logit_soft_cap is not None:
-            logits_BSV = cfg.logit_soft_cap * jnp.tanh(logits_BSV / cfg.logit_soft_cap)
+            weight, letters = OutputHead(self.vocab_size, cfg.d_model, cfg.init_std, self.dtype, name="head")()
+        if targets_BS is not None:
+            return token_losses(x_BSD, weight, letters, cfg.logit_soft_cap, targets_BS, cfg.loss_chunk), None, aux_total
+        logits_BSV = output_logits(x_BSD, weight, letters, cfg.logit_soft_cap)
         return logits_BSV, (None if caches is None else new_caches), aux_total
 
 

@@ -71,10 +71,15 @@ def per_shard(fn: Callable, args: tuple, in_axes: tuple[tuple[str | None, ...], 
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_spec(out_axes), check_vma=False)(*args)
 
 
+def sequence_shards() -> int:
+    """How many chunks the mesh being traced under splits each row into (mesh.sequence; 1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get(SEQUENCE_AXIS, 1)
+
+
 def sequence_axis() -> str | None:
     """"sequence" when the mesh being traced under splits the sequence (mesh.sequence > 1), else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return SEQUENCE_AXIS if not mesh.empty and mesh.shape.get(SEQUENCE_AXIS, 1) > 1 else None
+    return SEQUENCE_AXIS if sequence_shards() > 1 else None
 
 
 def per_sequence_shard(whole: Callable, sharded: Callable, args: tuple, in_axes: tuple[tuple[str | None, ...], ...],

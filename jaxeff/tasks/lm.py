@@ -12,7 +12,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxeff.config import Config
 from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
@@ -24,8 +23,8 @@ from jaxeff.tasks.base import Batch, Meta, Task
 
 def lm_loss(model, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross entropy (float32) plus any auxiliary losses the mixers report."""
-    logits_BSV, _, aux = model.apply({"params": params}, batch["inputs"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, batch["targets"]).mean()
+    ce_BS, _, aux = model.apply({"params": params}, batch["inputs"], targets_BS=batch["targets"])
+    ce = ce_BS.mean()
     aux_loss = sum((v for k, v in aux.items() if k.startswith("loss/")), jnp.zeros((), jnp.float32))
     return ce + aux_loss, {"ce_loss": ce, **aux}
 

@@ -4,13 +4,16 @@
     y_c   = SSM_{c mod K}(u_c) + skip_c u_c     x_t = A x_{t-1} + b u_t, y_t = c . x_t; A = shift + a e_d^T
     out   = y W                                 a linear layer mixes the channels
 
-Training runs the SSMs as FFT convolutions with their kernels (pallas_kernels.companion_ssm); decoding keeps
+Training runs the SSMs as FFT convolutions with their kernels (pallas_kernels.companion_ssm), per shard; with
+mesh.sequence > 1 each device convolves its own chunk and adds the free response of the state entering it (one
+all-gather of [B, D, d] chunk states per layer, pallas_kernels/companion_ssm/sequence_parallel.py). Decoding keeps
 one d-sized state per channel (constant memory). With `norm_order: 1` the column a is L1-normalised before use,
 as in SpaceTime, which keeps the companion matrix's eigenvalues in the unit disc.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -19,7 +22,9 @@ import jax.numpy as jnp
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
+from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.companion_ssm import companion_ssm, companion_step
+from pallas_kernels.companion_ssm.sequence_parallel import sharded_companion_ssm
 
 if TYPE_CHECKING:
     from jaxeff.config import Config, ModelConfig
@@ -61,12 +66,24 @@ class CompanionMixer(nn.Module):
         u = x_BSD.astype(jnp.float32)  # FFTs and the recurrence in float32
         y_BSD, new_cache = recurrent_call(
             cache, x_BSD.shape[1],
-            full=lambda: companion_ssm(u, a, b, c, skip, impl=impl),
+            full=lambda: self._full(u, a, b, c, skip, impl),
             step=lambda state: companion_step(u[:, 0], a, b, c, skip, state),
             prefill=lambda state: companion_ssm(u, a, b, c, skip, initial_state=state, return_final_state=True,
                                                 impl=impl))
         out = projection(self.cfg.d_model, -1, (None, "embed"), output_std(self.cfg), self.dtype, "out")
         return out(y_BSD.astype(self.dtype)), new_cache
+
+    @staticmethod
+    def _full(u_BSD, a, b, c, skip, impl):
+        """The whole sequence, per shard; with mesh.sequence > 1 the state-passing form (one all-gather of
+        [B, D, d] chunk states per layer, pallas_kernels/companion_ssm/sequence_parallel.py). Rows are independent
+        and the parameters are replicated into the shard_map; without a skip the ops get none (not a zero one)."""
+        args, in_axes = (u_BSD, a, b, c), (("batch", "length", None),) + ((None, None),) * 3
+        if skip is not None:
+            args, in_axes = (*args, skip), (*in_axes, (None,))
+        return per_sequence_shard(functools.partial(companion_ssm, impl=impl),
+                                  functools.partial(sharded_companion_ssm, impl=impl), args, in_axes,
+                                  ("batch", "length", None))
 
 
 

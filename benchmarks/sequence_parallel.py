@@ -28,9 +28,11 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaxeff.parallel.hardware import aot_environment  # noqa: E402
+from jaxeff.parallel.hardware import aot_environment, get_target  # noqa: E402
 
-aot_environment()  # CPU devices for parts 1-2; compile-only GPU/TPU devices for part 3
+# CPU devices for parts 1-2; compile-only GPU and TPU devices for part 3 (libtpu reads the TPU host's description
+# when it starts, so it is set for the v5p slice before jax starts a backend)
+aot_environment(get_target("v5p:2x2x2"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -159,6 +161,7 @@ def plan_table() -> str:
             plan = make_plan(cfg, target)
         except UserError as e:
             rows.append(f"| {name} | {human(seq_len)}, {chunk} | {target} | - | error: {e} | - | - | - |")
+            print(rows[-1], flush=True)
             continue
         sent = plan.collectives.get("total", {}).get("wire_bytes", 0) / 2**30
         rows.append(f"| {name} | {human(seq_len)}, {chunk} | {target} | {plan.peak_bytes / 2**30:.1f} "

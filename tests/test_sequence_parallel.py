@@ -114,3 +114,18 @@ def test_chunked_loss_under_a_sequence_split_trains_as_one_device():
                                  jax.devices()[:8], batches)
     np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, params_1)
+
+
+@pytest.mark.parametrize("mesh, shares", [
+    ({"mesh.data": 2, "mesh.sequence": 8}, {0: (0, 2), 1: (1, 2)}),  # one share of the rows per host
+    ({"mesh.data": 1, "mesh.sequence": 16}, {0: (0, 1), 1: (0, 1)}),  # rows split over both hosts: both load all
+    ({"mesh.data": 16}, {0: (0, 2), 1: (1, 2)}),
+])
+def test_hosts_that_hold_the_same_rows_load_the_same_share(mesh, shares):
+    """Two H100 hosts (compile-only devices, 8 each): a sequence group spanning them loads the same rows on both."""
+    from jaxeff.parallel.hardware import compile_only_devices, get_target
+    from jaxeff.parallel.mesh import build_mesh, process_row_shards
+
+    devices = compile_only_devices(get_target("h100x16"))
+    cfg = tiny_config(**{"data.seq_len": 64, "train.global_batch_size": 16, **mesh})
+    assert process_row_shards(build_mesh(cfg, devices), cfg.train.global_batch_size) == shares

@@ -81,8 +81,8 @@ def _check_forecast(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
 TASK_CHECKS = {"lm": _check_lm, "forecast": _check_forecast}
 
 
-def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str, int]:
-    """All cross-field checks for this many devices and processes; returns the resolved mesh shape."""
+def validate(cfg: Config, num_devices: int) -> dict[str, int]:
+    """All cross-field checks for this many devices; returns the resolved mesh shape."""
     mesh = resolve_mesh_shape(cfg.mesh, num_devices)
     check_consistency(cfg, mesh)
     m, t = cfg.model, cfg.train
@@ -94,9 +94,8 @@ def validate(cfg: Config, num_devices: int, num_processes: int = 1) -> dict[str,
             f"per microbatch is not divisible by the batch-parallel size mesh.data*mesh.fsdp*mesh.expert={batch_shards}; "
             f"use a global batch that is a multiple of {batch_shards * t.microbatches}"
         )
-    if t.global_batch_size % num_processes:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
-                          f"{num_processes} processes; each process loads an equal share of every batch")
+    # How many rows each process loads depends on which devices the mesh gives it: checked with the mesh
+    # (jaxeff.parallel.mesh.process_row_shards).
     if cfg.task != "lm":
         if mesh["sequence"] > 1:
             raise ConfigError(f"mesh.sequence={mesh['sequence']}: sequence parallelism splits a language model's "

@@ -87,8 +87,20 @@ def build_corpus(cfg: DataConfig, tok: Tokenizer) -> Corpus:
                   len(docs), sum(len(t) for t in tokens))
 
 
+# (share, shares) of every global batch this process loads, set by the trainer from its mesh
+# (jaxeff.parallel.mesh.process_row_shards); None: one share per process.
+_ROW_SHARE: tuple[int, int] | None = None
+
+
+def use_row_share(index: int, count: int) -> None:
+    """Load share `index` of `count` of every batch: processes whose devices hold the same rows (a sequence- or
+    tensor-parallel group spanning hosts) load the same share."""
+    global _ROW_SHARE
+    _ROW_SHARE = (index, count)
+
+
 def process_shard() -> tuple[int, int]:
-    return jax.process_index(), jax.process_count()
+    return _ROW_SHARE if _ROW_SHARE is not None else (jax.process_index(), jax.process_count())
 
 
 def _allow_grain_workers() -> None:
@@ -108,8 +120,9 @@ def shuffled_batches(source, to_example, shuffle_seed: int, num_workers: int, pe
                      start_row: int = 0) -> grain.IterDataset:
     """Endless, reshuffled every epoch, this process's slice of every global batch of `source`'s examples.
 
-    Process p of n reads global rows start_row + p, start_row + p + n, ...: the global order does not
-    depend on n, so `start_row = step * global_batch_size` resumes any topology exactly.
+    Share p of n (`process_shard`: one per process, or per group of processes that hold the same rows) reads
+    global rows start_row + p, start_row + p + n, ...: the global order does not depend on n, so
+    `start_row = step * global_batch_size` resumes any topology exactly.
     """
     index, count = process_shard()
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)

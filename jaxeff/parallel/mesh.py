@@ -5,11 +5,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import math
 
 from jaxeff.errors import ConfigError
+from jaxeff.parallel.sharding import BATCH_AXES
 
 # Outermost first: the device order puts the axes that talk most (tensor, then expert) on the nearest devices.
 MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
@@ -56,3 +57,30 @@ def build_mesh(cfg, devices: list | None = None) -> Mesh:
     except Exception:  # non-physical device sets (e.g. a CPU subset): plain row-major order
         device_grid = np.asarray(devices[:n]).reshape(shape)
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def process_row_shards(mesh: Mesh, global_batch_size: int) -> dict[int, tuple[int, int]]:
+    """process index -> (i, n): process p loads share i of n of every global batch's rows.
+
+    Rows are split over the batch axes only, so processes whose devices hold the same rows (a `sequence` or
+    `tensor` group spanning hosts: e.g. 1M-token rows over 8 chips on 2 hosts) load the same share; n is the
+    number of distinct shares, not the number of processes. ConfigError when a process's rows are not one
+    contiguous share, or when the batch does not split into n equal shares."""
+    blocks = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    rows_of_device = NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape))).devices_indices_map(
+        (blocks,))
+    held: dict[int, set[int]] = {}
+    for device, (rows,) in rows_of_device.items():
+        held.setdefault(device.process_index, set()).update(range(*rows.indices(blocks)))
+    shares = sorted({tuple(sorted(r)) for r in held.values()})
+    flat = [b for share in shares for b in share]
+    if sorted(flat) != list(range(blocks)) or any(list(s) != list(range(s[0], s[-1] + 1)) for s in shares) or \
+            len({len(s) for s in shares}) != 1:
+        raise ConfigError(f"mesh {dict(mesh.shape)}: the processes' devices do not hold equal, contiguous shares of "
+                          f"the batch rows ({len(held)} processes); make mesh.data*mesh.fsdp*mesh.expert a multiple "
+                          f"of the number of hosts, or keep mesh.sequence*mesh.tensor within one host")
+    if global_batch_size % len(shares):
+        raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the {len(shares)} "
+                          f"shares of rows the {len(held)} processes load (each loads an equal share of every "
+                          f"batch); use a multiple of {len(shares)}")
+    return {p: (shares.index(tuple(sorted(r))), len(shares)) for p, r in held.items()}

@@ -52,22 +52,23 @@ def compile_train_step(cfg, devices: list, **kwargs) -> TrainStep:
     return build_train_step(cfg, devices, **kwargs).compile()
 
 
-def build_train_step(cfg, devices: list, *, processes: int | None = None, with_data: bool = True) -> TrainStep:
+def build_train_step(cfg, devices: list, *, with_data: bool = True) -> TrainStep:
     """The train step of `cfg` on `devices` as `jaxeff train` would compile it (also when train.jit is false: the
     report shows what a jitted step does), with its mesh, task and state shapes. `devices` may be compile-only
-    devices of another platform (`jaxeff plan`), spread over `processes` hosts; `with_data=False` builds the task
+    devices of another platform spread over several hosts (`jaxeff plan`); `with_data=False` builds the task
     without reading its data. ConfigError for a config these devices cannot run."""
     from jaxeff.config import validate
-    from jaxeff.parallel.mesh import build_mesh
+    from jaxeff.parallel.mesh import build_mesh, process_row_shards
     from jaxeff.tasks import build_task
     from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
     from jaxeff.train.state import abstract_state_and_shardings
     from jaxeff.train.step import make_train_step
 
-    validate(cfg, len(devices), jax.process_count() if processes is None else processes)
+    validate(cfg, len(devices))
     task = build_task(cfg, devices[0].platform, with_data=with_data)
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)
+    process_row_shards(mesh, cfg.train.global_batch_size)  # each host can load its share of every batch
     abstract, shardings = abstract_state_and_shardings(task.model, tx, mesh, cfg.train.seed, task.init_input)
     train_step = make_train_step(task.loss, tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
     return TrainStep(train_step, mesh, task, abstract, shardings, task.batch_shapes(cfg.train.global_batch_size))

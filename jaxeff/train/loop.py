@@ -15,9 +15,10 @@ from jaxeff.artifacts.checkpoint import CheckpointStore, param_shapes, restore_n
 from jaxeff.artifacts.load import load_trained
 from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, validate
 from jaxeff.config.resume import check_resume
+from jaxeff.data import use_row_share
 from jaxeff.models.params import count_params
 from jaxeff.parallel.collectives import collective_stats
-from jaxeff.parallel.mesh import build_mesh
+from jaxeff.parallel.mesh import build_mesh, process_row_shards
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
 from jaxeff.paths import make_writable_dir
@@ -78,13 +79,14 @@ class _Run:
     shardings: Any
     store: CheckpointStore
     data_meta: dict[str, Any]  # what the saved iterator states depend on besides the process count
+    row_share: tuple[int, int] = (0, 1)  # (share, shares) of every batch this process loads
     data_iter: Any = None
     state: Any = None
     start_step: int = 0
 
     @property
     def per_process_batch(self) -> int:
-        return self.cfg.train.global_batch_size // jax.process_count()
+        return self.cfg.train.global_batch_size // self.row_share[1]
 
     def global_batch(self, local_batch) -> dict[str, jax.Array]:
         return _global_batch(self.mesh, local_batch, self.cfg.train.global_batch_size)
@@ -95,7 +97,7 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
         raise ConfigError("--debug runs on one device of one process; start it without a launcher")
     notes = apply_debug_mode(cfg) if debug else []
     devices = jax.devices()[:1] if debug else jax.devices()
-    validate(cfg, len(devices), jax.process_count())
+    validate(cfg, len(devices))
     task = build_task(cfg)
     make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
@@ -109,11 +111,14 @@ def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
     if mesh.size < len(devices):
         notes.append(f"the mesh uses {mesh.size} of the {len(devices)} devices present; set one mesh axis to -1 "
                      "to use them all")
+    row_share = process_row_shards(mesh, cfg.train.global_batch_size)[jax.process_index()]
+    use_row_share(*row_share)
     abstract, shardings = abstract_state_and_shardings(task.model, tx, mesh, cfg.train.seed, task.init_input)
     store = CheckpointStore(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     # The task meta rides along so that every checkpoint can rebuild its model without the training data.
-    data_meta = {"global_batch_size": cfg.train.global_batch_size, **task.data_meta, "task_meta": task.meta}
-    run = _Run(cfg, workdir, devices, notes, task, tx, mesh, abstract, shardings, store, data_meta)
+    data_meta = {"global_batch_size": cfg.train.global_batch_size, "row_shares": row_share[1], **task.data_meta,
+                 "task_meta": task.meta}
+    run = _Run(cfg, workdir, devices, notes, task, tx, mesh, abstract, shardings, store, data_meta, row_share=row_share)
     _restore_or_init(run)
     return run
 

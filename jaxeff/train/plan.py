@@ -133,7 +133,7 @@ def make_plan(cfg, target_name: str) -> Plan:
     target = get_target(target_name)
     devices = compile_only_devices(target)
     hosts = hosts_of(devices)
-    step = build_train_step(cfg, devices, processes=hosts, with_data=False)
+    step = build_train_step(cfg, devices, with_data=False)
     start, refused = time.perf_counter(), None
     try:
         step.compile()

@@ -129,3 +129,19 @@ def test_hosts_that_hold_the_same_rows_load_the_same_share(mesh, shares):
     devices = compile_only_devices(get_target("h100x16"))
     cfg = tiny_config(**{"data.seq_len": 64, "train.global_batch_size": 16, **mesh})
     assert process_row_shards(build_mesh(cfg, devices), cfg.train.global_batch_size) == shares
+
+
+@pytest.mark.parametrize("target, sequence", [("h100x8", 8), ("v5e:2x2", 4)])
+def test_the_sequence_split_step_compiles_for_gpu_and_tpu(target, sequence):
+    """Every token mixer's sharded form, with the Pallas kernels of lightning and mLSTM inside the shard_map, compiles
+    for an H100 node and a TPU v5e slice (compile-only devices)."""
+    from jaxeff.train.plan import make_plan
+
+    cfg = tiny_config(**{"data.seq_len": 256, "model.n_layers": 6, "train.global_batch_size": 2, "mesh.data": 1,
+                         "mesh.sequence": sequence, "model.mixer_pattern": "[lightning, mlstm, companion, attention, s2, "
+                         "sink_window]", "model.n_kv_heads": "null", "model.lightning.impl": "pallas",
+                         "model.mlstm.impl": "pallas", "model.s2.block_size": 16, "model.companion.state_dim": 8,
+                         "model.companion.n_kernels": 4, "model.compute_dtype": "bfloat16", "model.loss_chunk": 8})
+    plan = make_plan(cfg, target)
+    assert plan.fits and plan.mesh["sequence"] == sequence
+    assert plan.collectives["all-gather"]["count"] >= 6  # at least one exchange per layer

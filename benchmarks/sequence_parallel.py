@@ -70,7 +70,8 @@ PLAN_COMMON = ["train.global_batch_size=1", "train.microbatches=1", "mesh.data=1
 CHUNKED = ["model.loss_chunk=8192"]
 # (model, tokens per row, target, extra overrides)
 PLANS = [(model, n, target, CHUNKED) for model in (TNL_1B, XLSTM_1B) for n in (2**17, 2**20)
-         for target in ("h100x8", "v5p:2x2x2")] + [(TNL_1B, 2**20, "h100x8", [])]
+         for target in ("h100x8", "v5p:2x2x2")] + [(TNL_1B, 2**20, "h100x8", []),
+                                                    (TNL_1B, 2**20, "v5p:2x2x4", CHUNKED + ["mesh.sequence=16"])]
 
 def config(mixer: str, seq_len: int, mesh: dict):
     overrides = SMALL + MIXERS[mixer] + [f"data.seq_len={seq_len}"] + [f"{k}={v}" for k, v in mesh.items()]
@@ -160,11 +161,11 @@ def plan_table() -> str:
         try:
             plan = make_plan(cfg, target)
         except UserError as e:
-            rows.append(f"| {name} | {human(seq_len)}, {chunk} | {target} | - | error: {e} | - | - | - |")
+            rows.append(f"| {name} | {human(seq_len)}, {chunk} | {target}, sequence {cfg.mesh.sequence} | - | error: {e} | - | - | - |")
             print(rows[-1], flush=True)
             continue
         sent = plan.collectives.get("total", {}).get("wire_bytes", 0) / 2**30
-        rows.append(f"| {name} | {human(seq_len)}, {chunk} | {target} | {plan.peak_bytes / 2**30:.1f} "
+        rows.append(f"| {name} | {human(seq_len)}, {chunk} | {target}, sequence {cfg.mesh.sequence} | {plan.peak_bytes / 2**30:.1f} "
                     f"({plan.hbm_bytes / 2**30:.0f}) | {'yes' if plan.fits else 'NO'} | {plan.est_step_s:.2f} | "
                     f"{sent:.2f} | {plan.compile_s:.0f} |")
         print(rows[-1], flush=True)
@@ -220,8 +221,8 @@ def main() -> None:
     if args.plans:
         plans = plan_table()
         print(plans, flush=True)
-        sections.append(f"`jaxeff plan` (compiled for the target, not run), one row per step, `mesh.sequence=8`, "
-                        f"`model.remat=full`:\n\n{plans}")
+        sections.append(f"`jaxeff plan` (compiled for the target, not run), one row per step, `model.remat=full`:"
+                        f"\n\n{plans}")
     if args.write:
         for i, body in enumerate(sections):
             name = "sequence-parallel" if not args.skip_memory and i == 0 else "sequence-parallel-plans"

@@ -12,13 +12,14 @@ What crosses devices grows with the sequence, unlike the linear mixers' fixed-si
 values), and the backward sends as much back (the all-gather's transpose is a reduce-scatter of dK and dV; no
 custom rule). A remat'ed layer gathers again in its recomputation.
 
-Work and memory: every device computes the full [L, G L] score block of its queries for every query head (the
-masked entries too) and holds it in float32, B x H x L x G L x 4 bytes, with the gathered K and V. So the work is
-the same on every device whatever its chunk (device 0 needs only its first L keys, the last device all G L, but
-both compute G L): contiguous chunks are already balanced, and a load-balanced order (zigzag chunks) would pay
-only with a kernel that skips masked blocks, which this form does not have. Its cost is that it computes the
-whole rectangle, not the causal half (nor S2's kept blocks). The Pallas kernels stay the path when the sequence
-is not split.
+Work and memory. When L is a multiple of block_size (the usual case) the chunk holds whole query blocks, and each
+(KV head, query block) gathers only the KV blocks its pattern keeps from the gathered keys (the block-gather form
+of reference.gather_attention, offset to this chunk's first block): work and scores scale with the kept blocks,
+as on one device. Otherwise (a chunk starting mid-block) the masked dense form: every device computes the full
+[L, G L] score block of its queries (the masked entries too), in float32, B x H x L x G L x 4 bytes. Either way
+the work per device does not depend much on its chunk's place (the dense form computes G L keys everywhere; S2's
+and sink+window's kept blocks per query block are nearly constant), so contiguous chunks are balanced and no
+load-balanced (zigzag) order is used. The Pallas kernels stay the path when the sequence is not split.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.sequence_parallel import chunk_index
+
+from .reference import padded_csr
 
 from .ops import _check, pattern
 
@@ -59,6 +62,38 @@ def masked_attention(q_BLHK, k_BTGK, v_BTGW, mask_GLT, scale: float | None = Non
     return jax.nn.dot_product_attention(q_BLHK, k_BTGK, v_BTGW, mask=mask_1HLT, scale=scale, implementation="xla")
 
 
+def block_sparse_chunk_attention(q_BLHK, k_BTGK, v_BTGW, mask_GIJ, block_size: int, first_block,
+                                 scale: float | None = None):
+    """Local queries, whole blocks `first_block` .. `first_block + L / block_size - 1` of the sequence, over the KV
+    blocks their rows of `mask_GIJ` keep (float32 scores of the kept blocks only; causal within the diagonal
+    block by global positions). k, v: the whole sequence, T = kv blocks x block_size."""
+    b, length, hq, d = q_BLHK.shape
+    g = k_BTGK.shape[2]
+    groups, bs = hq // g, block_size
+    n_q, n_kv = length // bs, k_BTGK.shape[1] // bs
+    scale = d**-0.5 if scale is None else scale
+    index_GIM, count_GI = (jnp.asarray(x) for x in padded_csr(mask_GIJ))
+    index_GQM = lax.dynamic_slice_in_dim(index_GIM, first_block, n_q, axis=1)  # this chunk's query blocks
+    count_GQ = lax.dynamic_slice_in_dim(count_GI, first_block, n_q, axis=1)
+    m = index_GQM.shape[-1]
+
+    def kept_blocks(x_BTGK):  # [B, G, Q, M Y, K]: each query block's kept KV blocks, per KV head
+        x_BGJYK = jnp.moveaxis(x_BTGK.reshape(b, n_kv, bs, g, x_BTGK.shape[-1]), 3, 1)
+        take = jax.vmap(lambda x_BJYK, idx_QM: x_BJYK[:, idx_QM], in_axes=(1, 0), out_axes=1)
+        return take(x_BGJYK, index_GQM).reshape(b, g, n_q, m * bs, x_BTGK.shape[-1]).astype(jnp.float32)
+
+    q_BGRQYK = q_BLHK.reshape(b, n_q, bs, g, groups, d).transpose(0, 3, 4, 1, 2, 5).astype(jnp.float32)
+    highest = lax.Precision.HIGHEST
+    logits = jnp.einsum("bgrqyk,bgqtk->bgrqyt", q_BGRQYK, kept_blocks(k_BTGK), precision=highest) * scale
+    key_pos_GQT = (index_GQM[..., None] * bs + jnp.arange(bs)).reshape(g, n_q, m * bs)
+    kept_GQT = jnp.repeat(jnp.arange(m)[None, None, :] < count_GQ[..., None], bs, axis=-1)  # not padding
+    query_pos_QY = (first_block + jnp.arange(n_q))[:, None] * bs + jnp.arange(bs)[None, :]
+    ok_GQYT = kept_GQT[:, :, None, :] & (key_pos_GQT[:, :, None, :] <= query_pos_QY[None, :, :, None])
+    probs = jax.nn.softmax(jnp.where(ok_GQYT[None, :, None], logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bgrqyt,bgqtw->bgrqyw", probs, kept_blocks(v_BTGW), precision=highest)
+    return out.transpose(0, 3, 4, 1, 2, 5).reshape(b, length, hq, -1).astype(q_BLHK.dtype)
+
+
 def sharded_s2_attention(q, k, v, *, axis_name: str, block_size: int = 64, local_blocks: int,
                          vert_stride: int | None, head_sliding_step: int | None = None, head_offset: int = 0,
                          num_dense_heads: int = 0, sink_blocks: int = 0, scale: float | None = None):
@@ -74,5 +109,8 @@ def sharded_s2_attention(q, k, v, *, axis_name: str, block_size: int = 64, local
     mask_GIJ = pattern((b, total, h, d), k.shape[2], block_size=block_size, local_blocks=local_blocks,
                        vert_stride=vert_stride, head_sliding_step=head_sliding_step, head_offset=head_offset,
                        num_dense_heads=num_dense_heads, sink_blocks=sink_blocks)
+    if length % block_size == 0:  # whole query blocks: only the kept KV blocks
+        first_block = chunk_index(axis_name) * (length // block_size)
+        return block_sparse_chunk_attention(q, k_BTGK, v_BTGW, mask_GIJ, block_size, first_block, scale)
     mask_GLT = chunk_token_mask(mask_GIJ, query_positions(length, axis_name), total, block_size)
     return masked_attention(q, k_BTGK, v_BTGW, mask_GLT, scale)

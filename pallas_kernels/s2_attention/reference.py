@@ -119,44 +119,47 @@ def dense_attention(q, k, v, token_mask_GST=None, scale: float | None = None):
     return out.astype(q.dtype), lse
 
 
-def gather_attention(q, k, v, mask_GIJ: np.ndarray, block_size: int, scale: float | None = None):
+def gather_attention(q, k, v, mask_GIJ: np.ndarray, block_size: int, scale: float | None = None, first_block=0):
     """The same result, computing only kept blocks: per (KV head, query block), gather its kept KV blocks
-    (`padded_csr`), attend over them, mask the padding entries, causal positions and keys past the end."""
+    (`padded_csr`), attend over them, mask the padding entries, causal positions and keys past the end.
+
+    `first_block` (an int, or traced): q holds whole query blocks first_block, first_block + 1, ... of the
+    sequence that k and v hold (a device's chunk under sequence parallelism; 0: the whole sequence)."""
     b, s, hq, d = q.shape
-    g = k.shape[2]
+    t, g = k.shape[1], k.shape[2]
     groups = hq // g
     scale = d**-0.5 if scale is None else scale
-    nb = math.ceil(s / block_size)
-    pad = nb * block_size - s
-    index, count = padded_csr(mask_GIJ)  # [G, I, J]: kept KV blocks of each query block
+    nq, nk = math.ceil(s / block_size), math.ceil(t / block_size)
+    index_GIM, count_GI = (jnp.asarray(x) for x in padded_csr(mask_GIJ))  # kept KV blocks of each query block
+    index = jax.lax.dynamic_slice_in_dim(index_GIM, first_block, nq, axis=1)  # q's query blocks
+    count = jax.lax.dynamic_slice_in_dim(count_GI, first_block, nq, axis=1)
     m = index.shape[-1]
 
-    def blocks(x):  # [B, S, G, K or W] -> [B, G, J, Y, K or W]
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return jnp.moveaxis(x.reshape(b, nb, block_size, x.shape[2], d), 3, 1)
+    def blocks(x):  # [B, T, G, K or W] -> [B, G, J, Y, K or W]
+        x = jnp.pad(x, ((0, 0), (0, nk * block_size - t), (0, 0), (0, 0)))
+        return jnp.moveaxis(x.reshape(b, nk, block_size, x.shape[2], d), 3, 1)
 
-    q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    q_BGRIYK = q_pad.reshape(b, nb, block_size, g, groups, d).transpose(0, 3, 4, 1, 2, 5)
+    q_pad = jnp.pad(q, ((0, 0), (0, nq * block_size - s), (0, 0), (0, 0)))
+    q_BGRIYK = q_pad.reshape(b, nq, block_size, g, groups, d).transpose(0, 3, 4, 1, 2, 5)
     kb, vb = blocks(k), blocks(v)  # [B, G, J, Y, K]
     take = jax.vmap(lambda x_BJYK, idx_IJ: x_BJYK[:, idx_IJ], in_axes=(1, 0), out_axes=1)  # per KV head
     # the gathered keys of each query block: T = (kept KV blocks) * Y positions
-    k_g = take(kb, jnp.asarray(index)).reshape(b, g, nb, m * block_size, d)  # [B, G, I, T, K]
-    v_g = take(vb, jnp.asarray(index)).reshape(b, g, nb, m * block_size, d)
+    k_g = take(kb, index).reshape(b, g, nq, m * block_size, d)  # [B, G, I, T, K]
+    v_g = take(vb, index).reshape(b, g, nq, m * block_size, d)
     logits = jnp.einsum("bgriqd,bgikd->bgriqk", q_BGRIYK.astype(jnp.float32), k_g.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) * scale
     # validity of each gathered key: entry < count, key position <= query position, key inside the sequence
-    entry = np.arange(m)[None, None, :]
-    key_pos = (index[..., None] * block_size + np.arange(block_size)).reshape(g, nb, m * block_size)
-    valid_entry = np.repeat(entry < count[..., None], block_size, axis=-1)  # [G, I, T]
-    query_pos = np.arange(nb)[:, None] * block_size + np.arange(block_size)[None, :]  # [I, Y]
+    key_pos = (index[..., None] * block_size + jnp.arange(block_size)).reshape(g, nq, m * block_size)
+    valid_entry = jnp.repeat(jnp.arange(m)[None, None, :] < count[..., None], block_size, axis=-1)  # [G, I, T]
+    query_pos = (first_block + jnp.arange(nq))[:, None] * block_size + jnp.arange(block_size)[None, :]  # [I, Y]
     ok = (valid_entry[:, :, None, :] & (key_pos[:, :, None, :] <= query_pos[None, :, :, None])
-          & (key_pos[:, :, None, :] < s))  # [G, I, Y, T]
-    logits = jnp.where(jnp.asarray(ok)[None, :, None], logits, -jnp.inf)
+          & (key_pos[:, :, None, :] < t))  # [G, I, Y, T]
+    logits = jnp.where(ok[None, :, None], logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, G, R, I, Y]
     probs = jnp.exp(logits - lse[..., None])
     out = jnp.einsum("bgriqk,bgikd->bgriqd", probs, v_g.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    out = out.transpose(0, 3, 4, 1, 2, 5).reshape(b, nb * block_size, hq, d)[:, :s]
-    lse = lse.reshape(b, hq, nb * block_size)[:, :, :s]
+    out = out.transpose(0, 3, 4, 1, 2, 5).reshape(b, nq * block_size, hq, d)[:, :s]
+    lse = lse.reshape(b, hq, nq * block_size)[:, :, :s]
     return out.astype(q.dtype), lse
 
 

@@ -30,7 +30,7 @@ from jax import lax
 
 from pallas_kernels.sequence_parallel import chunk_index
 
-from .reference import padded_csr
+from .reference import gather_attention
 
 from .ops import _check, pattern
 
@@ -62,38 +62,6 @@ def masked_attention(q_BLHK, k_BTGK, v_BTGW, mask_GLT, scale: float | None = Non
     return jax.nn.dot_product_attention(q_BLHK, k_BTGK, v_BTGW, mask=mask_1HLT, scale=scale, implementation="xla")
 
 
-def block_sparse_chunk_attention(q_BLHK, k_BTGK, v_BTGW, mask_GIJ, block_size: int, first_block,
-                                 scale: float | None = None):
-    """Local queries, whole blocks `first_block` .. `first_block + L / block_size - 1` of the sequence, over the KV
-    blocks their rows of `mask_GIJ` keep (float32 scores of the kept blocks only; causal within the diagonal
-    block by global positions). k, v: the whole sequence, T = kv blocks x block_size."""
-    b, length, hq, d = q_BLHK.shape
-    g = k_BTGK.shape[2]
-    groups, bs = hq // g, block_size
-    n_q, n_kv = length // bs, k_BTGK.shape[1] // bs
-    scale = d**-0.5 if scale is None else scale
-    index_GIM, count_GI = (jnp.asarray(x) for x in padded_csr(mask_GIJ))
-    index_GQM = lax.dynamic_slice_in_dim(index_GIM, first_block, n_q, axis=1)  # this chunk's query blocks
-    count_GQ = lax.dynamic_slice_in_dim(count_GI, first_block, n_q, axis=1)
-    m = index_GQM.shape[-1]
-
-    def kept_blocks(x_BTGK):  # [B, G, Q, M Y, K]: each query block's kept KV blocks, per KV head
-        x_BGJYK = jnp.moveaxis(x_BTGK.reshape(b, n_kv, bs, g, x_BTGK.shape[-1]), 3, 1)
-        take = jax.vmap(lambda x_BJYK, idx_QM: x_BJYK[:, idx_QM], in_axes=(1, 0), out_axes=1)
-        return take(x_BGJYK, index_GQM).reshape(b, g, n_q, m * bs, x_BTGK.shape[-1]).astype(jnp.float32)
-
-    q_BGRQYK = q_BLHK.reshape(b, n_q, bs, g, groups, d).transpose(0, 3, 4, 1, 2, 5).astype(jnp.float32)
-    highest = lax.Precision.HIGHEST
-    logits = jnp.einsum("bgrqyk,bgqtk->bgrqyt", q_BGRQYK, kept_blocks(k_BTGK), precision=highest) * scale
-    key_pos_GQT = (index_GQM[..., None] * bs + jnp.arange(bs)).reshape(g, n_q, m * bs)
-    kept_GQT = jnp.repeat(jnp.arange(m)[None, None, :] < count_GQ[..., None], bs, axis=-1)  # not padding
-    query_pos_QY = (first_block + jnp.arange(n_q))[:, None] * bs + jnp.arange(bs)[None, :]
-    ok_GQYT = kept_GQT[:, :, None, :] & (key_pos_GQT[:, :, None, :] <= query_pos_QY[None, :, :, None])
-    probs = jax.nn.softmax(jnp.where(ok_GQYT[None, :, None], logits, -jnp.inf), axis=-1)
-    out = jnp.einsum("bgrqyt,bgqtw->bgrqyw", probs, kept_blocks(v_BTGW), precision=highest)
-    return out.transpose(0, 3, 4, 1, 2, 5).reshape(b, length, hq, -1).astype(q_BLHK.dtype)
-
-
 def sharded_s2_attention(q, k, v, *, axis_name: str, block_size: int = 64, local_blocks: int,
                          vert_stride: int | None, head_sliding_step: int | None = None, head_offset: int = 0,
                          num_dense_heads: int = 0, sink_blocks: int = 0, scale: float | None = None):
@@ -111,6 +79,6 @@ def sharded_s2_attention(q, k, v, *, axis_name: str, block_size: int = 64, local
                        num_dense_heads=num_dense_heads, sink_blocks=sink_blocks)
     if length % block_size == 0:  # whole query blocks: only the kept KV blocks
         first_block = chunk_index(axis_name) * (length // block_size)
-        return block_sparse_chunk_attention(q, k_BTGK, v_BTGW, mask_GIJ, block_size, first_block, scale)
+        return gather_attention(q, k_BTGK, v_BTGW, mask_GIJ, block_size, scale, first_block=first_block)[0]
     mask_GLT = chunk_token_mask(mask_GIJ, query_positions(length, axis_name), total, block_size)
     return masked_attention(q, k_BTGK, v_BTGW, mask_GLT, scale)

@@ -1,10 +1,17 @@
 """Shared test helpers (tiny configs, subprocess environments)."""
 
+import contextlib
+import functools
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh
 
 from jaxeff.config import Config, load_config
 
@@ -94,3 +101,39 @@ def full_and_stepped_logits(cfg, prompt: int, seq: int = 13, batch: int = 2, edi
         out, state, _ = apply({"params": params}, tokens[:, t:t + 1], jnp.full((batch, 1), t), state)
         outs.append(out)
     return full, jnp.concatenate(outs, 1), caches
+
+
+# ----------------------------------------------------------------------------- sequence-parallel op tests
+
+
+def split_over_devices(sharded_fn, args, specs, out_spec, axes: dict):
+    """`sharded_fn(*args, axis_name="sequence")` in a shard_map over a mesh of the simulated CPU devices with these
+    axes (name -> size), the sequence axis named "sequence"."""
+    sizes = tuple(axes.values())
+    mesh = Mesh(np.asarray(jax.devices()[: int(np.prod(sizes))]).reshape(sizes), tuple(axes),
+                axis_types=(AxisType.Auto,) * len(axes))
+    run = jax.shard_map(functools.partial(sharded_fn, axis_name="sequence"), mesh=mesh, in_specs=specs,
+                        out_specs=out_spec, check_vma=False)
+    return run(*args)
+
+
+def grads_of(fn, args, cotangent):
+    """Jitted gradients of sum(fn(*args) * cotangent) with respect to every argument."""
+    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums=tuple(range(len(args)))))(*args)
+
+
+def float64_if(dtype):
+    """float64 on for one test (jax.enable_x64 on versions with it, jax.experimental.enable_x64 before)."""
+    if dtype != jnp.float64:
+        return contextlib.nullcontext()
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+def worst_relative_error(got, want) -> float:
+    """The largest absolute difference over the largest |want| (in float64)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from helpers import grads_of, split_over_devices
 from jaxeff.layers.attention import causal_attention, sharded_causal_attention
 from pallas_kernels.s2_attention import expand_to_tokens, pattern, s2_attention
 from pallas_kernels.s2_attention.sequence_parallel import chunk_token_mask, sharded_s2_attention
@@ -19,24 +20,9 @@ MESHES = {"sequence8": {"sequence": 8}, "data2_sequence4": {"data": 2, "sequence
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def split_over_devices(sharded_fn, args, specs, out_spec, axes: dict):
-    """`sharded_fn(*args)` in a shard_map over a mesh of CPU devices with these axes (sizes), the sequence axis
-    named "sequence"."""
-    sizes = tuple(axes.values())
-    mesh = Mesh(np.asarray(jax.devices()[: int(np.prod(sizes))]).reshape(sizes), tuple(axes),
-                axis_types=(AxisType.Auto,) * len(axes))
-    run = jax.shard_map(functools.partial(sharded_fn, axis_name="sequence"), mesh=mesh, in_specs=specs,
-                        out_specs=out_spec, check_vma=False)
-    return run(*args)
-
-
 def split(sharded_fn, spec, axes: dict):
     """The sharded op on whole arrays: every operand and the output split by `spec`."""
     return lambda *args: split_over_devices(sharded_fn, args, (spec,) * len(args), spec, axes)
-
-
-def grads_of(fn, args, cotangent):
-    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums=tuple(range(len(args)))))(*args)
 
 
 def inputs(seed=0, b=2, s=96, h=4, g=2, d=8):

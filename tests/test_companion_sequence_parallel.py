@@ -2,41 +2,20 @@
 whole-sequence op, forward and gradients (u, a, b, c, skip), on simulated CPU devices, float32 and float64; and its
 pieces (a chunk's final state, the free response of an entering state, powers of A) equal the recurrence."""
 
-import contextlib
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from helpers import float64_if, grads_of, split_over_devices, worst_relative_error
 from pallas_kernels.companion_ssm import companion_ssm
 from pallas_kernels.companion_ssm import reference as ref
 from pallas_kernels.companion_ssm.sequence_parallel import (chunk_kernels, chunk_state, free_response, power_of_a,
                                                             sharded_companion_ssm)
 
 ROW = P("data", "sequence")
-
-
-def split_over_devices(sharded_fn, args, specs, data: int, sequence: int):
-    """`sharded_fn(*args)` in a shard_map over a data x sequence mesh of CPU devices; rows over data, axis 1 over
-    sequence (as in tests/test_sequence_parallel_ops.py)."""
-    mesh = Mesh(np.asarray(jax.devices()[: data * sequence]).reshape(data, sequence), ("data", "sequence"),
-                axis_types=(AxisType.Auto,) * 2)
-    run = jax.shard_map(functools.partial(sharded_fn, axis_name="sequence"), mesh=mesh, in_specs=specs,
-                        out_specs=ROW, check_vma=False)
-    return run(*args)
-
-
-def float64_if(dtype):
-    if dtype != jnp.float64:
-        return contextlib.nullcontext()
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64
-
-    return enable_x64()
 
 
 def companion_params(rng, h, d, kind):
@@ -50,11 +29,6 @@ def companion_params(rng, h, d, kind):
     else:
         a = 0.3 * a
     return a, b * d**-0.5, c * d**-0.5
-
-
-def worst_relative_error(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 # 96 tokens over 8 (4) devices: chunks of 12 (24); d = 16 > 12 puts the whole state inside one chunk's reach.
@@ -77,16 +51,14 @@ def check_sharded(dtype, mesh, kind, d, with_skip, b=2, s=96, h=3):
     args = (u, a, bb, c, skip) if with_skip else (u, a, bb, c)
     specs = (ROW, P(), P(), P(), P())[: len(args)]
     whole = lambda *x: companion_ssm(*x)  # noqa: E731
-    split = lambda *x: split_over_devices(sharded_companion_ssm, x, specs, *mesh)  # noqa: E731
+    split = lambda *x: split_over_devices(sharded_companion_ssm, x, specs, ROW,
+                                          {"data": mesh[0], "sequence": mesh[1]})  # noqa: E731
     tol = 1e-5 if dtype == jnp.float32 else 1e-10
     got, want = jax.jit(split)(*args), whole(*args)
     assert got.dtype == want.dtype == dtype
     assert worst_relative_error(got, want) < tol
     cot = jnp.asarray(rng.standard_normal(u.shape), dtype)
-    def grads(fn):
-        return jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x) * cot), argnums=tuple(range(len(args)))))
-
-    for name, g, w in zip("u a b c skip".split(), grads(split)(*args), grads(whole)(*args)):
+    for name, g, w in zip("u a b c skip".split(), grads_of(split, args, cot), grads_of(whole, args, cot)):
         assert worst_relative_error(g, w) < tol, (name, worst_relative_error(g, w))
 
 

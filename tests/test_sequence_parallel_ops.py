@@ -2,46 +2,20 @@
 forward and gradients, on simulated CPU devices: chunks of a length that is not a multiple of the kernels' block,
 float32 and float64, and the chunk states against the op's own final state."""
 
-import contextlib
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from helpers import float64_if, grads_of, split_over_devices, worst_relative_error
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.lightning_attention.sequence_parallel import chunk_state as lightning_chunk_state
 from pallas_kernels.lightning_attention.sequence_parallel import sharded_lightning_attention
 from pallas_kernels.mlstm import mlstm
 from pallas_kernels.mlstm.sequence_parallel import chunk_state as mlstm_chunk_state
 from pallas_kernels.mlstm.sequence_parallel import sharded_mlstm
-
-
-def split_over_devices(sharded_fn, args, specs, data: int, sequence: int):
-    """`sharded_fn(*args)` in a shard_map over a data x sequence mesh of CPU devices; rows over data, axis 1 over
-    sequence."""
-    mesh = Mesh(np.asarray(jax.devices()[: data * sequence]).reshape(data, sequence), ("data", "sequence"),
-                axis_types=(AxisType.Auto,) * 2)
-    run = jax.shard_map(functools.partial(sharded_fn, axis_name="sequence"), mesh=mesh, in_specs=specs,
-                        out_specs=P("data", "sequence"), check_vma=False)
-    return run(*args)
-
-
-def float64_if(dtype):
-    """float64 on for one test (jax.enable_x64 on versions with it, jax.experimental.enable_x64 before)."""
-    if dtype != jnp.float64:
-        return contextlib.nullcontext()
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64
-
-    return enable_x64()
-
-
-def grads_of(fn, args, cotangent):
-    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums=tuple(range(len(args)))))(*args)
 
 
 ROW = P("data", "sequence")
@@ -68,7 +42,7 @@ def check_lightning(dtype, impl, mesh):
     whole = lambda q, k, v: lightning_attention(q, k, v, rate, block_size=8, impl=impl)  # noqa: E731
     split = lambda q, k, v: split_over_devices(  # noqa: E731
         functools.partial(sharded_lightning_attention, block_size=8, impl=impl), (q, k, v, rate),
-        (ROW, ROW, ROW, P()), *mesh)
+        (ROW, ROW, ROW, P()), ROW, {"data": mesh[0], "sequence": mesh[1]})
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(split(q, k, v), whole(q, k, v), **tol)
     cot = jnp.asarray(rng.standard_normal(v.shape), dtype)
@@ -91,10 +65,6 @@ def mlstm_inputs(rng, dtype, b=2, s=8 * 12, h=2, k=8, w=4):
     return q, kk, v, i, f
 
 
-def worst_relative_error(got, want):
-    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-
-
 # eps = 0: the split form is exact (float64 to 1e-10). With eps > 0 the normaliser max(|q n|, exp(-m)) + eps
 # depends on the stabiliser m through eps exp(m); the op does not differentiate the m it starts from (nor does the
 # Pallas kernel differentiate m at all), so gate gradients differ by that term: here 5e-6 (i) and 1.5e-5 (f) of
@@ -113,7 +83,8 @@ def check_mlstm(dtype, impl, mesh, eps):
     args = mlstm_inputs(rng, dtype)
     whole = lambda *a: mlstm(*a, chunk_size=8, eps=eps, impl=impl)  # noqa: E731
     split = lambda *a: split_over_devices(  # noqa: E731
-        functools.partial(sharded_mlstm, chunk_size=8, eps=eps, impl=impl), a, (ROW,) * 5, *mesh)
+        functools.partial(sharded_mlstm, chunk_size=8, eps=eps, impl=impl), a, (ROW,) * 5, ROW,
+        {"data": mesh[0], "sequence": mesh[1]})
     exact = dtype == jnp.float64 and eps == 0.0
     out_tol = 1e-12 if dtype == jnp.float64 else 5e-6
     grad_tol = {"q": 2e-5, "k": 2e-5, "v": 2e-5, "i": 2e-5, "f": 5e-5}

@@ -3,6 +3,7 @@ split over mesh axis "sequence", each device's queries attend over all-gathered 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from jaxeff.layers.rope import apply_rope
-from jaxeff.parallel.sharding import per_sequence_shard, sequence_axis
+from jaxeff.parallel.sharding import per_shard, sequence_axis
 from pallas_kernels.sequence_parallel import chunk_index
 
 if TYPE_CHECKING:
@@ -50,13 +51,14 @@ class SoftmaxAttention(nn.Module):
 
     # Subclasses with another attention pattern (S2, sink + window) override these two.
     def attend(self, q_BSHK, k_BSGK, v_BSGW):
-        if sequence_axis() is None:  # GSPMD partitions batch and heads; cuDNN's kernel on NVIDIA GPUs
+        axis = sequence_axis()
+        if axis is None:  # GSPMD partitions batch and heads; cuDNN's kernel on NVIDIA GPUs
             return causal_attention(q_BSHK, k_BSGK, v_BSGW)
         # The sequence split: all-gather K and V (sharded_causal_attention). KV heads split over "tensor" as the
         # query heads are: a device holds contiguous query heads and the KV heads they read (h // (H / G)).
         kv_axes = ("batch", "length", "kv_heads", "head_dim")
-        return per_sequence_shard(causal_attention, sharded_causal_attention, (q_BSHK, k_BSGK, v_BSGW),
-                                  (BSHK_AXES, kv_axes, kv_axes), BSHK_AXES)
+        return per_shard(functools.partial(sharded_causal_attention, axis_name=axis), (q_BSHK, k_BSGK, v_BSGW),
+                         (BSHK_AXES, kv_axes, kv_axes), BSHK_AXES)
 
     def attend_with_cache(self, q_BSHK, k_BSGK, v_BSGW, cache):
         return _attend_with_cache(q_BSHK, k_BSGK, v_BSGW, cache)

@@ -6,7 +6,7 @@ from jaxeff.config import ConfigError
 from jaxeff.parallel.distributed import DistributedSpec, detect
 
 SCHEDULER_VARS = ("JAXEFF_COORDINATOR", "JAXEFF_NUM_PROCESSES", "JAXEFF_PROCESS_ID", "JOB_COMPLETION_INDEX",
-                  "SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
+                  "JAXEFF_CLUSTER", "SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +49,32 @@ def test_slurm_and_tpu_are_left_to_jax(monkeypatch):
     assert detect() == DistributedSpec("tpu")
 
 
+def test_jaxeff_cluster_names_a_tpu_vm_slice_or_one_process(monkeypatch):
+    monkeypatch.setenv("JAXEFF_CLUSTER", "tpu")  # launch/tpu/tpu-vm.sh: JAX reads the slice from the TPU metadata
+    assert detect() == DistributedSpec("tpu")
+    monkeypatch.setenv("JAXEFF_CLUSTER", "none")  # wins over SLURM and TPU variables
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1,t2")
+    assert detect() is None
+
+
+def test_gke_tpu_pod_of_an_indexed_job_is_left_to_jax(monkeypatch):
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w-0.svc,w-1.svc")
+    assert detect() == DistributedSpec("tpu")
+
+
+def test_indexed_job_pod_without_coordinator_is_an_error(monkeypatch):
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    assert detect() is None  # pod 0 of a one-pod Job: a single process
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    with pytest.raises(ConfigError, match=r"JOB_COMPLETION_INDEX=2 .* JAXEFF_COORDINATOR is not set"):
+        detect()
+    monkeypatch.setenv("JAXEFF_CLUSTER", "none")  # independent single-process pods (e.g. a sweep)
+    assert detect() is None
+
+
 @pytest.mark.parametrize("args, env, message", [
     (("host:1", 2, None), {}, "must be given together"),
     (("host:1", 2, 2), {}, r"process id 2 is outside 0..1"),
@@ -56,6 +82,9 @@ def test_slurm_and_tpu_are_left_to_jax(monkeypatch):
     ((None, None, None), {"JAXEFF_COORDINATOR": "h:1"}, "also set JAXEFF_NUM_PROCESSES"),
     ((None, None, None), {"JAXEFF_COORDINATOR": "h:1", "JAXEFF_NUM_PROCESSES": "two", "JAXEFF_PROCESS_ID": "0"},
      "JAXEFF_NUM_PROCESSES='two' must be an integer"),
+    ((None, None, None), {"JAXEFF_CLUSTER": "gke"}, r"JAXEFF_CLUSTER='gke' must be one of tpu, none"),
+    ((None, None, None), {"JAXEFF_COORDINATOR": "h:1", "JAXEFF_NUM_PROCESSES": "2", "JAXEFF_PROCESS_ID": "0",
+                          "JAXEFF_CLUSTER": "tpu"}, "both set"),
 ])
 def test_bad_settings_are_config_errors(monkeypatch, args, env, message):
     for k, v in env.items():

@@ -2,11 +2,16 @@
 
 Sources, first match wins:
 1. explicit `--coordinator HOST:PORT --num-processes N --process-id I`;
-2. JAXEFF_COORDINATOR / JAXEFF_NUM_PROCESSES / JAXEFF_PROCESS_ID (set by launch/local.py and the
-   Kubernetes manifest; on Kubernetes JOB_COMPLETION_INDEX stands in for JAXEFF_PROCESS_ID);
-3. SLURM with more than one task (`srun`): JAX reads SLURM_* itself;
-4. a multi-host Cloud TPU VM slice: JAX reads the TPU metadata itself;
-otherwise one process, and `jax.distributed` is not started.
+2. JAXEFF_COORDINATOR / JAXEFF_NUM_PROCESSES / JAXEFF_PROCESS_ID (set by launch/local.py and
+   launch/kubernetes/job.yaml; in an indexed Kubernetes Job JOB_COMPLETION_INDEX stands in for
+   JAXEFF_PROCESS_ID);
+3. JAXEFF_CLUSTER=tpu: a Cloud TPU VM slice (launch/tpu/tpu-vm.sh sets it; the TPU VM runtime exports
+   no variable that names the slice, JAX reads the worker list from the metadata server itself);
+   JAXEFF_CLUSTER=none: one process, whatever else the environment says;
+4. SLURM with more than one task (`srun`): JAX reads SLURM_* itself;
+5. a multi-host TPU slice on GKE (TPU_WORKER_HOSTNAMES with several hosts): JAX reads TPU_* itself;
+otherwise one process, and `jax.distributed` is not started. A pod of an indexed Job other than
+pod 0 (JOB_COMPLETION_INDEX > 0) without any of these is an error: it would train alone.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import jax
 from jaxeff.errors import ConfigError
 
 log = logging.getLogger("jaxeff")
+
+# JAXEFF_CLUSTER values: "tpu" starts jax.distributed and lets JAX detect the TPU slice; "none" forces one process.
+CLUSTERS = ("tpu", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +65,24 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
         if pid is None or n is None:
             raise ConfigError("JAXEFF_COORDINATOR is set: also set JAXEFF_NUM_PROCESSES and JAXEFF_PROCESS_ID "
                               "(or JOB_COMPLETION_INDEX on Kubernetes)")
+        if os.environ.get("JAXEFF_CLUSTER"):
+            raise ConfigError("JAXEFF_COORDINATOR and JAXEFF_CLUSTER are both set: unset one of them")
         return _checked(DistributedSpec(source, env_coordinator, n, pid))
+    cluster = os.environ.get("JAXEFF_CLUSTER", "")
+    if cluster:
+        if cluster not in CLUSTERS:
+            raise ConfigError(f"JAXEFF_CLUSTER={cluster!r} must be one of {', '.join(CLUSTERS)}")
+        return DistributedSpec("tpu") if cluster == "tpu" else None
     if (_int_env("SLURM_NTASKS") or 1) > 1 and os.environ.get("SLURM_JOB_ID"):
         return DistributedSpec("slurm")
     if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return DistributedSpec("tpu")
+    index = _int_env("JOB_COMPLETION_INDEX")
+    if index:
+        raise ConfigError(f"JOB_COMPLETION_INDEX={index} (pod {index} of an indexed Kubernetes Job) but JAXEFF_COORDINATOR "
+                          "is not set: every pod would train alone. Set JAXEFF_COORDINATOR=<job>-0.<service>:55527 and "
+                          "JAXEFF_NUM_PROCESSES=<parallelism> (see launch/kubernetes/job.yaml), or JAXEFF_CLUSTER=none "
+                          "for independent single-process pods")
     return None
 
 

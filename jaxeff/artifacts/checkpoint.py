@@ -2,20 +2,22 @@
 
 Layout: <workdir>/checkpoints/<step>/{params, train_state, data, meta}. `data` holds one grain
 iterator state per process; `meta` records the process count and data settings, so that a
-restore into a different topology rebuilds the iterators from the step instead. Orbax writes each step into a
-temporary directory and renames it when complete, so a save killed midway leaves only a
-`*.orbax-checkpoint-tmp*` directory: we delete those on start and resume from the last complete
-step. A newest step that does not restore (a file missing or truncated by a full disk or an
-interrupted copy) is moved aside to `<step>.damaged-<n>`, never deleted, and the previous step is
-tried (`restore_newest`).
+restore into a different topology rebuilds the iterators from the step instead.
+
+Atomic saves: on a filesystem Orbax writes each step into a temporary directory and renames it when complete, so a
+save killed midway leaves only a `*.orbax-checkpoint-tmp*` directory. An object store (gs://) has no rename: Orbax
+writes the step in place and adds `commit_success.txt` last, so a step without it is incomplete. Either kind of
+leftover is deleted on start (Orbax's own test of "temporary") and the run resumes from the last complete step.
+
+A newest step that does not restore (a file missing or truncated by a full disk or an interrupted copy) is set
+aside as `<step>.damaged-<n>`, never deleted, and the previous step is tried (`restore_newest`). On a filesystem
+that is one rename; on an object store it is copy, then un-commit, then delete (`set_aside`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -26,20 +28,22 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxeff.errors import UserError
+from jaxeff.paths import Path, PathLike, as_path, copy_tree, is_object_store
 
 log = logging.getLogger("jaxeff")
 T = TypeVar("T")
 
-TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 def remove_partial_saves(directory: Path) -> list[Path]:
     """Delete leftovers of interrupted saves (only process 0 touches the shared directory)."""
     removed = []
-    if directory.is_dir() and jax.process_index() == 0:
-        for path in sorted(directory.iterdir()):
-            if TMP_MARKER in path.name:
-                shutil.rmtree(path, ignore_errors=True)
+    if jax.process_index() == 0 and directory.is_dir():
+        for path in sorted(directory.iterdir(), key=str):
+            # `<step>.damaged-<n>` copies are kept whatever they hold (an interrupted set-aside may leave one half
+            # copied, next to the intact step it copies).
+            if path.is_dir() and ".damaged-" not in path.name and ocp.path.step.is_tmp_checkpoint(path):
+                path.rmtree(missing_ok=True)
                 removed.append(path)
     return removed
 
@@ -47,8 +51,9 @@ def remove_partial_saves(directory: Path) -> list[Path]:
 class CheckpointStore:
     """A thin wrapper over `ocp.CheckpointManager` that knows jaxeff's item names."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        directory = as_path(directory, "--workdir")
+        self.directory = directory if is_object_store(directory) else directory.absolute()
         self.read_only = read_only
         if not read_only:
             for path in remove_partial_saves(self.directory):
@@ -74,14 +79,17 @@ class CheckpointStore:
         return param_shapes(self.manager.item_metadata(step)["params"])
 
     def set_aside(self, step: int) -> Path:
-        """Rename a damaged step to `<step>.damaged-<n>` (process 0), so that it is kept but not restored."""
+        """Keep a damaged step as `<step>.damaged-<n>` (process 0), where it is no longer restored."""
         source = self.directory / str(step)
         n = 1
         while (self.directory / f"{step}.damaged-{n}").exists():
             n += 1
         target = self.directory / f"{step}.damaged-{n}"
         if jax.process_index() == 0:
-            source.rename(target)
+            if is_object_store(source):
+                _set_aside_without_rename(source, target)
+            else:
+                source.rename(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxeff:set-aside-{step}")
         self.manager.reload()
@@ -138,6 +146,18 @@ class CheckpointStore:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _set_aside_without_rename(source: Path, target: Path) -> None:
+    """An object store's "rename": copy every object, then remove the commit marker (from then on the step is
+    no longer a checkpoint), then delete the rest. Interrupted during the copy, the intact step is set aside again
+    on the next start next to a partial copy; after it, the step is an uncommitted leftover and is deleted on start.
+    Nothing of the damaged step is lost before its copy is complete."""
+    copy_tree(source, target)
+    marker = source / "commit_success.txt"
+    if marker.exists():
+        marker.unlink()
+    source.rmtree(missing_ok=True)
 
 
 def param_shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -12,13 +12,13 @@ Exports written before the task meta existed (`jaxeff-export-v1` for language mo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 from jaxeff.config import Config, ConfigError, config_from_dict
 from jaxeff.config.legacy import migrate_moved_keys
+from jaxeff.paths import Path, PathLike, as_path, is_object_store
 from jaxeff.tasks import Meta, task_class
 
 EXPORT_FORMAT = "jaxeff-export-v2"
@@ -30,8 +30,9 @@ def is_export(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "params").is_dir()
 
 
-def check_new_out_dir(out: str | Path) -> Path:
-    out = Path(out).absolute()
+def check_new_out_dir(out: PathLike) -> Path:
+    out = as_path(out, "--out")
+    out = out if is_object_store(out) else out.absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):

@@ -7,7 +7,6 @@ Workdirs written before checkpoints recorded the meta get it from the task's `le
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ from jaxeff.artifacts.checkpoint import CheckpointStore, restore_newest
 from jaxeff.artifacts.export import is_export, read_config
 from jaxeff.config import Config, ConfigError, read_saved_config
 from jaxeff.models.params import abstract_params
+from jaxeff.paths import Path, PathLike, as_path, is_object_store
 from jaxeff.tasks import Meta, Task, task_class
 
 
@@ -45,9 +45,9 @@ class Trained:
                               f"{self.directory}`")
 
 
-def load_trained(path: str | Path) -> Trained:
+def load_trained(path: PathLike) -> Trained:
     """A trained model from a training workdir (its newest restorable checkpoint) or from an export."""
-    path = Path(path)
+    path = as_path(path, "--workdir")
     if is_export(path):
         return _from_export(path)
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
@@ -60,7 +60,8 @@ def _from_export(export_dir: Path) -> Trained:
     cfg, meta, step = read_config(export_dir)
     task = task_class(cfg.task)
     model = task.build_model(cfg, meta)
-    params = ocp.StandardCheckpointer().restore((export_dir / "params").absolute(),
+    params_dir = export_dir / "params"
+    params = ocp.StandardCheckpointer().restore(params_dir if is_object_store(params_dir) else params_dir.absolute(),
                                                 abstract_params(model, task.model_input(cfg, meta)))
     return Trained(cfg, task, model, params, meta, step, export_dir, True)
 

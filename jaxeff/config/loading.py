@@ -5,7 +5,6 @@ Every failure is a one-line `ConfigError` (the CLI prints it and exits with code
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -15,6 +14,7 @@ from jaxeff.config.base import ConfigError
 from jaxeff.config.errors import config_error, unknown_key_error
 from jaxeff.config.legacy import migrate_moved_keys, refuse_moved_keys
 from jaxeff.config.sections import Config
+from jaxeff.paths import PathLike, as_path
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -44,8 +44,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def read_yaml(path: PathLike) -> dict[str, Any]:
+    path = as_path(path, "--config")
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (e.g. configs/debug.yaml)")
     if not path.is_file():
@@ -85,7 +85,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "") -> Config:
         raise config_error(e, Config, where) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply overrides, check types. Raises ConfigError."""
     raw = read_yaml(path) if path is not None else {}
     for text in overrides:
@@ -95,11 +95,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config_from_dict(raw)
 
 
-def read_saved_config(path: str | Path) -> Config:
+def read_saved_config(path: PathLike) -> Config:
     """A config written by `dump_config`, possibly by an older jaxeff (old keys are migrated)."""
     raw = migrate_moved_keys(read_yaml(path))
     return config_from_dict(raw, where=f"{path}: ")
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def dump_config(cfg: Config, path: PathLike) -> None:
+    as_path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -13,7 +13,6 @@ A field may change when its annotation carries `MAY_CHANGE` or its section sets
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -57,7 +56,7 @@ def _structural_changes(saved: Config, now: Config) -> list[Change]:
     return []
 
 
-def check_resume(saved: Config, now: Config, workdir: Path | str) -> list[Change]:
+def check_resume(saved: Config, now: Config, workdir) -> list[Change]:
     """The allowed changes between the saved config and this one; ConfigError naming any other."""
     changes = _changes(saved, now)
     refused = [c for c, allowed in changes if not allowed] + _structural_changes(saved, now)
@@ -66,5 +65,5 @@ def check_resume(saved: Config, now: Config, workdir: Path | str) -> list[Change
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ConfigError(f"the workdir {workdir} holds checkpoints of a different run ({detail}{more}); these "
                           "settings define the model, its data or its seeds: use a new --workdir, or the saved values "
-                          f"(in {Path(workdir) / 'config.yaml'}) to resume")
+                          f"(in {workdir}/config.yaml) to resume")
     return [c for c, _ in changes]

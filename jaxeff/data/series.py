@@ -15,15 +15,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
 from jaxeff.config import ConfigError
 from jaxeff.config.forecast import ForecastConfig
+from jaxeff.paths import Path, PathLike, as_path
 
 
 @dataclasses.dataclass
@@ -54,15 +55,14 @@ def _parse_number(text: str, where: str) -> float:
     return value
 
 
-def read_csv_series(path: str | Path, *, date_columns: tuple[str, ...] | None = None, columns: list[str] | None = None,
+def read_csv_series(path: PathLike, *, date_columns: tuple[str, ...] | None = None, columns: list[str] | None = None,
                     missing: str = "error", origin: str | None = None) -> Series:
     """Channels of a CSV file. `date_columns`: label columns (None: the first column if it is named `date`)."""
-    path = Path(path)
+    path = as_path(path, "forecast.csv")
     if path.is_dir():
         raise ConfigError(f"forecast.csv={path} is a directory; pass a CSV file")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
     except FileNotFoundError:
         raise ConfigError(f"forecast.csv={path} does not exist") from None
     except UnicodeDecodeError:

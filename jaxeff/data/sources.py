@@ -6,13 +6,13 @@ the same corpus.
 
 from __future__ import annotations
 
-import glob
 import json
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 from jaxeff.config import ConfigError, DataConfig
+from jaxeff.paths import as_path, expand_glob, is_object_store
 
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 
@@ -29,14 +29,13 @@ def stdlib_files() -> list[Path]:
 def _expand(patterns: list[str], key: str = "data.paths") -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
-        if Path(pattern).is_dir():
+        if as_path(pattern, key).is_dir():
             raise ConfigError(f"{key}: '{pattern}' is a directory; give files or a glob such as '{pattern}/*.txt' "
                               f"or '{pattern}/**/*.jsonl'")
-        matches = sorted(glob.glob(pattern, recursive=True))
-        found = [Path(m) for m in matches if Path(m).is_file()]
+        found = expand_glob(pattern, key)
         if not found:
-            what = "only directories" if matches else "no file"
-            raise ConfigError(f"{key}: '{pattern}' matches {what}; check the path (relative to {Path.cwd()})")
+            where = "" if is_object_store(pattern) else f" (relative to {Path.cwd()})"
+            raise ConfigError(f"{key}: '{pattern}' matches no file; check the path{where}")
         files.extend(found)
     return files
 
@@ -89,6 +88,9 @@ def _arrayrecord_documents(paths: list[Path]) -> Iterator[str]:
     import grain
 
     for path in paths:  # one file at a time, so that an error names the file
+        if is_object_store(path):
+            raise ConfigError(f"data.paths: '{path}': ArrayRecord files are read from a local disk only; copy them "
+                              "there, or use data.source=text or jsonl, which read gs:// directly")
         try:
             source = grain.sources.ArrayRecordDataSource([str(path)])
             n_records = len(source)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from jaxeff.config import ConfigError
+from jaxeff.paths import PathLike, as_path, is_object_store
 
 
 class Tokenizer(Protocol):
@@ -43,16 +43,16 @@ class ByteTokenizer:
 class HuggingFaceTokenizer:
     """A `tokenizer.json` file from the Hugging Face `tokenizers` library (never downloaded)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: PathLike):
         from tokenizers import Tokenizer as HFTokenizer
 
-        path = Path(path)
+        path = as_path(path, "data.tokenizer")
         if path.is_dir():
             raise ConfigError(f"data.tokenizer: '{path}' is a directory; give the tokenizer.json file inside it")
         if not path.is_file():
             raise ConfigError(f"data.tokenizer: file '{path}' does not exist (use 'byte' or a tokenizer.json path)")
         try:
-            self._tok = HFTokenizer.from_file(str(path))
+            self._tok = HFTokenizer.from_str(path.read_text())
         except Exception as e:  # the library raises a bare Exception on malformed files
             raise ConfigError(f"data.tokenizer: '{path}' is not a Hugging Face tokenizer.json ({e})") from None
         self.spec = str(path)
@@ -81,11 +81,11 @@ class HuggingFaceTokenizer:
         return self._tok.decode([int(i) for i in ids if int(i) < self._tok.get_vocab_size(True)])
 
 
-def load_tokenizer(spec: str, base_dir: str | Path | None = None) -> Tokenizer:
+def load_tokenizer(spec: str, base_dir: PathLike | None = None) -> Tokenizer:
     """'byte' or a tokenizer.json path (relative paths resolve against `base_dir` when given)."""
     if spec == "byte":
         return ByteTokenizer()
-    path = Path(spec)
-    if base_dir is not None and not path.is_absolute() and not path.exists():
-        path = Path(base_dir) / path
+    path = as_path(spec, "data.tokenizer")
+    if base_dir is not None and not is_object_store(path) and not path.is_absolute() and not path.exists():
+        path = as_path(base_dir) / spec
     return HuggingFaceTokenizer(path)

@@ -6,17 +6,15 @@ meta needs next to the export (a language model's tokenizer).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 
 from jaxeff.artifacts.export import check_new_out_dir, write_config, write_params
 from jaxeff.artifacts.load import load_trained
 from jaxeff.models.params import count_params
-from jaxeff.paths import make_writable_dir
+from jaxeff.paths import Path, PathLike, make_writable_dir
 
 
-def export_checkpoint(workdir: str | Path, out: str | Path) -> tuple[Path, int]:
+def export_checkpoint(workdir: PathLike, out: PathLike) -> tuple[Path, int]:
     """Write the export; returns (its directory, the training step exported)."""
     out = check_new_out_dir(out)
     loaded = load_trained(workdir)

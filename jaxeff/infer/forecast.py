@@ -3,7 +3,7 @@ jaxeff/tasks/forecast_output.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from jaxeff.paths import Path
 
 from jaxeff.artifacts.load import load_trained
 from jaxeff.tasks.forecast_output import Forecast, forecast_series, format_forecast, plot_forecast

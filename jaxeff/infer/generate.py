@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from jaxeff.paths import Path
 
 from jaxeff.artifacts.load import Trained, load_trained
 from jaxeff.data.tokenizer import Tokenizer

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -26,7 +24,7 @@ from jaxeff.config import Config, ConfigError, LightningConfig, MlstmConfig, Mod
 from jaxeff.data.tokenizer import ByteTokenizer, load_tokenizer
 from jaxeff.errors import UserError
 from jaxeff.models.params import abstract_params
-from jaxeff.paths import make_writable_dir
+from jaxeff.paths import Path, PathLike, as_path, is_object_store, make_writable_dir
 from jaxeff.tasks.lm import LanguageModelTask, tokenizer_meta
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -232,9 +230,11 @@ def _tokenizer_for(directory: Path, vocab: int):
     return byte
 
 
-def import_checkpoint(src: str | Path, out: str | Path, dtype: str = "float32") -> tuple[Path, str, int]:
+def import_checkpoint(src: PathLike, out: PathLike, dtype: str = "float32") -> tuple[Path, str, int]:
     """Convert a Hugging Face model directory; returns (export directory, model_type, parameter count)."""
-    src = Path(src)
+    if is_object_store(src):  # safetensors memory-maps its files
+        raise UserError(f"--from {src}: the Hugging Face directory must be on a local disk; copy it there first")
+    src = as_path(src, "--from")
     if not src.is_dir():
         raise UserError(f"--from {src} is not a directory; pass a Hugging Face model directory")
     out = check_new_out_dir(out)
@@ -285,7 +285,7 @@ def import_checkpoint(src: str | Path, out: str | Path, dtype: str = "float32") 
             writer.add(m.target, value.astype(np_dtype))
             n_params += value.size
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # it was new or empty (check_new_out_dir): leave nothing half-written
+        out.rmtree(missing_ok=True)  # it was new or empty (check_new_out_dir): leave nothing half-written
         raise
     writer.finish()
     write_config(out, cfg, meta, step=0, param_count=n_params, param_dtype=dtype,
@@ -318,8 +318,10 @@ class _ParamWriter:
             write_params(self.out, self.tree)
             return
         self.partial.finalize(self.staging)
-        (self.staging / "state").rename(self.out / "params")  # the PyTree itself: what StandardCheckpointer reads
-        shutil.rmtree(self.staging)
+        # The PyTree itself: what StandardCheckpointer reads. On an object store this "rename" is a copy; the export
+        # counts as one only once config.json is written after it.
+        (self.staging / "state").rename(self.out / "params")
+        self.staging.rmtree()
 
 
 def _lookup(tree: dict[str, Any], path: tuple[str, ...]):

@@ -16,7 +16,7 @@ per task: lm.py (next-token prediction), forecast.py (time-series windows).
 from __future__ import annotations
 
 import abc
-from pathlib import Path
+from jaxeff.paths import Path
 from typing import Any, ClassVar, Iterable, Iterator
 
 import flax.linen as nn

@@ -6,9 +6,6 @@ export copies the tokenizer file next to it and records `"tokenizer.json"` (reso
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +15,7 @@ from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_datase
 from jaxeff.data.tokenizer import Tokenizer
 from jaxeff.models.decoding import generate_text
 from jaxeff.models.lm import build_model, flops_per_token, inactive_params
+from jaxeff.paths import Path, as_path
 from jaxeff.tasks.base import Batch, Meta, Task
 
 
@@ -55,7 +53,7 @@ class LanguageModelTask(Task):
     def export_meta(cls, meta: Meta, source_dir: Path | None, out: Path) -> Meta:
         if meta["tokenizer"] == "byte":
             return meta
-        shutil.copyfile(cls.tokenizer_of(meta, source_dir).spec, out / "tokenizer.json")
+        as_path(cls.tokenizer_of(meta, source_dir).spec).copy(out / "tokenizer.json", overwrite=True)
         return {**meta, "tokenizer": "tokenizer.json"}
 
     @classmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,7 +20,7 @@ from jaxeff.parallel.collectives import collective_stats
 from jaxeff.parallel.mesh import build_mesh, process_row_shards
 from jaxeff.parallel.report import memory_summary, parameter_table
 from jaxeff.parallel.sharding import batch_sharding, replicated
-from jaxeff.paths import make_writable_dir
+from jaxeff.paths import Path, PathLike, make_writable_dir
 from jaxeff.tasks import Task, build_task
 from jaxeff.train.comm_report import aot_compile_train_step, comm_scalars, comm_summary
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
@@ -92,14 +91,14 @@ class _Run:
         return _global_batch(self.mesh, local_batch, self.cfg.train.global_batch_size)
 
 
-def _setup(cfg: Config, workdir: Path, debug: bool) -> _Run:
+def _setup(cfg: Config, workdir: PathLike, debug: bool) -> _Run:
     if debug and jax.process_count() > 1:
         raise ConfigError("--debug runs on one device of one process; start it without a launcher")
     notes = apply_debug_mode(cfg) if debug else []
     devices = jax.devices()[:1] if debug else jax.devices()
     validate(cfg, len(devices))
     task = build_task(cfg)
-    make_writable_dir(workdir, "--workdir")
+    workdir = make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         notes += _compare_with_saved_config(workdir, cfg)
@@ -237,9 +236,9 @@ def _evaluate(run: _Run, eval_step, params) -> dict[str, float]:
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
-def train(cfg: Config, workdir: str | Path, *, debug: bool = False, console: bool = True) -> TrainResult:
+def train(cfg: Config, workdir: PathLike, *, debug: bool = False, console: bool = True) -> TrainResult:
     """Train (or resume) the run configured by `cfg` in `workdir`. See docs/architecture.md."""
-    run = _setup(cfg, Path(workdir), debug)
+    run = _setup(cfg, workdir, debug)
     tcfg = cfg.train
     if run.start_step >= tcfg.steps:
         return _nothing_to_train(run)

@@ -142,3 +142,43 @@ def test_debug_mode_runs_eagerly_on_one_device(tmp_path):
     assert "on 1 cpu device(s)" in proc.stdout and "jaxeff: done, step 2" in proc.stdout
 
 
+
+
+# The periodic save of step 20 is made slow (4 s in Orbax's finalize, where the step becomes complete), so that both
+# Ctrl-Cs land while it is still being written, as they would with a large model.
+SLOW_SAVE = textwrap.dedent("""
+    import sys, time
+    import orbax.checkpoint as ocp
+    finalize = ocp.CheckpointManager._finalize_checkpoint
+    def slow_finalize(self, step):
+        if step == 20:
+            print("test: the save of step 20 is being written", flush=True)
+            time.sleep(4)
+        return finalize(self, step)
+    ocp.CheckpointManager._finalize_checkpoint = slow_finalize
+    from jaxeff.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_never_costs_the_checkpoint_being_written(tmp_path):
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    workdir = tmp_path / "run"
+    proc = start([sys.executable, str(script), *train_cmd(workdir, "checkpoint.every=20")[3:]])
+    wait_for_line(proc, "test: the save of step 20 is being written")
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "jaxeff: Ctrl-C again: finishing checkpoint step" in out, out[-3000:]
+    assert "is complete; stopped" in out.strip().splitlines()[-1], out[-3000:]
+    assert time.time() - sent < 60
+    # The first Ctrl-C may already have started its own save (waiting behind step 20's): then both are kept.
+    names = sorted((p.name for p in (workdir / "checkpoints").iterdir()), key=lambda n: (len(n), n))
+    assert names[0] == "20" and all(n.isdigit() for n in names), names  # nothing left half-written
+    resumed = run(train_cmd(workdir, "checkpoint.every=20", f"train.steps={int(names[-1]) + 2}"))
+    assert f"resumed from checkpoint step {names[-1]}" in resumed.stdout

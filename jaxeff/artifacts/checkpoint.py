@@ -55,6 +55,7 @@ class CheckpointStore:
         directory = as_path(directory, "--workdir")
         self.directory = directory if is_object_store(directory) else directory.absolute()
         self.read_only = read_only
+        self._newest_started: int | None = None
         if not read_only:
             for path in remove_partial_saves(self.directory):
                 log.warning("removed incomplete checkpoint %s (a save was interrupted)", path.name)
@@ -103,7 +104,13 @@ class CheckpointStore:
                                   train_state=ocp.args.StandardSave(rest),
                                   data=grain.checkpoint.CheckpointSave(data_iterator),
                                   meta=ocp.args.JsonSave(meta))
+        self._newest_started = step
         self.manager.save(step, args=args, force=True)
+
+    def writing_step(self) -> int | None:
+        """The step of a save started and not yet complete on disk, or None. Safe to call from any thread."""
+        started = self._newest_started
+        return started if started is not None and self.manager.is_saving_in_progress() else None
 
     def save_final(self, step: int, state: dict[str, Any], data_iterator, data_meta=None) -> None:
         """Make sure `step` is on disk (saving it unless the periodic save already did), then close."""

@@ -261,7 +261,7 @@ def train(cfg: Config, workdir: PathLike, *, debug: bool = False, console: bool 
     step_context = contextlib.nullcontext if tcfg.jit else jax.disable_jit
 
     # The mesh context lets the models' activation sharding hints apply while steps are traced.
-    with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
+    with jax.set_mesh(run.mesh), PreemptionGuard(run.store.writing_step) as guard:
         try:
             while step < tcfg.steps:
                 batch = run.global_batch(next(run.data_iter))
@@ -279,6 +279,7 @@ def train(cfg: Config, workdir: PathLike, *, debug: bool = False, console: bool 
                         f", {k} {v:.4g}" for k, v in metrics.items() if k != "loss"))
                     telemetry.restart_interval()  # keep evaluation time out of the step time
                 stop = guard.should_stop(step)
+                guard.hold_if_finishing()
                 if step % cfg.checkpoint.every == 0 or stop:
                     run.store.save(step, state, run.data_iter, run.data_meta)
                 if stop:

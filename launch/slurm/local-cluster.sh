@@ -65,7 +65,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCKET
+# cred_expire: also the seconds a requeued job waits before it may start again (default 120)
+AuthInfo=socket=$SOCKET,cred_expire=${JAXEFF_SLURM_REQUEUE_DELAY:-10}
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -80,6 +81,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 SchedulerType=sched/builtin
+# Look at pending jobs every 2 s (default 60), so that a requeued job starts as soon as it may.
+SchedulerParameters=sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none

@@ -81,3 +81,20 @@ def test_a_mixer_registered_in_one_place_is_usable_everywhere(shift_mixer):
     greedy_logits = np.asarray(model.apply({"params": params}, jnp.asarray([[5, 9, 2] + ids[:2]]))[0])[0, 2:, :259]
     assert ids == [int(i) for i in np.argmax(greedy_logits, axis=-1)]
     assert full_logits.shape == (1, 6, model.vocab_size)
+
+
+# Files that touch only local paths: the interpreter's own sources, a plot, the schema file and the generated docs.
+LOCAL_ONLY = {"jaxeff/paths.py", "jaxeff/data/sources.py", "jaxeff/tasks/forecast_output.py", "jaxeff/cli.py",
+              "jaxeff/config/reference.py"}
+
+
+def test_user_paths_go_through_one_path_type():
+    """Workdirs, exports, configs and data may be gs:// URLs: outside jaxeff/paths.py (and files that only ever see
+    local paths) nothing opens, globs or copies with the local-only APIs."""
+    import re
+
+    local_api = re.compile(r"\bopen\(|\bos\.path\.|\bshutil\b|\bpathlib\b|\bglob\.glob\(")
+    offenders = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sorted((REPO / "jaxeff").rglob("*.py"))
+                 if str(p.relative_to(REPO)) not in LOCAL_ONLY
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if local_api.search(line)]
+    assert not offenders, "use jaxeff.paths (as_path, epath.Path) instead:\n" + "\n".join(offenders)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import jax
 
 from jaxeff.parallel.hardware import chip_of_device_kind
+from jaxeff.paths import Path
 
 
 def peak_flops_per_device(override_tflops: float | None) -> float | None:

@@ -24,16 +24,16 @@ SOCKET=$DIR/munge/munge.socket
 export SLURM_CONF=$CONF
 
 say() { echo "local-cluster: $*"; }
-die() { echo "local-cluster: $*" >&2; exit "${2:-1}"; }
+die() { echo "local-cluster: $1" >&2; exit "${2:-1}"; }
 
 check_tools() {
     local missing=() pkgs=()
     for pair in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client sinfo:slurm-client; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin:/sbin command -v "${pair%%:*}" >/dev/null 2>&1 \
-            || { missing+=("${pair%%:*}"); pkgs+=("${pair##*:}"); }
+            || { missing+=("${pair%%:*}"); [[ " ${pkgs[*]} " == *" ${pair##*:} "* ]] || pkgs+=("${pair##*:}"); }
     done
     if ((${#missing[@]})); then
-        die "missing ${missing[*]} (Debian packages: $(printf '%s\n' "${pkgs[@]}" | sort -u | tr '\n' ' ')); install them with: apt-get install slurm-wlm munge" 2
+        die "missing ${missing[*]} (Debian packages ${pkgs[*]}); install them with: apt-get install slurm-wlm munge" 2
     fi
     [[ $(id -u) == 0 ]] || die "must run as root (slurmd starts the jobs' tasks; munged and slurmd run as root here)" 2
 }
@@ -144,11 +144,21 @@ start() {
     echo "export SLURM_CONF=$CONF"
 }
 
-stop_one() {
-    local name=$1 pid i
-    if pid=$(live_pid "$DIR/$name.pid" "$name"); then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
+# SIGTERM to each daemon it started (by the pid in its own pid file), together; SIGKILL after 10 s.
+stop_daemons() {
+    local name pid i t names=() pids=()
+    for name in "$@"; do
+        if pid=$(live_pid "$DIR/$name.pid" "$name"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            names+=("$name") pids+=("$pid")
+        else
+            say "$name not running"
+            rm -f "$DIR/$name.pid"
+        fi
+    done
+    for i in "${!pids[@]}"; do
+        pid=${pids[$i]} name=${names[$i]}
+        for ((t = 0; t < 100; t++)); do
             [[ -d /proc/$pid ]] || break
             sleep 0.1
         done
@@ -158,21 +168,23 @@ stop_one() {
         else
             say "$name ($pid) stopped"
         fi
-    else
-        say "$name not running"
-    fi
-    rm -f "$DIR/$name.pid"
+        rm -f "$DIR/$name.pid"
+    done
 }
 
 stop() {
-    # slurmd first: a stopping slurmd leaves its jobs' tasks running, so cancel what is left first.
-    if live_pid "$DIR/slurmctld.pid" slurmctld >/dev/null && [[ -f $CONF ]]; then
-        scancel --full --state=RUNNING,PENDING --partition=local >/dev/null 2>&1 || true
+    # A stopping slurmd leaves its jobs' tasks running: cancel the jobs left and give them KillWait to end.
+    local i
+    if live_pid "$DIR/slurmctld.pid" slurmctld >/dev/null && [[ -f $CONF ]] \
+            && [[ -n $(squeue -h -o %i 2>/dev/null) ]]; then
+        say "cancelling the jobs left: $(squeue -h -o %i | tr '\n' ' ')"
         scancel --partition=local >/dev/null 2>&1 || true
+        for ((i = 0; i < 10 * (KILL_WAIT + 10); i++)); do
+            [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
+            sleep 0.1
+        done
     fi
-    stop_one slurmd
-    stop_one slurmctld
-    stop_one munged
+    stop_daemons slurmd slurmctld munged
 }
 
 status() {

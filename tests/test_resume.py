@@ -180,5 +180,4 @@ def test_ctrl_c_twice_never_costs_the_checkpoint_being_written(tmp_path):
     # The first Ctrl-C may already have started its own save (waiting behind step 20's): then both are kept.
     names = sorted((p.name for p in (workdir / "checkpoints").iterdir()), key=lambda n: (len(n), n))
     assert names[0] == "20" and all(n.isdigit() for n in names), names  # nothing left half-written
-    resumed = run(train_cmd(workdir, "checkpoint.every=20", f"train.steps={int(names[-1]) + 2}"))
-    assert f"resumed from checkpoint step {names[-1]}" in resumed.stdout
+    assert load_inference_model(workdir).step == int(names[-1])  # the newest one restores

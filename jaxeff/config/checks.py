@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from jaxeff.config.base import ConfigError
 from jaxeff.config.sections import FORECASTERS, Config
-from jaxeff.layers.registry import check_mixers
+from jaxeff.layers.attention import SoftmaxAttention
+from jaxeff.layers.registry import TOKEN_MIXERS, check_mixers
 from jaxeff.parallel.mesh import resolve_mesh_shape
 
 
@@ -33,20 +34,36 @@ def _check_lm(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
                           "(or model.architecture: lm to train a language model)")
     if d.source != "stdlib" and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (a list of files or glob patterns)")
-    n_kv = m.n_kv_heads or m.n_heads
     if m.head_dim is None and m.d_model % m.n_heads:
         raise ConfigError(
             f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
             f"pick n_heads from {_divisors(m.d_model)} or set model.head_dim"
         )
-    if m.n_heads % n_kv:
-        raise ConfigError(
-            f"model.n_kv_heads={n_kv} must divide model.n_heads={m.n_heads} (grouped-query attention); "
-            f"pick one of {_divisors(m.n_heads)}"
-        )
     if (m.head_dim or m.d_model // m.n_heads) % 2:
         raise ConfigError("the head dimension must be even for rotary embeddings; change model.n_heads or model.head_dim")
-    check_mixers(cfg, mesh_shape)
+    if m.qk_norm:
+        others = sorted({n for n in m.mixer_pattern if not issubclass(TOKEN_MIXERS[n].module, SoftmaxAttention)})
+        if others:
+            raise ConfigError(f"model.qk_norm=true normalises softmax attention's queries and keys, and "
+                              f"model.mixer_pattern also has {', '.join(others)}; set model.qk_norm=false or use "
+                              "attention, s2 or sink_window layers only")
+    for key, layer in _layers(m):
+        n_kv = layer.n_kv_heads or layer.n_heads
+        if layer.n_heads % n_kv:
+            raise ConfigError(
+                f"{key}n_kv_heads={n_kv} must divide {key}n_heads={layer.n_heads} (grouped-query attention); "
+                f"pick one of {_divisors(layer.n_heads)}"
+            )
+    # The mixers' own checks (head widths, tensor splits) see each layer's widths.
+    for _, layer in _layers(m):
+        check_mixers(cfg if layer is m else cfg.model_copy(update={"model": layer}), mesh_shape)
+
+
+def _layers(m):
+    """(key prefix for messages, config) of every distinct layer shape: the model itself without layer scaling."""
+    if m.layer_shapes() is None:
+        return [("model.", m)]
+    return [(f"model.layer_scaling (layer {i}): ", m.for_layer(i)) for i in range(m.n_layers)]
 
 
 def _check_forecast(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
@@ -106,10 +123,12 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by mesh.sequence={sp}: every device "
                           f"takes an equal chunk of each row; use a seq_len that is a multiple of {sp}")
     tp = mesh["tensor"]
-    n_kv = m.n_kv_heads or m.n_heads
-    for key, value in {"model.n_heads": m.n_heads, "model.n_kv_heads": n_kv, "model.mlp_dim": m.mlp_dim}.items():
-        if value % tp:
-            raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tp}; change one of them")
+    for prefix, layer in _layers(m):
+        n_kv = layer.n_kv_heads or layer.n_heads
+        for key, value in {"n_heads": layer.n_heads, "n_kv_heads": n_kv, "mlp_dim": layer.mlp_dim}.items():
+            if value % tp:
+                raise ConfigError(f"{prefix}{key}={value} is not divisible by mesh.tensor={tp}: tensor parallelism "
+                                  f"splits every layer's heads and hidden units evenly; change one of them")
     if m.vocab_multiple % tp:
         raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} is not divisible by mesh.tensor={tp}")
     param_shards = mesh["fsdp"] * sp  # parameters are sharded over fsdp x sequence along `embed`

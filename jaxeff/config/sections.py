@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field
 from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                                 PositiveInt, Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
+from jaxeff.config.layer_scaling import LayerScalingConfig
 from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
 # Importing jaxeff.layers (the package of this module) imports every layer file: the registries are complete.
 from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, unknown_name_message
@@ -90,6 +91,10 @@ class ModelConfig(Section):
     """soft cap `c tanh(logits / c)` on the output logits (xLSTM 7B: 30); null disables it"""
     vocab_size: PositiveInt | None = None
     """embedding rows before padding; null = the tokenizer's vocabulary (set it to match a released model)"""
+    qk_norm: bool = False
+    """RMSNorm (learned scale per head width) on attention queries and keys before RoPE (OpenELM)"""
+    layer_scaling: LayerScalingConfig = Field(default_factory=LayerScalingConfig)
+    """per-layer head counts and channel-mixer widths (OpenELM's layer-wise scaling)"""
 
     lightning: LightningConfig = Field(default_factory=LightningConfig)
     """lightning attention mixers (TransNormerLLM)"""
@@ -112,6 +117,20 @@ class ModelConfig(Section):
 
     def channel_mixer(self, layer: int) -> str:
         return self.channel_mixer_pattern[layer % len(self.channel_mixer_pattern)]
+
+    def for_layer(self, layer: int) -> "ModelConfig":
+        """The config layer `layer` is built from: this one, with the layer's own head counts and channel-mixer
+        width under `layer_scaling` (mixers read n_heads, n_kv_heads and mlp_dim and need not know)."""
+        shapes = self.layer_shapes()
+        if shapes is None:
+            return self
+        shape = shapes[layer]
+        return self.model_copy(update={"n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads,
+                                       "mlp_dim": shape.mlp_dim})
+
+    def layer_shapes(self):
+        """Every layer's LayerShape under `layer_scaling`, or None when all layers share the model's."""
+        return self.layer_scaling.shapes(self.n_layers, self.d_model, self.head_dim)
 
 
 class DataConfig(Section):

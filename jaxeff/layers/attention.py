@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
+from jaxeff.layers.norms import RMSNorm
 from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
 from jaxeff.layers.rope import apply_rope
 from jaxeff.parallel.sharding import per_shard, sequence_axis
@@ -37,6 +38,9 @@ class SoftmaxAttention(nn.Module):
         q_BSHK = projection((h, dh), -1, ("embed", "heads", "head_dim"), cfg.init_std, self.dtype, "q")(x_BSD)
         k_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "k")(x_BSD)
         v_BSGW = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "v")(x_BSD)
+        if cfg.qk_norm:  # OpenELM: one learned scale over the head width, shared by the heads
+            q_BSHK = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q_BSHK)
+            k_BSGK = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k_BSGK)
         q_BSHK = apply_rope(q_BSHK, positions_BS, cfg.rope_theta)
         k_BSGK = apply_rope(k_BSGK, positions_BS, cfg.rope_theta)
 

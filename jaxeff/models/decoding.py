@@ -87,7 +87,7 @@ def cache_report(cfg, max_len: int, dtype=jnp.float32) -> str | None:
     caches = init_caches(cfg, 1, max_len, dtype)
     dense_kv = TOKEN_MIXERS["attention"].init_cache
     used = sum(nbytes(c) for c in caches)
-    dense = sum(nbytes(dense_kv(cfg, i, 1, max_len, dtype)) if spec.cache_kind == "pruned" else nbytes(c)
+    dense = sum(nbytes(dense_kv(cfg.for_layer(i), i, 1, max_len, dtype)) if spec.cache_kind == "pruned" else nbytes(c)
                 for i, (spec, c) in enumerate(zip(specs, caches)))
     return (f"decode cache {used / 2**10:,.1f} KiB for {max_len} tokens (a dense KV cache: {dense / 2**10:,.1f} KiB, "
             f"{used / dense:.0%})")

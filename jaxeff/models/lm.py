@@ -122,7 +122,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BSD, positions_BS, cache):
-        cfg, i = self.cfg, self.layer_index
+        i = self.layer_index
+        cfg = self.cfg.for_layer(i)
         mixer = token_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="mixer")
         channel = channel_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="channel")
         norm = NORMS[cfg.norm]
@@ -192,19 +193,27 @@ def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) 
 
 
 def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
-    return [token_mixer_for_layer(cfg, i).init_cache(cfg, i, batch, max_len, dtype) for i in range(cfg.n_layers)]
+    return [token_mixer_for_layer(cfg, i).init_cache(cfg.for_layer(i), i, batch, max_len, dtype)
+            for i in range(cfg.n_layers)]
 
 
 def inactive_params(cfg: ModelConfig) -> int:
     """Parameters a token does not use (MoE experts it is not routed to): total minus this = active per token."""
     specs = [channel_mixer_for_layer(cfg, i) for i in range(cfg.n_layers)]
-    return sum(spec.inactive_params(cfg, i) for i, spec in enumerate(specs) if spec.inactive_params is not None)
+    return sum(spec.inactive_params(cfg.for_layer(i), i) for i, spec in enumerate(specs)
+               if spec.inactive_params is not None)
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
-    layers = sum(token_mixer_for_layer(cfg, i).flops_per_token(cfg, seq_len, i) + channel_mixer_for_layer(cfg, i).flops_per_token(cfg, i)
-                 for i in range(cfg.n_layers))
+    layers = sum(layer_flops_per_token(cfg, seq_len, i) for i in range(cfg.n_layers))
     return layers + 2 * cfg.d_model * padded_vocab_size(model_vocab_size(cfg, vocab_size), cfg.vocab_multiple)
 
 
+
+
+def layer_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> float:
+    """Forward matmul FLOPs per token of one block (its own widths under model.layer_scaling)."""
+    layer_cfg = cfg.for_layer(layer)
+    return (token_mixer_for_layer(cfg, layer).flops_per_token(layer_cfg, seq_len, layer)
+            + channel_mixer_for_layer(cfg, layer).flops_per_token(layer_cfg, layer))

@@ -126,3 +126,16 @@ def copy_tree(source: Path, target: Path) -> None:
         dst = target / src.relative_to(source)
         dst.parent.mkdir(parents=True, exist_ok=True)
         src.copy(dst, overwrite=True)
+
+
+def write_text_atomically(path: PathLike, text: str) -> None:
+    """Readers see the old text or the new, never a half-written file (other processes of a run read
+    what process 0 rewrites). An object-store upload is already all-or-nothing; a local file goes
+    through a sibling temporary and a rename."""
+    path = as_path(path)
+    if is_object_store(path):
+        path.write_text(text)
+        return
+    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+    partial.write_text(text)
+    partial.replace(path)

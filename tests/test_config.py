@@ -175,6 +175,37 @@ def test_resolved_config_round_trips(tmp_path, name):
     assert again.model_dump() == cfg.model_dump()
 
 
+def test_saved_config_is_replaced_whole_and_an_empty_one_is_not_the_defaults(tmp_path):
+    """Other processes read config.yaml while process 0 rewrites it (a requeued SLURM job failed on a
+    half-written file read as the defaults)."""
+    import threading
+
+    from jaxeff.config import dump_config, read_saved_config
+
+    path = tmp_path / "config.yaml"
+    cfg = load_config(REPO / "configs" / "debug.yaml")
+    dump_config(cfg, path)
+    seen, stop = [], threading.Event()
+
+    def read_while_written():
+        while not stop.is_set():
+            seen.append(read_saved_config(path))
+
+    reader = threading.Thread(target=read_while_written)
+    reader.start()
+    try:
+        for _ in range(200):
+            dump_config(cfg, path)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen and all(c == cfg for c in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # no temporaries left behind
+    path.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_saved_config(path)
+
+
 def test_mixer_section_checks_run_only_when_a_layer_uses_the_mixer():
     long_blocks = ["model.lightning.block_size=256", "data.seq_len=128"]
     validate(load_config(None, long_blocks + ["model.mixer_pattern=[attention]"]), 1)

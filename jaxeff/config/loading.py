@@ -14,7 +14,7 @@ from jaxeff.config.base import ConfigError
 from jaxeff.config.errors import config_error, unknown_key_error
 from jaxeff.config.legacy import migrate_moved_keys, refuse_moved_keys
 from jaxeff.config.sections import Config
-from jaxeff.paths import PathLike, as_path
+from jaxeff.paths import PathLike, as_path, write_text_atomically
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -97,9 +97,12 @@ def load_config(path: PathLike | None = None, overrides: list[str] = ()) -> Conf
 
 def read_saved_config(path: PathLike) -> Config:
     """A config written by `dump_config`, possibly by an older jaxeff (old keys are migrated)."""
-    raw = migrate_moved_keys(read_yaml(path))
+    raw = read_yaml(path)
+    if not raw:  # an empty file would validate as the defaults: another run
+        raise ConfigError(f"the saved config '{path}' is empty")
+    raw = migrate_moved_keys(raw)
     return config_from_dict(raw, where=f"{path}: ")
 
 
 def dump_config(cfg: Config, path: PathLike) -> None:
-    as_path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,8 +1,7 @@
 """`jaxeff import`: a Hugging Face model directory -> a jaxeff export (`params/` + `config.json` + tokenizer).
 
-Supported `model_type`s (config.json):
-  xlstm        transformers' xLSTM layout, which the released NX-AI/xLSTM-7b checkpoint uses
-  transnormer  OpenNLPLab's released TransNormerLLM layout (trust_remote_code models), onto the lightning model
+The supported `model_type`s (config.json) and how each maps onto jaxeff's parameters are the layouts in
+`jaxeff/infer/hf_layouts/` (one module each, listed in its ARCHITECTURES); this module reads and converts.
 
 Tensors are read one at a time from `model.safetensors` or the shards named by `model.safetensors.index.json`,
 transposed/reshaped into jaxeff's parameter layout and checked against the shapes the jaxeff model expects.
@@ -11,31 +10,21 @@ A missing, unexpected or mis-shaped tensor is a UserError that names it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.artifacts.export import check_new_out_dir, write_config, write_params
-from jaxeff.config import Config, ConfigError, LightningConfig, MlstmConfig, ModelConfig
+from jaxeff.config import Config, ConfigError
 from jaxeff.data.tokenizer import ByteTokenizer, load_tokenizer
 from jaxeff.errors import UserError
+from jaxeff.infer.hf_layouts import ARCHITECTURES
 from jaxeff.models.params import abstract_params
 from jaxeff.paths import Path, PathLike, as_path, is_object_store, make_writable_dir
 from jaxeff.tasks.lm import LanguageModelTask, tokenizer_meta
-
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    source: str  # name in the safetensors files
-    target: tuple[str, ...]  # path in jaxeff's params
-    transform: Transform
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -78,137 +67,6 @@ def _read_config(directory: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"--from {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-
-
-def _need(config: dict[str, Any], *names: str, source: str) -> Any:
-    """The first of `names` present in the config (names differ between releases)."""
-    for name in names:
-        if config.get(name) is not None:
-            return config[name]
-    raise UserError(f"{source}: config.json has no '{names[0]}'; is this a complete Hugging Face config?")
-
-
-# ----------------------------------------------------------------------------- layouts
-
-
-def _linear(shape: tuple[int, ...]) -> Transform:
-    """torch Linear weight [out, in] -> jaxeff kernel [in, *out_split]."""
-    return lambda w: w.T.reshape(shape)
-
-
-def _linear_to_heads(heads: int, d_out: int) -> Transform:
-    """[D, H*d] out-projection weight -> kernel [H, d, D]."""
-    return lambda w: w.T.reshape(heads, d_out, -1)
-
-
-def _pad_rows(rows: int) -> Transform:
-    return lambda w: np.pad(w, ((0, rows - w.shape[0]), (0, 0)))
-
-
-def _head_kernel(rows: int) -> Transform:
-    return lambda w: np.pad(w, ((0, rows - w.shape[0]), (0, 0))).T
-
-
-def _xlstm(config: dict[str, Any], source: str) -> tuple[ModelConfig, Callable[[int], list[TensorMap]]]:
-    if config.get("use_bias"):
-        raise UserError(f"{source}: xLSTM with use_bias=true is not supported (the released models have none)")
-    if config.get("weight_mode", "single") != "single":
-        raise UserError(f"{source}: xLSTM weight_mode={config['weight_mode']!r} is not supported; only 'single'")
-    d = int(_need(config, "hidden_size", "embedding_dim", source=source))
-    heads = int(_need(config, "num_heads", source=source))
-    n_layers = int(_need(config, "num_hidden_layers", "num_blocks", source=source))
-    multiple = int(config.get("ffn_round_up_to_multiple_of", 64))
-    mlp = int(((d * float(config.get("ffn_proj_factor", 2.667)) + multiple - 1) // multiple) * multiple)
-    section = MlstmConfig(qk_dim_factor=float(config.get("qk_dim_factor", 0.5)),
-                          v_dim_factor=float(config.get("v_dim_factor", 1.0)),
-                          gate_soft_cap=config.get("gate_soft_cap", 15.0), cell_eps=float(config.get("eps", 1e-6)),
-                          norm_eps=float(config.get("norm_eps", 1e-6)),
-                          chunk_size=int(config.get("chunk_size", 64)))
-    model = ModelConfig(d_model=d, n_layers=n_layers, n_heads=heads, mlp_dim=mlp, mixer_pattern=["mlstm"],
-                        channel_mixer_pattern=["swiglu"], tie_embeddings=False, norm="rms",
-                        norm_eps=float(config.get("norm_eps", 1e-6)),
-                        logit_soft_cap=config.get("output_logit_soft_cap"),
-                        vocab_size=int(_need(config, "vocab_size", source=source)), mlstm=section)
-    dk, dv = section.head_dims(d, heads)
-
-    def tensors(padded_vocab: int) -> list[TensorMap]:
-        out = [TensorMap("backbone.embeddings.weight", ("embed", "embedding"), _pad_rows(padded_vocab)),
-               TensorMap("backbone.out_norm.weight", ("final_norm", "scale"), lambda w: w),
-               TensorMap("lm_head.weight", ("head", "kernel"), _head_kernel(padded_vocab))]
-        for i in range(n_layers):
-            hf, ours = f"backbone.blocks.{i}.", f"layer_{i}"
-            layer = f"{hf}mlstm_layer."
-            out += [
-                TensorMap(f"{hf}norm_mlstm.weight", (ours, "mixer_norm", "scale"), lambda w: w),
-                TensorMap(f"{layer}q.weight", (ours, "mixer", "q", "kernel"), _linear((d, heads, dk))),
-                TensorMap(f"{layer}k.weight", (ours, "mixer", "k", "kernel"), _linear((d, heads, dk))),
-                TensorMap(f"{layer}v.weight", (ours, "mixer", "v", "kernel"), _linear((d, heads, dv))),
-                TensorMap(f"{layer}ogate_preact.weight", (ours, "mixer", "ogate", "kernel"), _linear((d, heads, dv))),
-                TensorMap(f"{layer}igate_preact.weight", (ours, "mixer", "igate", "kernel"), lambda w: w.T),
-                TensorMap(f"{layer}igate_preact.bias", (ours, "mixer", "igate", "bias"), lambda w: w),
-                TensorMap(f"{layer}fgate_preact.weight", (ours, "mixer", "fgate", "kernel"), lambda w: w.T),
-                TensorMap(f"{layer}fgate_preact.bias", (ours, "mixer", "fgate", "bias"), lambda w: w),
-                TensorMap(f"{layer}multihead_norm.weight", (ours, "mixer", "norm", "scale"),
-                          lambda w: w.reshape(heads, dv)),
-                TensorMap(f"{layer}out_proj.weight", (ours, "mixer", "out", "kernel"), _linear_to_heads(heads, dv)),
-                TensorMap(f"{hf}norm_ffn.weight", (ours, "channel_norm", "scale"), lambda w: w),
-                TensorMap(f"{hf}ffn.proj_up_gate.weight", (ours, "channel", "gate", "kernel"), lambda w: w.T),
-                TensorMap(f"{hf}ffn.proj_up.weight", (ours, "channel", "up", "kernel"), lambda w: w.T),
-                TensorMap(f"{hf}ffn.proj_down.weight", (ours, "channel", "down", "kernel"), lambda w: w.T),
-            ]
-        return out
-
-    return model, tensors
-
-
-def _transnormer(config: dict[str, Any], source: str) -> tuple[ModelConfig, Callable[[int], list[TensorMap]]]:
-    if config.get("bias"):
-        raise UserError(f"{source}: TransNormerLLM with bias=true is not supported (the released models have none)")
-    if config.get("norm_type", "simplermsnorm") != "simplermsnorm":
-        raise UserError(f"{source}: TransNormerLLM norm_type={config['norm_type']!r} is not supported; "
-                        "only 'simplermsnorm'")
-    d = int(_need(config, "decoder_embed_dim", source=source))
-    heads = int(_need(config, "decoder_attention_heads", source=source))
-    n_layers = int(_need(config, "decoder_layers", source=source))
-    hidden = int(config.get("hidden_dim", d))
-    if hidden % heads:
-        raise UserError(f"{source}: hidden_dim={hidden} is not divisible by decoder_attention_heads={heads}")
-    head = hidden // heads
-    lrpe = [i for i, use in enumerate(config.get("linear_use_lrpe_list") or []) if use]
-    tied = bool(config.get("tie_word_embeddings", True))
-    model = ModelConfig(d_model=d, n_layers=n_layers, n_heads=heads, head_dim=head,
-                        mlp_dim=int(_need(config, "glu_dim", source=source)), mixer_pattern=["lightning"],
-                        channel_mixer_pattern=["sglu"], norm="srms", scale_embeddings=not config.get("no_scale_embedding"),
-                        tie_embeddings=tied, vocab_size=int(_need(config, "vocab_size", source=source)),
-                        lightning=LightningConfig(decay_convention="code", lrpe_layers=lrpe))
-
-    def qkvu(part: int) -> Transform:
-        return lambda w: w[part * hidden:(part + 1) * hidden].T.reshape(d, heads, head)
-
-    def tensors(padded_vocab: int) -> list[TensorMap]:
-        out = [TensorMap("model.embed_tokens.weight", ("embed", "embedding"), _pad_rows(padded_vocab))]
-        if not tied:
-            out.append(TensorMap("lm_head.weight", ("head", "kernel"), _head_kernel(padded_vocab)))
-        for i in range(n_layers):
-            hf, ours = f"model.layers.{i}.", f"layer_{i}"
-            out += [TensorMap(f"{hf}token_mixer.qkvu_proj.weight", (ours, "mixer", name, "kernel"), qkvu(j))
-                    for j, name in enumerate(("q", "k", "v", "u"))]
-            out += [
-                TensorMap(f"{hf}token_mixer.out_proj.weight", (ours, "mixer", "o", "kernel"),
-                          _linear_to_heads(heads, head)),
-                TensorMap(f"{hf}channel_mixer.l1.weight", (ours, "channel", "gate", "kernel"), lambda w: w.T),
-                TensorMap(f"{hf}channel_mixer.l2.weight", (ours, "channel", "up", "kernel"), lambda w: w.T),
-                TensorMap(f"{hf}channel_mixer.l3.weight", (ours, "channel", "down", "kernel"), lambda w: w.T),
-            ]
-            if i in lrpe:
-                out.append(TensorMap(f"{hf}token_mixer.lrpe.theta", (ours, "mixer", "lrpe_theta"),
-                                     lambda w: w.reshape(heads, head)))
-        return out
-
-    return model, tensors
-
-
-ARCHITECTURES = {"xlstm": _xlstm, "transnormer": _transnormer}
 
 
 # ----------------------------------------------------------------------------- conversion

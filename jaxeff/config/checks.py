@@ -41,11 +41,12 @@ def _check_lm(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
         )
     if (m.head_dim or m.d_model // m.n_heads) % 2:
         raise ConfigError("the head dimension must be even for rotary embeddings; change model.n_heads or model.head_dim")
-    if m.qk_norm:
-        others = sorted({n for n in m.mixer_pattern if not issubclass(TOKEN_MIXERS[n].module, SoftmaxAttention)})
-        if others:
-            raise ConfigError(f"model.qk_norm=true normalises softmax attention's queries and keys, and "
-                              f"model.mixer_pattern also has {', '.join(others)}; set model.qk_norm=false or use "
+    others = sorted({n for n in m.mixer_pattern if not issubclass(TOKEN_MIXERS[n].module, SoftmaxAttention)})
+    for key, on, what in (("qk_norm", m.qk_norm, "normalises softmax attention's queries and keys"),
+                          ("qkv_bias", m.qkv_bias, "adds biases to softmax attention's q, k and v projections")):
+        if on and others:
+            raise ConfigError(f"model.{key}=true {what}, and "
+                              f"model.mixer_pattern also has {', '.join(others)}; set model.{key}=false or use "
                               "attention, s2 or sink_window layers only")
     for key, layer in _layers(m):
         n_kv = layer.n_kv_heads or layer.n_heads
@@ -57,6 +58,21 @@ def _check_lm(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
     # The mixers' own checks (head widths, tensor splits) see each layer's widths.
     for _, layer in _layers(m):
         check_mixers(cfg if layer is m else cfg.model_copy(update={"model": layer}), mesh_shape)
+    if m.parscale.enabled:
+        _check_parscale(m, mesh_shape)
+
+
+def _check_parscale(m, mesh_shape: dict[str, int] | None) -> None:
+    p = f"model.parscale.streams={m.parscale.streams}"
+    without = sorted({n for n in m.mixer_pattern if TOKEN_MIXERS[n].stream_start is None})
+    if without:
+        have = sorted(n for n, spec in TOKEN_MIXERS.items() if spec.stream_start is not None)
+        raise ConfigError(f"{p}: the {', '.join(without)} mixer has no learned per-stream start (a pruned cache); "
+                          f"use mixers among {', '.join(have)}, or set model.parscale.streams=1")
+    if mesh_shape is not None and mesh_shape["sequence"] > 1:
+        raise ConfigError(f"{p} with mesh.sequence={mesh_shape['sequence']}: the streams run each mixer from its "
+                          "learned start, a form not split over the sequence; set mesh.sequence=1 (the streams "
+                          "already multiply the rows to split over mesh.data)")
 
 
 def _layers(m):
@@ -71,6 +87,9 @@ def _check_forecast(cfg: Config, mesh_shape: dict[str, int] | None) -> None:
     if m.architecture not in FORECASTERS:
         raise ConfigError(f"task: forecast needs a forecasting model; set model.architecture to one of "
                           f"{', '.join(FORECASTERS)} (it is {m.architecture!r})")
+    if m.parscale.enabled:
+        raise ConfigError(f"model.parscale.streams={m.parscale.streams}: parallel streams are for language models "
+                          "(task: lm); set model.parscale.streams=1")
     if abs(sum(f.split) - 1) > 1e-6:
         raise ConfigError(f"forecast.split={f.split} must sum to 1 (train, validation, test fractions)")
     if f.source == "csv" and not f.csv:

@@ -16,6 +16,7 @@ from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat
                                 PositiveInt, Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
 from jaxeff.config.layer_scaling import LayerScalingConfig
+from jaxeff.config.parscale import ParScaleConfig
 from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
 # Importing jaxeff.layers (the package of this module) imports every layer file: the registries are complete.
 from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, unknown_name_message
@@ -95,6 +96,10 @@ class ModelConfig(Section):
     """RMSNorm (learned scale per head width) on attention queries and keys before RoPE (OpenELM)"""
     layer_scaling: LayerScalingConfig = Field(default_factory=LayerScalingConfig)
     """per-layer head counts and channel-mixer widths (OpenELM's layer-wise scaling)"""
+    qkv_bias: bool = False
+    """biases on the attention query, key and value projections (Qwen2)"""
+    parscale: ParScaleConfig = Field(default_factory=ParScaleConfig)
+    """parallel streams of each input with learned prefixes and a learned aggregation (ParScale)"""
 
     lightning: LightningConfig = Field(default_factory=LightningConfig)
     """lightning attention mixers (TransNormerLLM)"""

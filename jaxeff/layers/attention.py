@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
 from jaxeff.layers.norms import RMSNorm
-from jaxeff.layers.registry import TokenMixerSpec, register_token_mixer
+from jaxeff.layers.registry import StreamStart, TokenMixerSpec, register_token_mixer
 from jaxeff.layers.rope import apply_rope
 from jaxeff.parallel.sharding import per_shard, sequence_axis
 from pallas_kernels.sequence_parallel import chunk_index
@@ -35,9 +35,10 @@ class SoftmaxAttention(nn.Module):
     def __call__(self, x_BSD, positions_BS, cache=None):
         cfg = self.cfg
         h, kv, dh = head_dims(cfg)
-        q_BSHK = projection((h, dh), -1, ("embed", "heads", "head_dim"), cfg.init_std, self.dtype, "q")(x_BSD)
-        k_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "k")(x_BSD)
-        v_BSGW = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "v")(x_BSD)
+        bias = cfg.qkv_bias  # Qwen2
+        q_BSHK = projection((h, dh), -1, ("embed", "heads", "head_dim"), cfg.init_std, self.dtype, "q", bias)(x_BSD)
+        k_BSGK = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "k", bias)(x_BSD)
+        v_BSGW = projection((kv, dh), -1, ("embed", "kv_heads", "head_dim"), cfg.init_std, self.dtype, "v", bias)(x_BSD)
         if cfg.qk_norm:  # OpenELM: one learned scale over the head width, shared by the heads
             q_BSHK = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q_BSHK)
             k_BSGK = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k_BSGK)
@@ -134,5 +135,32 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int) -> flo
     return projections + scores_and_values
 
 
+def prefix_params(cfg: ModelConfig, layer: int, prefix_tokens: int):
+    """ParScale: a stream's learned prefix, `prefix_tokens` keys and values per KV head ([G, T, K], as released)."""
+    _, kv, dh = head_dims(cfg)
+    axes = ("kv_heads", None, "head_dim")
+    return {"prefix_k": ((kv, prefix_tokens, dh), axes), "prefix_v": ((kv, prefix_tokens, dh), axes)}
+
+
+def cache_after_prefix(cfg: ModelConfig, layer: int, start, max_len: int, dtype):
+    """A KV cache whose first T positions hold the prefix (keys used as they are: no RoPE), written up to T. The
+    real tokens keep positions 0, 1, ... for RoPE; the cache index only places them after the prefix, where every
+    one of them sees all T prefix tokens."""
+    def after_prefix(prefix_NGTK):
+        n, g, t, k = prefix_NGTK.shape
+        return jnp.concatenate([prefix_NGTK.transpose(0, 2, 1, 3).astype(dtype), jnp.zeros((n, max_len, g, k), dtype)],
+                               axis=1)
+
+    t = start["prefix_k"].shape[2]
+    return {"k": after_prefix(start["prefix_k"]), "v": after_prefix(start["prefix_v"]),
+            "index": jnp.asarray(t, jnp.int32)}
+
+
+def prefix_flops_per_token(cfg: ModelConfig, layer: int, prefix_tokens: int) -> float:
+    h, _, dh = head_dims(cfg)
+    return 2 * 2 * h * dh * prefix_tokens  # scores and values over the T prefix keys
+
+
 register_token_mixer(TokenMixerSpec("attention", SoftmaxAttention, attention_flops_per_token, init_kv_cache,
-                                    cache_kind="kv"))
+                                    cache_kind="kv",
+                                    stream_start=StreamStart(prefix_params, cache_after_prefix, prefix_flops_per_token)))

@@ -12,10 +12,14 @@ def normal_init(std: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
-def projection(features, axis, axes: tuple[str, ...], std: float, dtype, name: str) -> nn.DenseGeneral:
-    """A bias-free DenseGeneral with float32 parameters, computing in `dtype`."""
-    return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                           kernel_init=normal_init(std, axes), name=name)
+def projection(features, axis, axes: tuple[str, ...], std: float, dtype, name: str,
+               bias: bool = False) -> nn.DenseGeneral:
+    """A DenseGeneral with float32 parameters, computing in `dtype`; bias-free unless `bias` (then zero-initialised,
+    split like the output features: the last `len(features)` logical axes)."""
+    n_out = len(features) if isinstance(features, tuple) else 1
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, axes[-n_out:])
+    return nn.DenseGeneral(features=features, axis=axis, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+                           kernel_init=normal_init(std, axes), bias_init=bias_init, name=name)
 
 
 def head_dim(cfg) -> int:

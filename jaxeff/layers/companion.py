@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import output_std, projection
-from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
+from jaxeff.layers.registry import StreamStart, TokenMixerSpec, recurrent_call, register_token_mixer
 from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.companion_ssm import companion_ssm, companion_step
 from pallas_kernels.companion_ssm.sequence_parallel import sharded_companion_ssm
@@ -108,5 +108,15 @@ def check_companion(cfg: Config, key: str, mesh_shape=None) -> None:
                           "serves the same number of channels")
 
 
+def learned_state_params(cfg: ModelConfig, layer: int, prefix_tokens: int):
+    """ParScale: a stream's learned initial state [D, d] (the free response c A^t x0 then adds to every output)."""
+    return {"state": ((cfg.d_model, cfg.companion.state_dim), (None, None))}
+
+
+def cache_from_learned_state(cfg: ModelConfig, layer: int, start, max_len: int, dtype):
+    return {"state": start["state"].astype(jnp.float32)}
+
+
 register_token_mixer(TokenMixerSpec("companion", CompanionMixer, companion_flops_per_token, init_companion_cache,
-                                    cache_kind="state", section="companion", check=check_companion))
+                                    cache_kind="state", section="companion", check=check_companion,
+                                    stream_start=StreamStart(learned_state_params, cache_from_learned_state)))

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
-from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
+from jaxeff.layers.registry import StreamStart, TokenMixerSpec, recurrent_call, register_token_mixer
 from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
 from pallas_kernels.lightning_attention.sequence_parallel import sharded_lightning_attention
@@ -155,5 +155,18 @@ def check_lightning(cfg: Config, key: str, mesh_shape=None) -> None:
                           f"sequence would be one quadratic block; set {key}.block_size to at most {seq_len}")
 
 
+def learned_state_params(cfg: ModelConfig, layer: int, prefix_tokens: int):
+    """ParScale: a stream's learned initial state [H, d_k, d_v] (what the prefix of attention becomes here:
+    the state a prefix would have left; `prefix_tokens` does not apply)."""
+    d = head_dim(cfg)
+    d_k = 2 * d if _uses_lrpe(cfg, layer) else d
+    return {"state": ((cfg.n_heads, d_k, d), ("heads", None, None))}
+
+
+def cache_from_learned_state(cfg: ModelConfig, layer: int, start, max_len: int, dtype):
+    return {"state": start["state"].astype(jnp.float32)}
+
+
 register_token_mixer(TokenMixerSpec("lightning", LightningMixer, lightning_flops_per_token, init_lightning_cache,
-                                    cache_kind="state", section="lightning", check=check_lightning))
+                                    cache_kind="state", section="lightning", check=check_lightning,
+                                    stream_start=StreamStart(learned_state_params, cache_from_learned_state)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import BSH_AXES, BSHK_AXES, projection
-from jaxeff.layers.registry import TokenMixerSpec, recurrent_call, register_token_mixer
+from jaxeff.layers.registry import StreamStart, TokenMixerSpec, recurrent_call, register_token_mixer
 from jaxeff.parallel.sharding import per_sequence_shard
 from pallas_kernels.mlstm import mlstm, mlstm_step
 from pallas_kernels.mlstm.sequence_parallel import sharded_mlstm
@@ -150,5 +150,18 @@ def check_mlstm(cfg: Config, key: str, mesh_shape=None) -> None:
                           f"{cfg.data.seq_len}")
 
 
+def learned_state_params(cfg: ModelConfig, layer: int, prefix_tokens: int):
+    """ParScale: a stream's learned initial memory C [H, d_qk, d_v] and normaliser n [H, d_qk]; the stabiliser m
+    starts at 0, so C and n are on their true scale (the cell's backward gives no gradient to m)."""
+    dk, dv = cfg.mlstm.head_dims(cfg.d_model, cfg.n_heads)
+    return {"C": ((cfg.n_heads, dk, dv), ("heads", None, None)), "n": ((cfg.n_heads, dk), ("heads", None))}
+
+
+def cache_from_learned_state(cfg: ModelConfig, layer: int, start, max_len: int, dtype):
+    c_NHKW, n_NHK = start["C"].astype(jnp.float32), start["n"].astype(jnp.float32)
+    return {"state": (c_NHKW, n_NHK, jnp.zeros(n_NHK.shape[:2], jnp.float32))}
+
+
 register_token_mixer(TokenMixerSpec("mlstm", MlstmMixer, mlstm_flops_per_token, init_mlstm_cache, cache_kind="state",
-                                    section="mlstm", check=check_mlstm))
+                                    section="mlstm", check=check_mlstm,
+                                    stream_start=StreamStart(learned_state_params, cache_from_learned_state)))

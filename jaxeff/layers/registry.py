@@ -35,6 +35,23 @@ CacheKind = Literal["kv", "state", "pruned"]
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamStart:
+    """Where each ParScale stream of a mixer begins: learned values in place of the empty decode cache.
+
+    `params(cfg, layer, prefix_tokens)` -> {name: (shape for one stream, logical axes)}; the model stores each as
+    [P, *shape]. `cache(cfg, layer, start, max_len, dtype)` -> the decode cache that holds the start, with room for
+    `max_len` tokens after it; `start` maps each name to [N, *shape], one row per batch row and stream. The mixer
+    then runs from that cache in training as in decoding (its prefill path), so gradients reach the start through
+    the cache. `flops_per_token(cfg, layer, prefix_tokens)`: forward FLOPs a token spends on reading the start
+    (attention's prefix keys); None when the start costs nothing per token (a recurrent state).
+    """
+
+    params: Callable[[ModelConfig, int, int], dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]]
+    cache: Callable[[ModelConfig, int, dict[str, Any], int, Any], Any]
+    flops_per_token: Callable[[ModelConfig, int, int], float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenMixerSpec:
     name: str
     module: type
@@ -45,6 +62,7 @@ class TokenMixerSpec:
     cache_kind: CacheKind
     section: str | None = None  # the ModelConfig field this mixer reads (`model.<section>`), if any
     check: Check | None = None  # consistency of the section with the rest of the config; runs when a layer uses it
+    stream_start: StreamStart | None = None  # ParScale's learned per-stream start; None: the mixer has none
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxeff.layers.registry import TOKEN_MIXERS, token_mixer_for_layer
 from jaxeff.models.lm import init_caches
+from jaxeff.models.parscale import start_caches
 
 
 def sample_next(logits_BV, key, temperature: float, top_k: int, vocab_size: int):
@@ -27,6 +28,13 @@ def sample_next(logits_BV, key, temperature: float, top_k: int, vocab_size: int)
         kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1)
+
+
+def decode_caches(model, params, batch: int, max_len: int) -> list:
+    """The caches decoding starts from: empty ones, or under ParScale each stream's learned start (B P rows)."""
+    if model.cfg.parscale.enabled:
+        return start_caches(model.cfg, params, batch, max_len, model.dtype)
+    return init_caches(model.cfg, batch, max_len, model.dtype)
 
 
 def make_forward(model):
@@ -47,7 +55,7 @@ def generate_ids(model, params, prompt_ids: list[int], max_new_tokens: int, *, t
     cfg = model.cfg
     vocab_size = vocab_size or model.vocab_size
     max_len = max_len or len(prompt_ids) + max_new_tokens
-    caches = init_caches(cfg, 1, max_len, model.dtype)
+    caches = decode_caches(model, params, 1, max_len)
     forward = make_forward(model)
     prompt_1S = jnp.asarray([prompt_ids], jnp.int32)
     logits_1V, caches = forward(params, prompt_1S, jnp.arange(len(prompt_ids))[None], caches)

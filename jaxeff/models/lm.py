@@ -14,6 +14,8 @@ from jaxeff.config import ConfigError, ModelConfig
 from jaxeff.layers.common import normal_init
 from jaxeff.layers.norms import NORMS
 from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
+from jaxeff.models.parscale import (StreamAggregate, aggregate_flops_per_token, learned_start_cache, repeat_streams,
+                                    start_flops_per_token)
 from jaxeff.parallel.sharding import sequence_shards, with_logical_constraint
 
 # The residual stream stays split by batch rows only; without this hint GSPMD may shard its width
@@ -127,6 +129,8 @@ class Block(nn.Module):
         mixer = token_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="mixer")
         channel = channel_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="channel")
         norm = NORMS[cfg.norm]
+        if cache is None and cfg.parscale.enabled:  # each ParScale stream starts from its learned prefix or state
+            cache = learned_start_cache(cfg, i, x_BSD.shape[0], x_BSD.shape[1], self.dtype, cfg.init_std)
         y_BSD, cache = mixer(norm(cfg.norm_eps, self.dtype, name="mixer_norm")(x_BSD), positions_BS, cache)
         x_BSD = x_BSD + y_BSD
         y_BSD, aux = channel(norm(cfg.norm_eps, self.dtype, name="channel_norm")(x_BSD))
@@ -151,6 +155,9 @@ class DecoderLM(nn.Module):
         x_BSD = embed(tokens_BS)
         if cfg.scale_embeddings:
             x_BSD = x_BSD * jnp.asarray(cfg.d_model**0.5, x_BSD.dtype)
+        streams = cfg.parscale.streams
+        if streams > 1:  # rows become B P (batch-major); "x_BSD" below holds them until the streams are aggregated
+            x_BSD, positions_BS = repeat_streams(x_BSD, streams), repeat_streams(positions_BS, streams)
         x_BSD = with_logical_constraint(x_BSD, RESIDUAL_AXES)
 
         block_cls = Block
@@ -166,6 +173,10 @@ class DecoderLM(nn.Module):
                 aux_total[k] = aux_total.get(k, 0.0) + v
 
         x_BSD = NORMS[cfg.norm](cfg.norm_eps, self.dtype, name="final_norm")(x_BSD)
+        if streams > 1:
+            x_BSD = StreamAggregate(streams, cfg.parscale.attn_smooth, cfg.init_std, self.dtype,
+                                    name="parscale_aggregate")(x_BSD)
+            x_BSD = with_logical_constraint(x_BSD, RESIDUAL_AXES)
         if cfg.tie_embeddings:
             weight, letters = embed.output_matrix()
         else:
@@ -193,6 +204,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) 
 
 
 def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
+    """Empty decode caches (a ParScale model starts from its learned ones: jaxeff.models.decoding.decode_caches)."""
     return [token_mixer_for_layer(cfg, i).init_cache(cfg.for_layer(i), i, batch, max_len, dtype)
             for i in range(cfg.n_layers)]
 
@@ -205,10 +217,14 @@ def inactive_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
-    """Forward matmul FLOPs per token (embedding lookup is free; the output head is not)."""
+    """Forward matmul FLOPs per token (embedding lookup is free; the output head is not). ParScale: the layers once
+    per stream, each reading its learned start, plus the aggregation; the head once."""
     layers = sum(layer_flops_per_token(cfg, seq_len, i) for i in range(cfg.n_layers))
-    return layers + 2 * cfg.d_model * padded_vocab_size(model_vocab_size(cfg, vocab_size), cfg.vocab_multiple)
-
+    head = 2 * cfg.d_model * padded_vocab_size(model_vocab_size(cfg, vocab_size), cfg.vocab_multiple)
+    if not cfg.parscale.enabled:
+        return layers + head
+    starts = sum(start_flops_per_token(cfg, i) for i in range(cfg.n_layers))
+    return cfg.parscale.streams * (layers + starts) + aggregate_flops_per_token(cfg) + head
 
 
 

@@ -15,6 +15,7 @@ from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_datase
 from jaxeff.data.tokenizer import Tokenizer
 from jaxeff.models.decoding import generate_text
 from jaxeff.models.lm import build_model, flops_per_token, inactive_params
+from jaxeff.models.parscale import parscale_params
 from jaxeff.paths import Path, as_path
 from jaxeff.tasks.base import Batch, Meta, Task
 
@@ -103,7 +104,15 @@ class LanguageModelTask(Task):
         return flops_per_token(self.cfg.model, self.meta["vocab_size"], seq_len) * seq_len
 
     def describe(self) -> str:
-        return f"{self.corpus.n_documents} documents / {self.corpus.n_tokens:,} tokens"
+        text = f"{self.corpus.n_documents} documents / {self.corpus.n_tokens:,} tokens"
+        m = self.cfg.model
+        if m.parscale.enabled:
+            seq_len, vocab = self.cfg.data.seq_len, self.meta["vocab_size"]
+            one_stream = m.model_copy(update={"parscale": m.parscale.model_copy(update={"streams": 1})})
+            ratio = flops_per_token(m, vocab, seq_len) / flops_per_token(one_stream, vocab, seq_len)
+            text += (f", {m.parscale.streams} ParScale streams ({parscale_params(m):,} parameters in their starts "
+                     f"and aggregation, {ratio:.2f}x the FLOPs per token of one stream)")
+        return text
 
     def finish(self, params_host, progress) -> str | None:
         s = self.cfg.sample

@@ -114,14 +114,15 @@ def import_checkpoint(src: PathLike, out: PathLike, dtype: str = "float32") -> t
     np_dtype = jnp.bfloat16 if dtype == "bfloat16" else np.float32
 
     maps = tensor_maps(model.vocab_size)
-    for m in maps:  # names first: a missing or stray tensor fails before anything is written
+    used = [m for m in maps if m.target]  # the others (`unused`): accepted when present, never read
+    for m in used:  # names first: a missing or stray tensor fails before anything is written
         if m.source not in reader.names():
             raise UserError(f"--from {src}: tensor '{m.source}' is missing (needed for {'/'.join(m.target)})")
     unexpected = sorted(reader.names() - {m.source for m in maps})
     if unexpected:
         raise UserError(f"--from {src}: {len(unexpected)} tensor(s) have no place in the {arch} model, e.g. "
                         f"'{unexpected[0]}'; is config.json the one these weights were saved with?")
-    filled = {m.target for m in maps}
+    filled = {m.target for m in used}
     missing = [p for p in (tuple(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(expected))
                if p not in filled]
     if missing:  # a bug in a mapping table, not a user error
@@ -130,7 +131,7 @@ def import_checkpoint(src: PathLike, out: PathLike, dtype: str = "float32") -> t
     make_writable_dir(out, "--out")
     writer, n_params = _ParamWriter(out), 0
     try:
-        for m in maps:
+        for m in used:
             raw = reader.get(m.source)
             want = tuple(_lookup(expected, m.target).shape)
             try:

@@ -13,4 +13,5 @@ from jaxeff.infer.hf_layouts.common import Layout
 ARCHITECTURES: dict[str, Layout] = {
     "xlstm": import_module(".xlstm", __name__).layout,
     "transnormer": import_module(".transnormer", __name__).layout,
+    "openelm": import_module(".openelm", __name__).layout,
 }

@@ -23,8 +23,13 @@ Transform = Callable[[np.ndarray], np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
     source: str  # name in the safetensors files
-    target: tuple[str, ...]  # path in jaxeff's params
+    target: tuple[str, ...]  # path in jaxeff's params; () for a tensor the released model never reads (`unused`)
     transform: Transform
+
+
+def unused(source: str) -> TensorMap:
+    """A tensor the released files may hold but their model never reads: accepted when present, not imported."""
+    return TensorMap(source, (), lambda w: w)
 
 
 Layout = Callable[[dict[str, Any], str], "tuple[ModelConfig, Callable[[int], list[TensorMap]]]"]
@@ -54,3 +59,14 @@ def pad_rows(rows: int) -> Transform:
 
 def head_kernel(rows: int) -> Transform:
     return lambda w: np.pad(w, ((0, rows - w.shape[0]), (0, 0))).T
+
+
+def fused_rows(total: int, start: int, stop: int, shape: tuple[int, ...]) -> Transform:
+    """Rows [start, stop) of a fused torch Linear weight [total, in] (e.g. q, k and v stacked) -> kernel `shape`
+    ([in, *out_split]). A weight without exactly `total` rows is a ValueError (so a wrong width is not sliced)."""
+    def part(w_OI: np.ndarray) -> np.ndarray:
+        if w_OI.shape[0] != total:
+            raise ValueError(f"{w_OI.shape[0]} rows, not {total}")
+        return w_OI[start:stop].T.reshape(shape)
+
+    return part

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="forecast past the end of the data (default: the last horizon steps, compared with the truth)")
 
     im = sub.add_parser("import",
-                        help="convert a Hugging Face checkpoint (xlstm, transnormer, openelm) into a jaxeff export")
+                        help="convert a Hugging Face checkpoint (xlstm, transnormer, openelm, qwen2, qwen2_parscale) "
+                             "into a jaxeff export")
     im.add_argument("--from", dest="source", required=True, metavar="DIR",
                     help="model directory: config.json, model.safetensors (or shards + index), tokenizer.json")
     im.add_argument("--out", required=True, help="new output directory (the layout of `jaxeff export`)")

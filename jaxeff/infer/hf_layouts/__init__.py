@@ -14,4 +14,6 @@ ARCHITECTURES: dict[str, Layout] = {
     "xlstm": import_module(".xlstm", __name__).layout,
     "transnormer": import_module(".transnormer", __name__).layout,
     "openelm": import_module(".openelm", __name__).layout,
+    "qwen2": import_module(".qwen2", __name__).layout,
+    "qwen2_parscale": import_module(".qwen2", __name__).layout,
 }

@@ -84,7 +84,8 @@ def full_and_stepped_logits(cfg, prompt: int, seq: int = 13, batch: int = 2, edi
     import jax
     import jax.numpy as jnp
 
-    from jaxeff.models.lm import build_model, init_caches
+    from jaxeff.models.decoding import decode_caches
+    from jaxeff.models.lm import build_model
 
     model = build_model(cfg, 259, platform="cpu")
     tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, 259)
@@ -93,7 +94,7 @@ def full_and_stepped_logits(cfg, prompt: int, seq: int = 13, batch: int = 2, edi
         params = edit_params(params)
     apply = jax.jit(model.apply)
     full, _, _ = apply({"params": params}, tokens)
-    caches = init_caches(cfg, batch, seq, jnp.float32)
+    caches = decode_caches(model, params, batch, seq)  # under ParScale, every stream's learned start
     out, state, _ = apply({"params": params}, tokens[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (batch, prompt)),
                           caches)
     outs = [out]

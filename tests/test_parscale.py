@@ -211,3 +211,17 @@ def test_bad_settings_are_named(extra, message):
 def test_forecasting_refuses_streams():
     with pytest.raises(ConfigError, match=r"parallel streams are for language models"):
         validate(load_config(None, ["task=forecast", "model.architecture=spacetime", "model.parscale.streams=2"]), 1)
+
+
+def test_second_stage_adds_streams_to_a_model_trained_with_one(tmp_path):
+    """ParScale's two-stage recipe: train.init_from a one-stream run; the backbone carries over (the first loss is
+    the first stage's, not a fresh model's), the stream starts and aggregation start fresh."""
+    stage = {"train.steps": 1, "train.warmup_steps": 0, "train.eval_every": 1}  # losses[1]: the initial model's
+    first = train(tiny_config(**{"train.steps": 12, "train.learning_rate": 0.01}), tmp_path / "first", console=False)
+    second = train(tiny_config(**PARSCALE, **stage, **{"train.init_from": str(tmp_path / "first")}),
+                   tmp_path / "second", console=False)
+    fresh = train(tiny_config(**PARSCALE, **stage), tmp_path / "fresh", console=False)
+    assert abs(second.losses[1] - first.losses[12]) < 0.3 and second.losses[1] < fresh.losses[1] - 1.0
+    np.testing.assert_array_equal(np.asarray(second.params["layer_0"]["mixer"]["q"]["kernel"]).shape,
+                                  np.asarray(first.params["layer_0"]["mixer"]["q"]["kernel"]).shape)
+    assert second.params["layer_0"]["stream_start"]["prefix_k"].shape[0] == PARSCALE["model.parscale.streams"]

@@ -22,6 +22,11 @@ from jaxeff.layers.common import normal_init
 from jaxeff.layers.registry import token_mixer_for_layer
 
 
+def is_parscale_param(name: str) -> bool:
+    """Whether a parameter ('layer_0/stream_start/prefix_k') exists only because of ParScale."""
+    return name.startswith("parscale_aggregate/") or "/stream_start/" in name
+
+
 def repeat_streams(x_B, streams: int):
     """[B, ...] -> [B P, ...]: every example once per stream, batch-major."""
     return jnp.repeat(x_B, streams, axis=0)

@@ -16,6 +16,7 @@ from jaxeff.config import Config, ConfigError, dump_config, read_saved_config, v
 from jaxeff.config.resume import check_resume
 from jaxeff.data import use_row_share
 from jaxeff.models.params import count_params
+from jaxeff.models.parscale import is_parscale_param
 from jaxeff.parallel.collectives import collective_stats
 from jaxeff.parallel.mesh import build_mesh, process_row_shards
 from jaxeff.parallel.report import memory_summary, parameter_table
@@ -26,8 +27,8 @@ from jaxeff.train.comm_report import aot_compile_train_step, comm_scalars, comm_
 from jaxeff.train.metrics import Progress, TensorBoardWriter, peak_flops_per_device
 from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
-from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, init_state, init_state_from_params,
-                                logical_axes)
+from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, init_params, init_state,
+                                init_state_from_params, logical_axes)
 from jaxeff.train.step import make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 
@@ -154,9 +155,9 @@ def _restore_or_init(run: _Run) -> None:
     if found is None:
         run.data_iter = new_iterator()
         if cfg.train.init_from:
-            params = _initial_params(cfg, run.abstract["params"])
+            params, note = _initial_params(run)
             run.state = init_state_from_params(params, run.tx, run.shardings, cfg.train.seed)
-            run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer)")
+            run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer{note})")
         else:
             run.state = init_state(run.task.model, run.tx, run.shardings, cfg.train.seed, run.task.init_input)
         return
@@ -168,19 +169,31 @@ def _restore_or_init(run: _Run) -> None:
                      + ("" if iterator_restored else " (data position rebuilt for this topology)"))
 
 
-def _initial_params(cfg: Config, abstract_params):
+def _initial_params(run: _Run) -> tuple[Any, str]:
     """Parameters of an export/import directory (or a workdir) of the same task, checked against this model's
-    shapes."""
-    path = cfg.train.init_from
+    shapes, and a note for the header. ParScale's second stage: a model trained with one stream gets fresh stream
+    starts and aggregation, everything else from there."""
+    cfg, path = run.cfg, run.cfg.train.init_from
     loaded = load_trained(path)
     if loaded.cfg.task != cfg.task:
         raise ConfigError(f"train.init_from={path} holds a model of task {loaded.cfg.task!r}, this run is task "
                           f"{cfg.task!r}; start from a {cfg.task} export")
-    mismatch = shape_mismatch(param_shapes(loaded.params), param_shapes(abstract_params), saved_name="there")
+    saved, ours = param_shapes(loaded.params), param_shapes(run.abstract["params"])
+    adds_streams = cfg.task == "lm" and cfg.model.parscale.enabled and not loaded.cfg.model.parscale.enabled
+    new = {name for name in ours if name not in saved and adds_streams and is_parscale_param(name)}
+    mismatch = shape_mismatch(saved, {name: shape for name, shape in ours.items() if name not in new},
+                              saved_name="there")
     if mismatch:
         raise ConfigError(f"train.init_from={path}: {mismatch}; make the model "
                           f"section describe the same model (see {path}/config.json)")
-    return loaded.params
+    if not new:
+        return loaded.params, ""
+    saved_leaves = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)  # host: any device set
+                    for p, x in jax.tree_util.tree_leaves_with_path(loaded.params)}
+    fresh = init_params(run.task.model, run.shardings["params"], cfg.train.seed, run.task.init_input)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: saved_leaves.get(jax.tree_util.keystr(p, simple=True, separator="/"), x), fresh)
+    return params, f"; {cfg.model.parscale.streams} ParScale streams added: their {len(new)} parameters start fresh"
 
 
 def _compile_steps(run: _Run):

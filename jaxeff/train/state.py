@@ -53,6 +53,13 @@ def init_state(model, tx, shardings, seed: int, init_input: jax.ShapeDtypeStruct
     return init()
 
 
+def init_params(model, param_shardings, seed: int, init_input: jax.ShapeDtypeStruct):
+    """Fresh parameters only (the values init_state gives them), in their sharded layout."""
+    init = jax.jit(lambda: nn.meta.unbox(_boxed_state(model, optax.identity(), seed, init_input)["params"]),
+                   out_shardings=param_shardings)
+    return init()
+
+
 def init_state_from_params(params, tx, shardings, seed: int):
     """A new train state (step 0, fresh optimizer) around given parameters: fine-tuning an import or export."""
     _, train_key = jax.random.split(jax.random.key(seed))

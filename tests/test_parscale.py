@@ -225,3 +225,15 @@ def test_second_stage_adds_streams_to_a_model_trained_with_one(tmp_path):
     np.testing.assert_array_equal(np.asarray(second.params["layer_0"]["mixer"]["q"]["kernel"]).shape,
                                   np.asarray(first.params["layer_0"]["mixer"]["q"]["kernel"]).shape)
     assert second.params["layer_0"]["stream_start"]["prefix_k"].shape[0] == PARSCALE["model.parscale.streams"]
+
+
+@pytest.mark.parametrize("target", ["h100x8", "v5e:2x2"])
+def test_the_train_step_compiles_for_an_h100_node_and_a_tpu_slice(target):
+    """Hardware truth without the hardware: `jaxeff plan` compiles the ParScale step (prefix attention, a lightning
+    and an mLSTM state; their Pallas kernels run per shard from the learned start too) for the target."""
+    from jaxeff.train.plan import make_plan
+
+    overrides = ["model.mixer_pattern=[attention, lightning, mlstm]", "model.parscale.streams=4",
+                 "model.parscale.prefix_tokens=16", "data.seq_len=256", "train.global_batch_size=16", "mesh.data=-1"]
+    plan = make_plan(load_config("configs/debug.yaml", overrides), target)
+    assert plan.fits and plan.devices == (8 if target == "h100x8" else 4)

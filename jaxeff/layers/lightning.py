@@ -26,7 +26,7 @@ import numpy as np
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import BSHK_AXES, head_dim, output_std, projection
 from jaxeff.layers.registry import StreamStart, TokenMixerSpec, recurrent_call, register_token_mixer
-from jaxeff.parallel.sharding import per_sequence_shard
+from jaxeff.parallel.sharding import per_sequence_shard, per_shard
 from pallas_kernels.lightning_attention import lightning_attention, lightning_attention_step
 from pallas_kernels.lightning_attention.sequence_parallel import sharded_lightning_attention
 
@@ -112,8 +112,9 @@ class LightningMixer(nn.Module):
                                             (q_BSHK, k_BSHK, v_BSHW, rate_H), (*[BSHK_AXES] * 3, ("heads",)),
                                             BSHK_AXES),
             step=lambda state: lightning_attention_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], rate_H, state),
-            prefill=lambda state: lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state=state,
-                                                      return_final_state=True, block_size=block, impl=impl))
+            prefill=lambda state: per_shard(functools.partial(_continue_from, block_size=block, impl=impl),
+                                            (q_BSHK, k_BSHK, v_BSHW, rate_H, state),
+                                            (*[BSHK_AXES] * 3, ("heads",), STATE_AXES), (BSHK_AXES, STATE_AXES)))
 
         a_BSHW = a_BSHW.astype(jnp.float32)
         # NormAttention: normalise over the whole hidden width (all heads), then gate with u.
@@ -122,6 +123,15 @@ class LightningMixer(nn.Module):
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), output_std(cfg), self.dtype, "o")
         return out(gated_BSHW), new_cache
 
+
+
+STATE_AXES = ("batch", "heads", None, None)  # the recurrent state [B, H, d_k, d_v]
+
+
+def _continue_from(q_BSHK, k_BSHK, v_BSHW, rate_H, state_BHKW, *, block_size, impl):
+    """The parallel form from a state (a prefill, or ParScale's learned start), returning the final state."""
+    return lightning_attention(q_BSHK, k_BSHK, v_BSHW, rate_H, initial_state=state_BHKW, return_final_state=True,
+                               block_size=block_size, impl=impl)
 
 
 def init_lightning_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

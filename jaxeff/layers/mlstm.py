@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxeff.errors import ConfigError
 from jaxeff.layers.common import BSH_AXES, BSHK_AXES, projection
 from jaxeff.layers.registry import StreamStart, TokenMixerSpec, recurrent_call, register_token_mixer
-from jaxeff.parallel.sharding import per_sequence_shard
+from jaxeff.parallel.sharding import per_sequence_shard, per_shard
 from pallas_kernels.mlstm import mlstm, mlstm_step
 from pallas_kernels.mlstm.sequence_parallel import sharded_mlstm
 
@@ -107,14 +107,24 @@ class MlstmMixer(nn.Module):
                                             (*[BSHK_AXES] * 3, *[BSH_AXES] * 2), BSHK_AXES),
             step=lambda state: mlstm_step(q_BSHK[:, 0], k_BSHK[:, 0], v_BSHW[:, 0], i_BSH[:, 0], f_BSH[:, 0], state,
                                           **cell),
-            prefill=lambda state: mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, initial_state=state,
-                                        return_final_state=True, chunk_size=chunk, impl=impl, **cell))
+            prefill=lambda state: per_shard(functools.partial(_continue_from, chunk_size=chunk, impl=impl, **cell),
+                                            (q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, state),
+                                            (*[BSHK_AXES] * 3, *[BSH_AXES] * 2, STATE_AXES),
+                                            (BSHK_AXES, STATE_AXES)))
 
         h_BSHW = MultiHeadLayerNorm(sec.norm_eps, self.dtype, name="norm")(h_BSHW.astype(self.dtype))
         gated_BSHW = jax.nn.sigmoid(o_BSHW.astype(jnp.float32)).astype(self.dtype) * h_BSHW
         out = projection(cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), wang_init_std(cfg), self.dtype, "out")
         return out(gated_BSHW), new_cache
 
+
+
+STATE_AXES = (("batch", "heads", None, None), ("batch", "heads", None), ("batch", "heads"))  # C, n, m
+
+
+def _continue_from(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, state, **kwargs):
+    """The chunkwise form from a state (a prefill, or ParScale's learned start), returning the final state."""
+    return mlstm(q_BSHK, k_BSHK, v_BSHW, i_BSH, f_BSH, initial_state=state, return_final_state=True, **kwargs)
 
 
 def init_mlstm_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):

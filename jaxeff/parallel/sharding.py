@@ -67,8 +67,16 @@ def per_shard(fn: Callable, args: tuple, in_axes: tuple[tuple[str | None, ...], 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(*args)
-    in_specs = tuple(logical_spec(a) for a in in_axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_spec(out_axes), check_vma=False)(*args)
+    in_specs = tuple(_specs(a) for a in in_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=_specs(out_axes), check_vma=False)(*args)
+
+
+def _specs(axes):
+    """One array's logical axes (names or None) -> its PartitionSpec; a tuple of such (several outputs, a state
+    tuple) -> the same structure of PartitionSpecs."""
+    if all(a is None or isinstance(a, str) for a in axes):
+        return logical_spec(axes)
+    return tuple(_specs(a) for a in axes)
 
 
 def sequence_shards() -> int:

@@ -208,3 +208,14 @@ def _ours_tnl(export_dir):
     cfg = loaded.model_config.model_copy(deep=True)
     cfg.lightning.impl, cfg.compute_dtype = "chunked", "float32"
     return build_model(cfg, loaded.tokenizer.vocab_size, platform="cpu"), loaded.params, cfg
+
+
+def test_a_subword_model_without_its_tokenizer_is_warned_about(tmp_path, capsys):
+    """Without tokenizer.json a 32000-token model would be driven by byte ids: the import says so and how to fix it."""
+    from jaxeff.infer.hf_import import _tokenizer_for
+    from jaxeff.paths import as_path
+
+    _tokenizer_for(as_path(tmp_path), 300)  # a byte-sized vocabulary: nothing to say
+    assert "tokenizer" not in capsys.readouterr().err
+    _tokenizer_for(as_path(tmp_path), 32000)
+    assert "copy the model's tokenizer.json" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.artifacts.checkpoint import warn
 from jaxeff.artifacts.export import check_new_out_dir, write_config, write_params
 from jaxeff.config import Config, ConfigError
 from jaxeff.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -85,6 +86,10 @@ def _tokenizer_for(directory: Path, vocab: int):
     if vocab < byte.vocab_size:
         raise UserError(f"--from {directory}: no tokenizer.json, and the vocabulary ({vocab}) is too small for the "
                         "byte tokenizer; add the model's tokenizer.json")
+    if vocab > 4 * byte.vocab_size:  # a subword model: byte ids would index the wrong embedding rows
+        warn(f"--from {directory} has no tokenizer.json: the export uses the byte tokenizer ({byte.vocab_size} ids) "
+             f"for a model of {vocab:,}, so text generated from it is meaningless; copy the model's tokenizer.json "
+             "(OpenELM: LLaMA-2's) into the directory and import again")
     return byte
 
 

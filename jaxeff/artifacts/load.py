@@ -16,6 +16,7 @@ from jaxeff.artifacts.checkpoint import CheckpointStore, restore_newest
 from jaxeff.artifacts.export import is_export, read_config
 from jaxeff.config import Config, ConfigError, read_saved_config
 from jaxeff.models.params import abstract_params
+from jaxeff.models.sst import factorised_abstract, materialise
 from jaxeff.paths import Path, PathLike, as_path, is_object_store
 from jaxeff.tasks import Meta, Task, task_class
 
@@ -86,10 +87,13 @@ def _from_workdir(workdir: Path) -> Trained:
         meta = checkpoint_task_meta(task, cfg, store.read_meta(steps[0]), f"{workdir} checkpoint {steps[0]}")
         model = task.build_model(cfg, meta)
         abstract = abstract_params(model, task.model_input(cfg, meta))
+        if cfg.train.sst.rank:  # Sparse Spectral Training keeps factors: restore those, multiply back below
+            abstract = factorised_abstract(abstract, cfg.train.sst.layers, cfg.model.d_model)
         found = restore_newest(store, abstract, lambda step: store.restore_params(step, abstract))
     finally:
         store.close()
     if found is None:
         raise ConfigError(f"{workdir}/checkpoints holds no restorable checkpoint; train again (jaxeff train)")
     step, params = found
+    params = materialise(params)  # an ordinary model's tree (a no-op without train.sst)
     return Trained(cfg, task, model, params, meta, step, workdir, False)

@@ -17,6 +17,7 @@ from jaxeff.config.resume import check_resume
 from jaxeff.data import use_row_share
 from jaxeff.models.params import count_params
 from jaxeff.models.parscale import is_parscale_param
+from jaxeff.models.sst import plain_abstract
 from jaxeff.parallel.collectives import collective_stats
 from jaxeff.parallel.mesh import build_mesh, process_row_shards
 from jaxeff.parallel.report import memory_summary, parameter_table
@@ -29,6 +30,7 @@ from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
 from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, init_params, init_state,
                                 init_state_from_params, logical_axes)
+from jaxeff.train.sst import factorise_params, sst_model
 from jaxeff.train.step import make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 
@@ -99,6 +101,7 @@ def _setup(cfg: Config, workdir: PathLike, debug: bool) -> _Run:
     devices = jax.devices()[:1] if debug else jax.devices()
     validate(cfg, len(devices))
     task = build_task(cfg)
+    task.model = sst_model(task.model, cfg, task.init_input)  # train.sst: factorised kernels, multiplied back in apply
     workdir = make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -156,7 +159,7 @@ def _restore_or_init(run: _Run) -> None:
         run.data_iter = new_iterator()
         if cfg.train.init_from:
             params, note = _initial_params(run)
-            run.state = init_state_from_params(params, run.tx, run.shardings, cfg.train.seed)
+            run.state = init_state_from_params(factorise_params(params, cfg), run.tx, run.shardings, cfg.train.seed)
             run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer{note})")
         else:
             run.state = init_state(run.task.model, run.tx, run.shardings, cfg.train.seed, run.task.init_input)
@@ -178,7 +181,7 @@ def _initial_params(run: _Run) -> tuple[Any, str]:
     if loaded.cfg.task != cfg.task:
         raise ConfigError(f"train.init_from={path} holds a model of task {loaded.cfg.task!r}, this run is task "
                           f"{cfg.task!r}; start from a {cfg.task} export")
-    saved, ours = param_shapes(loaded.params), param_shapes(run.abstract["params"])
+    saved, ours = param_shapes(loaded.params), param_shapes(plain_abstract(run.abstract["params"]))
     adds_streams = cfg.task == "lm" and cfg.model.parscale.enabled and not loaded.cfg.model.parscale.enabled
     new = {name for name in ours if name not in saved and adds_streams and is_parscale_param(name)}
     mismatch = shape_mismatch(saved, {name: shape for name, shape in ours.items() if name not in new},

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from jaxeff.config import TrainConfig
+from jaxeff.train.sst import with_sst
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -24,6 +25,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     and increments `notfinite_count`; the trainer stops when that count reaches the configured limit."""
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=_decay_mask)
+    adamw = with_sst(adamw, cfg, learning_rate_schedule(cfg))  # factorised matrices (train.sst): their own update
     chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
     # +1: we stop at the limit ourselves, before optax would start applying non-finite updates.
     return optax.apply_if_finite(chain, max_consecutive_errors=cfg.max_consecutive_nonfinite + 1)

@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write an inference checkpoint readable with plain orbax")
     e.add_argument("--workdir", required=True, help="a training workdir")
     e.add_argument("--out", required=True, help="new output directory")
+    e.add_argument("--ternary", action="store_true",
+                   help="post-training ternary rounding of a float run: its mixer matrices packed 2 bits per weight "
+                        "(a train.qat run is exported packed without it); see docs/methods/qat.md")
+    e.add_argument("--group-size", type=int, default=0, metavar="G",
+                   help="with --ternary: one scale per G consecutive elements (default 0: one per matrix)")
 
     g = sub.add_parser("generate", help="sample text from a workdir or an export")
     g.add_argument("--workdir", required=True, help="a training workdir or an export directory")
@@ -167,9 +172,14 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
+    from jaxeff.config import ConfigError
+    from jaxeff.config.qat import QatConfig
     from jaxeff.infer import export_checkpoint
 
-    out, step = export_checkpoint(args.workdir, args.out)
+    if args.group_size < 0 or (args.group_size and not args.ternary):
+        raise ConfigError(f"--group-size {args.group_size}: give a size >= 0 together with --ternary")
+    quantize = QatConfig(kind="ternary", group_size=args.group_size) if args.ternary else None
+    out, step = export_checkpoint(args.workdir, args.out, quantize)
     print(f"exported step {step} to {out} (params/ is a plain orbax checkpoint; config.json describes the model)")
     return 0
 

@@ -2,7 +2,8 @@
 
 <out>/params/        orbax StandardCheckpointer directory (a nested dict of arrays)
 <out>/config.json    {"format", "task", "model": the model section, the task's other sections (forecasting:
-                     "forecast"), "meta": the task's model meta, "step", "param_count", "param_dtype", "source"?}
+                     "forecast"), "meta": the task's model meta, "step", "param_count", "param_dtype", "source"?,
+                     "quantization"?: ternary matrices packed in params/ (jaxeff/artifacts/packed.py)}
 <out>/tokenizer.json a language model's tokenizer file, when it has one (the meta names it)
 
 Exports written before the task meta existed (`jaxeff-export-v1` for language models,
@@ -47,9 +48,11 @@ def write_params(out: Path, params) -> None:
 
 
 def write_config(out: Path, cfg: Config, meta: Meta, *, step: int, param_count: int, param_dtype: str = "float32",
-                 source: dict | None = None, source_dir: Path | None = None) -> None:
+                 source: dict | None = None, source_dir: Path | None = None,
+                 quantization: dict | None = None) -> None:
     """config.json of an export (and the files its meta names, copied next to it); `params/` is written apart.
-    `source_dir`: where relative files of the meta live (an export being re-exported), else the working directory."""
+    `source_dir`: where relative files of the meta live (an export being re-exported), else the working directory.
+    `quantization`: the record of packed ternary matrices in `params/` (jaxeff/artifacts/packed.py)."""
     task = task_class(cfg.task)
     record: dict[str, Any] = {"format": EXPORT_FORMAT, "task": cfg.task,
                               "model": cfg.model.model_dump(mode="json"),
@@ -58,7 +61,14 @@ def write_config(out: Path, cfg: Config, meta: Meta, *, step: int, param_count: 
                               "param_count": param_count, "param_dtype": param_dtype}
     if source:
         record["source"] = source
+    if quantization:
+        record["quantization"] = quantization
     (out / "config.json").write_text(json.dumps(record, indent=2))
+
+
+def read_quantization(export_dir: Path) -> dict | None:
+    """The record of an export whose params/ holds packed ternary matrices, else None."""
+    return json.loads((export_dir / "config.json").read_text()).get("quantization")
 
 
 def read_config(export_dir: Path) -> tuple[Config, Meta, int]:

@@ -7,16 +7,20 @@ Workdirs written before checkpoints recorded the meta get it from the task's `le
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import orbax.checkpoint as ocp
 
 from jaxeff.artifacts.checkpoint import CheckpointStore, restore_newest
-from jaxeff.artifacts.export import is_export, read_config
+from jaxeff.artifacts.export import is_export, read_config, read_quantization
+from jaxeff.artifacts.packed import packed_abstract, qat_of_record, unpack_params
 from jaxeff.config import Config, ConfigError, read_saved_config
+from jaxeff.config.qat import QatConfig
 from jaxeff.models.params import abstract_params
 from jaxeff.models.sst import factorised_abstract, materialise
+from jaxeff.models.qat import param_quantizer
 from jaxeff.paths import Path, PathLike, as_path, is_object_store
 from jaxeff.tasks import Meta, Task, task_class
 
@@ -31,6 +35,14 @@ class Trained:
     step: int
     directory: Path
     is_export: bool
+    qat: QatConfig = dataclasses.field(default_factory=QatConfig)  # the quantization the model runs with
+    quantized: bool = False  # `params` already hold the quantized values (a packed export), else the float ones
+
+    @functools.cached_property
+    def run_params(self):
+        """The parameters the model runs with: a QAT workdir's float weights quantized as in its training forward;
+        otherwise `params` (a packed export's are the unpacked ternary matrices already)."""
+        return self.params if self.quantized else param_quantizer(self.qat, self.params)(self.params)
 
     @property
     def files_dir(self) -> Path | None:
@@ -62,9 +74,14 @@ def _from_export(export_dir: Path) -> Trained:
     task = task_class(cfg.task)
     model = task.build_model(cfg, meta)
     params_dir = export_dir / "params"
-    params = ocp.StandardCheckpointer().restore(params_dir if is_object_store(params_dir) else params_dir.absolute(),
-                                                abstract_params(model, task.model_input(cfg, meta)))
-    return Trained(cfg, task, model, params, meta, step, export_dir, True)
+    abstract = abstract_params(model, task.model_input(cfg, meta))
+    record = read_quantization(export_dir)
+    stored = ocp.StandardCheckpointer().restore(params_dir if is_object_store(params_dir) else params_dir.absolute(),
+                                                abstract if record is None else packed_abstract(abstract, record))
+    if record is None:
+        return Trained(cfg, task, model, stored, meta, step, export_dir, True)
+    return Trained(cfg, task, model, unpack_params(stored, abstract, record), meta, step, export_dir, True,
+                   qat=qat_of_record(record), quantized=True)
 
 
 def checkpoint_task_meta(task: type[Task], cfg: Config, checkpoint_meta: dict, where: str) -> Meta:
@@ -96,4 +113,4 @@ def _from_workdir(workdir: Path) -> Trained:
         raise ConfigError(f"{workdir}/checkpoints holds no restorable checkpoint; train again (jaxeff train)")
     step, params = found
     params = materialise(params)  # an ordinary model's tree (a no-op without train.sst)
-    return Trained(cfg, task, model, params, meta, step, workdir, False)
+    return Trained(cfg, task, model, params, meta, step, workdir, False, qat=cfg.train.qat)

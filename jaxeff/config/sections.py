@@ -17,6 +17,7 @@ from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
 from jaxeff.config.layer_scaling import LayerScalingConfig
 from jaxeff.config.parscale import ParScaleConfig
+from jaxeff.config.qat import QatConfig
 from jaxeff.config.sst import SstConfig
 from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
 # Importing jaxeff.layers (the package of this module) imports every layer file: the registries are complete.
@@ -218,6 +219,8 @@ class TrainConfig(Section):
     """steps with NaN/Inf gradients are skipped; stop after this many in a row"""
     jit: Annotated[bool, MAY_CHANGE] = True
     """false runs the step eagerly (for debuggers)"""
+    qat: QatConfig = Field(default_factory=QatConfig)
+    """quantization-aware training"""
     sst: SstConfig = Field(default_factory=SstConfig)
     """Sparse Spectral Training: selected matrices as U diag(s) V^T, r singular-vector pairs updated per step"""
 

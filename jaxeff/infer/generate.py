@@ -22,8 +22,8 @@ class InferenceModel:
         return self.trained.model
 
     @property
-    def params(self):
-        return self.trained.params
+    def params(self):  # what the model runs with: a QAT run's quantized matrices
+        return self.trained.run_params
 
     @property
     def step(self) -> int:

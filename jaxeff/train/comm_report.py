@@ -58,6 +58,7 @@ def build_train_step(cfg, devices: list, *, with_data: bool = True) -> TrainStep
     devices of another platform spread over several hosts (`jaxeff plan`); `with_data=False` builds the task
     without reading its data. ConfigError for a config these devices cannot run."""
     from jaxeff.config import validate
+    from jaxeff.models.qat import on_quantized_params, param_quantizer
     from jaxeff.parallel.mesh import build_mesh, process_row_shards
     from jaxeff.tasks import build_task
     from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
@@ -70,7 +71,9 @@ def build_train_step(cfg, devices: list, *, with_data: bool = True) -> TrainStep
     mesh = build_mesh(cfg, devices)
     process_row_shards(mesh, cfg.train.global_batch_size)  # each host can load its share of every batch
     abstract, shardings = abstract_state_and_shardings(task.model, tx, mesh, cfg.train.seed, task.init_input)
-    train_step = make_train_step(task.loss, tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
+    quantize = param_quantizer(cfg.train.qat, abstract["params"])  # train.qat: the fake quantization is in the step
+    train_step = make_train_step(on_quantized_params(task.loss, quantize), tx, learning_rate_schedule(cfg.train),
+                                 cfg.train.microbatches)
     return TrainStep(train_step, mesh, task, abstract, shardings, task.batch_shapes(cfg.train.global_batch_size))
 
 

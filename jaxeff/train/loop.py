@@ -17,6 +17,7 @@ from jaxeff.config.resume import check_resume
 from jaxeff.data import use_row_share
 from jaxeff.models.params import count_params
 from jaxeff.models.parscale import is_parscale_param
+from jaxeff.models.qat import on_quantized_params, param_quantizer, qat_notes
 from jaxeff.models.sst import plain_abstract
 from jaxeff.parallel.collectives import collective_stats
 from jaxeff.parallel.mesh import build_mesh, process_row_shards
@@ -190,7 +191,7 @@ def _initial_params(run: _Run) -> tuple[Any, str]:
         raise ConfigError(f"train.init_from={path}: {mismatch}; make the model "
                           f"section describe the same model (see {path}/config.json)")
     if not new:
-        return loaded.params, ""
+        return jax.device_get(loaded.params), ""  # host arrays: the state is built on this run's mesh
     saved_leaves = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)  # host: any device set
                     for p, x in jax.tree_util.tree_leaves_with_path(loaded.params)}
     fresh = init_params(run.task.model, run.shardings["params"], cfg.train.seed, run.task.init_input)
@@ -202,8 +203,11 @@ def _initial_params(run: _Run) -> tuple[Any, str]:
 def _compile_steps(run: _Run):
     """(train_step, eval_step, compiled or None). Compiled ahead of time: the memory report needs it."""
     cfg, mesh = run.cfg, run.mesh
-    train_step = make_train_step(run.task.loss, run.tx, learning_rate_schedule(cfg.train), cfg.train.microbatches)
-    eval_step = run.task.eval_metrics
+    quantize = param_quantizer(cfg.train.qat, run.abstract["params"])  # train.qat: fake-quantized weights, else identity
+    train_step = make_train_step(on_quantized_params(run.task.loss, quantize), run.tx, learning_rate_schedule(cfg.train),
+                                 cfg.train.microbatches)
+    eval_step = on_quantized_params(run.task.eval_metrics, quantize)
+    run.notes += qat_notes(cfg.train.qat, run.abstract["params"])
     if not cfg.train.jit:
         return train_step, eval_step, None
     compiled = aot_compile_train_step(train_step, run.abstract, run.shardings, mesh,
@@ -345,7 +349,8 @@ def _nothing_to_train(run: _Run) -> TrainResult:
 def _sample(run: _Run, params, progress: Progress) -> str | None:
     """The task's end-of-training output (a text sample, a test-split forecast table), on process 0."""
     # Every process joins the gather (parameters may live on other hosts).
-    params = jax.device_get(jax.jit(lambda p: p, out_shardings=replicated(run.mesh))(params))
+    quantize = param_quantizer(run.cfg.train.qat, run.abstract["params"])  # the weights the model runs with
+    params = jax.device_get(jax.jit(quantize, out_shardings=replicated(run.mesh))(params))
     if jax.process_index() != 0:
         return None
     return run.task.finish(params, progress)

@@ -183,7 +183,7 @@ def _initial_params(run: _Run) -> tuple[Any, str]:
         raise ConfigError(f"train.init_from={path} holds a model of task {loaded.cfg.task!r}, this run is task "
                           f"{cfg.task!r}; start from a {cfg.task} export")
     saved, ours = param_shapes(loaded.params), param_shapes(plain_abstract(run.abstract["params"]))
-    adds_streams = cfg.task == "lm" and cfg.model.parscale.enabled and not loaded.cfg.model.parscale.enabled
+    adds_streams = cfg.model.parscale.enabled and not loaded.cfg.model.parscale.enabled  # refused outside LMs
     new = {name for name in ours if name not in saved and adds_streams and is_parscale_param(name)}
     mismatch = shape_mismatch(saved, {name: shape for name, shape in ours.items() if name not in new},
                               saved_name="there")

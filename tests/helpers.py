@@ -138,3 +138,15 @@ def worst_relative_error(got, want) -> float:
     """The largest absolute difference over the largest |want| (in float64)."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def float32_model_of_export(export_dir):
+    """(model in float32 on CPU, its parameters, its model config) of an export or import directory."""
+    from jaxeff.infer import load_inference_model
+    from jaxeff.models.lm import build_model
+
+    loaded = load_inference_model(export_dir)
+    cfg = loaded.model_config.model_copy(deep=True)
+    cfg.compute_dtype = "float32"
+    return build_model(cfg, loaded.tokenizer.vocab_size, platform="cpu"), loaded.params, cfg
+

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from helpers import float32_model_of_export
 from jaxeff.errors import UserError
-from jaxeff.infer import load_inference_model
 from jaxeff.infer.hf_import import import_checkpoint
 from jaxeff.infer.hf_layouts import ARCHITECTURES
-from jaxeff.models.lm import build_model, init_caches
+from jaxeff.models.lm import init_caches
 
 VOCAB, D, K = 300, 64, 16
 TOKENS_S = (np.arange(40) * 7 + 3) % VOCAB
@@ -140,19 +140,12 @@ def imported(request, tmp_path_factory):
     return config, shapes, weights, src, out, n_params
 
 
-def _ours(export_dir):
-    loaded = load_inference_model(export_dir)
-    cfg = loaded.model_config.model_copy(deep=True)
-    cfg.compute_dtype = "float32"
-    return build_model(cfg, loaded.tokenizer.vocab_size, platform="cpu"), loaded.params, cfg
-
-
 # ----------------------------------------------------------------------------- tests
 
 
 def test_the_import_describes_the_checkpoint(imported):
     config, shapes, weights, _, out, n_params = imported
-    _, _, cfg = _ours(out)
+    _, _, cfg = float32_model_of_export(out)
     assert [(s.n_heads, s.n_kv_heads, s.mlp_dim) for s in cfg.layer_shapes()] == shapes
     assert cfg.layer_scaling.kind == "explicit" and cfg.head_dim == K and cfg.norm_eps == 1e-6
     assert cfg.qk_norm == config["normalize_qk_projections"]
@@ -165,7 +158,7 @@ def test_the_import_describes_the_checkpoint(imported):
 
 def test_logits_equal_the_openelm_equations(imported):
     config, shapes, weights, _, out, _ = imported
-    model, params, _ = _ours(out)
+    model, params, _ = float32_model_of_export(out)
     ours_SV = np.asarray(model.apply({"params": params}, jnp.asarray(TOKENS_S[None]))[0][0, :, :VOCAB])
     theirs_SV = openelm_logits(weights, config, shapes, TOKENS_S)
     np.testing.assert_allclose(ours_SV, theirs_SV, atol=1e-4, rtol=1e-4)
@@ -177,7 +170,7 @@ def test_logits_equal_the_openelm_equations(imported):
 
 def test_cached_step_decoding_equals_the_openelm_equations(imported):
     config, shapes, weights, _, out, _ = imported
-    model, params, cfg = _ours(out)
+    model, params, cfg = float32_model_of_export(out)
     apply = jax.jit(model.apply)
     caches = init_caches(cfg, 1, len(TOKENS_S), jnp.float32)
     tokens = jnp.asarray(TOKENS_S[None])

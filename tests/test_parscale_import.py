@@ -15,12 +15,11 @@ import torch
 from safetensors.numpy import save_file
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from helpers import assert_user_error, run_jaxeff
+from helpers import assert_user_error, float32_model_of_export, run_jaxeff
 from jaxeff.errors import UserError
 from jaxeff.infer import load_inference_model
 from jaxeff.infer.hf_import import import_checkpoint
 from jaxeff.models.decoding import decode_caches
-from jaxeff.models.lm import build_model
 
 VOCAB, D, H, G, K, M, LAYERS = 300, 64, 4, 2, 16, 96, 2
 P, T, SMOOTH = 3, 5, 0.05  # ParScale: streams, prefix tokens per stream and layer, weight smoothing
@@ -150,17 +149,10 @@ def parscale_logits(w, tokens_S, streams, smooth=SMOOTH, rope_prefix=False, stre
 # ----------------------------------------------------------------------------- helpers and fixtures
 
 
-def _ours(export_dir):
-    loaded = load_inference_model(export_dir)
-    cfg = loaded.model_config.model_copy(deep=True)
-    cfg.compute_dtype = "float32"
-    return build_model(cfg, loaded.tokenizer.vocab_size, platform="cpu"), loaded.params, cfg
-
-
 def _forward_and_stepped(export_dir):
     """Our float32 logits [B, S, VOCAB]: the full forward, and a prefill of PROMPT tokens then one token a step from
     decode_caches (positions PROMPT-1 .. S-1)."""
-    model, params, cfg = _ours(export_dir)
+    model, params, cfg = float32_model_of_export(export_dir)
     apply = jax.jit(model.apply)
     tokens_BS = jnp.asarray(TOKENS_BS)
     b, s = TOKENS_BS.shape

@@ -18,6 +18,7 @@ from jaxeff.artifacts.export import is_export, read_config, read_quantization
 from jaxeff.artifacts.packed import packed_abstract, qat_of_record, unpack_params
 from jaxeff.config import Config, ConfigError, read_saved_config
 from jaxeff.config.qat import QatConfig
+from jaxeff.models.frozen_int8 import dequantize_params, int8_abstract
 from jaxeff.models.params import abstract_params
 from jaxeff.models.sst import factorised_abstract, materialise
 from jaxeff.models.qat import param_quantizer
@@ -106,11 +107,13 @@ def _from_workdir(workdir: Path) -> Trained:
         abstract = abstract_params(model, task.model_input(cfg, meta))
         if cfg.train.sst.rank:  # Sparse Spectral Training keeps factors: restore those, multiply back below
             abstract = factorised_abstract(abstract, cfg.train.sst.layers, cfg.model.d_model)
+        if cfg.train.optimizer == "zo" and cfg.train.zo.frozen_int8:  # frozen matrices in int8: dequantized below
+            abstract = int8_abstract(abstract, cfg.train.zo.trainable)
         found = restore_newest(store, abstract, lambda step: store.restore_params(step, abstract))
     finally:
         store.close()
     if found is None:
         raise ConfigError(f"{workdir}/checkpoints holds no restorable checkpoint; train again (jaxeff train)")
     step, params = found
-    params = materialise(params)  # an ordinary model's tree (a no-op without train.sst)
+    params = dequantize_params(materialise(params))  # an ordinary model's tree (a no-op without train.sst / zo int8)
     return Trained(cfg, task, model, params, meta, step, workdir, False, qat=cfg.train.qat)

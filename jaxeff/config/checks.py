@@ -24,7 +24,26 @@ def check_consistency(cfg: Config, mesh_shape: dict[str, int] | None = None) -> 
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}"
         )
+    if t.optimizer == "zo":
+        _check_zo(cfg)
     TASK_CHECKS[cfg.task](cfg, mesh_shape)
+
+
+def _check_zo(cfg: Config) -> None:
+    """The zeroth-order optimizer runs forward passes of the whole batch and no backward pass."""
+    t = cfg.train
+    if t.microbatches > 1:
+        raise ConfigError(f"train.optimizer=zo runs no backward pass and keeps no activations, so it does not "
+                          f"accumulate microbatches: set train.microbatches=1 (got {t.microbatches})")
+    if t.zo.trainable == "lora":
+        raise ConfigError("train.zo.trainable=lora: LoRA adapters are not implemented in jaxeff yet; use "
+                          "train.zo.trainable=embeddings or a regular expression on parameter paths")
+    if t.qat.kind != "none":
+        raise ConfigError(f"train.optimizer=zo does not combine with train.qat.kind={t.qat.kind!r} (fake quantization "
+                          "needs straight-through gradients); use train.zo.frozen_int8=true for int8 frozen weights")
+    if t.sst.rank:
+        raise ConfigError(f"train.optimizer=zo does not combine with train.sst.rank={t.sst.rank} (SST updates "
+                          "factorised matrices from their gradients); set train.sst.rank=0")
 
 
 def _check_lm(cfg: Config, mesh_shape: dict[str, int] | None) -> None:

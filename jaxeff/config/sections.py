@@ -19,6 +19,7 @@ from jaxeff.config.layer_scaling import LayerScalingConfig
 from jaxeff.config.parscale import ParScaleConfig
 from jaxeff.config.qat import QatConfig
 from jaxeff.config.sst import SstConfig
+from jaxeff.config.zo import ZoConfig
 from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
 # Importing jaxeff.layers (the package of this module) imports every layer file: the registries are complete.
 from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, unknown_name_message
@@ -219,6 +220,10 @@ class TrainConfig(Section):
     """steps with NaN/Inf gradients are skipped; stop after this many in a row"""
     jit: Annotated[bool, MAY_CHANGE] = True
     """false runs the step eagerly (for debuggers)"""
+    optimizer: Literal["adamw", "zo"] = "adamw"
+    """`adamw` (backpropagation), or `zo`: zeroth-order estimates from forward passes only (settings in `train.zo`)"""
+    zo: ZoConfig = Field(default_factory=ZoConfig)
+    """the zeroth-order optimizer (`train.optimizer: zo`)"""
     qat: QatConfig = Field(default_factory=QatConfig)
     """quantization-aware training"""
     sst: SstConfig = Field(default_factory=SstConfig)

@@ -34,6 +34,7 @@ from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardin
 from jaxeff.train.sst import factorise_params, sst_model
 from jaxeff.train.step import make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
+from jaxeff.train.zo import dequantize_params, passes_per_step, quantized_as_plain
 
 @dataclasses.dataclass
 class TrainResult:
@@ -182,7 +183,8 @@ def _initial_params(run: _Run) -> tuple[Any, str]:
     if loaded.cfg.task != cfg.task:
         raise ConfigError(f"train.init_from={path} holds a model of task {loaded.cfg.task!r}, this run is task "
                           f"{cfg.task!r}; start from a {cfg.task} export")
-    saved, ours = param_shapes(loaded.params), param_shapes(plain_abstract(run.abstract["params"]))
+    ours = param_shapes(plain_abstract(quantized_as_plain(run.abstract["params"])))  # the model's own layout
+    saved = param_shapes(loaded.params)
     adds_streams = cfg.model.parscale.enabled and not loaded.cfg.model.parscale.enabled  # refused outside LMs
     new = {name for name in ours if name not in saved and adds_streams and is_parscale_param(name)}
     mismatch = shape_mismatch(saved, {name: shape for name, shape in ours.items() if name not in new},
@@ -207,6 +209,7 @@ def _compile_steps(run: _Run):
     train_step = make_train_step(on_quantized_params(run.task.loss, quantize), run.tx, learning_rate_schedule(cfg.train),
                                  cfg.train.microbatches)
     eval_step = on_quantized_params(run.task.eval_metrics, quantize)
+    eval_step = _on_model_params(eval_step)  # train.zo.frozen_int8: int8 matrices dequantized
     run.notes += qat_notes(cfg.train.qat, run.abstract["params"])
     if not cfg.train.jit:
         return train_step, eval_step, None
@@ -215,6 +218,11 @@ def _compile_steps(run: _Run):
     eval_step = jax.jit(eval_step, in_shardings=(run.shardings["params"], batch_sharding(mesh)),
                         out_shardings=replicated(mesh))
     return compiled, eval_step, compiled
+
+
+def _on_model_params(fn):
+    """fn(params, batch) on the model's own parameter tree (a zeroth-order run may store frozen matrices in int8)."""
+    return lambda params, batch: fn(dequantize_params(params), batch)
 
 
 def _comm_stats(compiled) -> tuple[dict | None, str | None]:
@@ -272,8 +280,9 @@ def train(cfg: Config, workdir: PathLike, *, debug: bool = False, console: bool 
     task = run.task
     units_per_step = tcfg.global_batch_size * task.units_per_example()
     flops = task.flops_per_example()
-    throughput = Throughput(units_per_step, None if flops is None else 3 * flops * tcfg.global_batch_size,
-                            run.mesh.size, peak_flops_per_device(cfg.logging.peak_tflops_per_device), task.unit)
+    step_flops = None if flops is None else passes_per_step(tcfg) * flops * tcfg.global_batch_size  # zo: n + 1
+    throughput = Throughput(units_per_step, step_flops, run.mesh.size,
+                            peak_flops_per_device(cfg.logging.peak_tflops_per_device), task.unit)
     telemetry = StepTelemetry(writer, progress, throughput, start_step=run.start_step, total_steps=tcfg.steps,
                               log_every=cfg.logging.every, max_consecutive_nonfinite=tcfg.max_consecutive_nonfinite)
     eval_losses: dict[int, float] = {}
@@ -348,6 +357,7 @@ def _nothing_to_train(run: _Run) -> TrainResult:
 
 def _sample(run: _Run, params, progress: Progress) -> str | None:
     """The task's end-of-training output (a text sample, a test-split forecast table), on process 0."""
+    params = dequantize_params(params)  # train.zo.frozen_int8: int8 matrices dequantized
     # Every process joins the gather (parameters may live on other hosts).
     quantize = param_quantizer(run.cfg.train.qat, run.abstract["params"])  # the weights the model runs with
     params = jax.device_get(jax.jit(quantize, out_shardings=replicated(run.mesh))(params))

@@ -6,6 +6,7 @@ import jax
 import optax
 
 from jaxeff.config import TrainConfig
+from jaxeff.train.zo import ZoOptimizer
 from jaxeff.train.sst import with_sst
 
 
@@ -20,7 +21,7 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation | ZoOptimizer:
     """The guard is outermost: a step whose updates hold NaN/Inf leaves params and moments untouched
     and increments `notfinite_count`; the trainer stops when that count reaches the configured limit."""
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
@@ -28,4 +29,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adamw = with_sst(adamw, cfg, learning_rate_schedule(cfg))  # factorised matrices (train.sst): their own update
     chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
     # +1: we stop at the limit ourselves, before optax would start applying non-finite updates.
-    return optax.apply_if_finite(chain, max_consecutive_errors=cfg.max_consecutive_nonfinite + 1)
+    guarded = optax.apply_if_finite(chain, max_consecutive_errors=cfg.max_consecutive_nonfinite + 1)
+    # train.optimizer: zo: the same update on zeroth-order estimates of the trainable leaves (jaxeff/train/zo.py).
+    return ZoOptimizer(cfg.zo, guarded) if cfg.optimizer == "zo" else guarded

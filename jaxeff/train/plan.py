@@ -36,6 +36,7 @@ from jaxeff.parallel.hardware import Target, compile_only_devices, get_target, h
 from jaxeff.parallel.report import tree_bytes_per_device
 from jaxeff.parallel.sharding import batch_sharding
 from jaxeff.train.comm_report import build_train_step, comm_summary
+from jaxeff.train.zo import passes_per_step
 
 HEADROOM = 0.90  # a plan fits when its peak is at most this fraction of the chip's HBM
 
@@ -160,9 +161,11 @@ def make_plan(cfg, target_name: str) -> Plan:
     return Plan(
         target=target, devices=len(devices), hosts=hosts, mesh=dict(step.mesh.shape),
         global_batch_size=tcfg.global_batch_size, units_per_example=task.units_per_example(), unit=task.unit,
-        microbatches=tcfg.microbatches, remat=getattr(cfg.model, "remat", "none"), param_bytes=params,
+        microbatches=tcfg.microbatches, param_bytes=params,
+        remat="none" if tcfg.optimizer == "zo" else getattr(cfg.model, "remat", "none"),  # zo: no backward to remat
         optimizer_bytes=optimizer, **sizes, collectives=collectives,
-        model_flops_per_step=None if per_example is None else 3 * per_example * tcfg.global_batch_size,
+        model_flops_per_step=(None if per_example is None  # zo: n + 1 forward passes
+                              else passes_per_step(tcfg) * per_example * tcfg.global_batch_size),
         xla_flops_per_device=cost.get("flops"), xla_bytes_per_device=cost.get("bytes accessed"),
         compile_s=compile_s, refused=None if refused is None else refused[0])
 

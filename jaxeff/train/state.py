@@ -16,13 +16,21 @@ import optax
 from jax.sharding import Mesh
 
 from jaxeff.parallel.sharding import logical_shardings
+from jaxeff.train.zo import ZoOptimizer
 
 
 def _boxed_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, init_input: jax.ShapeDtypeStruct):
     init_key, train_key = jax.random.split(jax.random.key(seed))
     params = model.init(init_key, jnp.zeros(init_input.shape, init_input.dtype))["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+    return {"step": jnp.zeros((), jnp.int32), **_params_and_optimizer(tx, params),
             "rng": jax.random.key_data(train_key)}
+
+
+def _params_and_optimizer(tx, params) -> dict[str, Any]:
+    """{"params", "opt_state"}; the zeroth-order optimizer keeps its own layout (jaxeff/train/zo.py)."""
+    if isinstance(tx, ZoOptimizer):
+        return tx.init_state(params)
+    return {"params": params, "opt_state": tx.init(params)}
 
 
 def abstract_state_and_shardings(model, tx, mesh: Mesh, seed: int, init_input: jax.ShapeDtypeStruct) -> tuple[Any, Any]:
@@ -66,7 +74,6 @@ def init_state_from_params(params, tx, shardings, seed: int):
 
     def make(p):
         p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                "rng": jax.random.key_data(train_key)}
+        return {"step": jnp.zeros((), jnp.int32), **_params_and_optimizer(tx, p), "rng": jax.random.key_data(train_key)}
 
     return jax.jit(make, out_shardings=shardings)(params)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.train.zo import ZoOptimizer, make_zo_step
+
 Batch = dict[str, jax.Array]  # the task's arrays, batch first
 LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]  # (params, batch) -> (loss, aux)
 
@@ -19,6 +21,8 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     microbatches: int) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
+    if isinstance(tx, ZoOptimizer):  # train.optimizer: zo (no backward pass; microbatches=1, checked)
+        return make_zo_step(loss_fn, tx, schedule)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(params, batch):

@@ -10,7 +10,7 @@ d numbers), L the training loss of the step's batch, n = `probes`, eps = `eps`, 
     g_i        = (L(theta + eps z_i) - L(theta)) / eps
     g          = sum_i g_i z_i / (sqrt((d' + n - 1) / n) n)          d' = d - k (k: directions projected off)
     g          <- g - sum_{j in R} (v_j . g) v_j                     (subspace gradient, once tau steps have run)
-    theta      <- theta + AdamW(g)                                   (train.* b1, b2, eps, weight decay, clipping,
+    theta      <- AdamW step with g as the gradient                  (train.* b1, b2, eps, weight decay, clipping,
                                                                       learning-rate schedule, non-finite guard)
 
 E[g_i z_i] -> grad L as eps -> 0, so the mean of g is grad L * sqrt(n / (d' + n - 1)); the constant makes

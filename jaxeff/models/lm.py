@@ -130,7 +130,7 @@ class Block(nn.Module):
         channel = channel_mixer_for_layer(cfg, i).module(cfg=cfg, layer_index=i, dtype=self.dtype, name="channel")
         norm = NORMS[cfg.norm]
         if cache is None and cfg.parscale.enabled:  # each ParScale stream starts from its learned prefix or state
-            cache = learned_start_cache(cfg, i, x_BSD.shape[0], x_BSD.shape[1], self.dtype, cfg.init_std)
+            cache = learned_start_cache(cfg, i, x_BSD.shape[0], x_BSD.shape[1], self.dtype)
         y_BSD, cache = mixer(norm(cfg.norm_eps, self.dtype, name="mixer_norm")(x_BSD), positions_BS, cache)
         x_BSD = x_BSD + y_BSD
         y_BSD, aux = channel(norm(cfg.norm_eps, self.dtype, name="channel_norm")(x_BSD))

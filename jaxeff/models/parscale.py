@@ -50,12 +50,12 @@ class LearnedStreamStart(nn.Module):
                 for name, (shape, axes) in self.shapes.items()}
 
 
-def learned_start_cache(cfg, layer: int, rows: int, max_len: int, dtype, init_std: float):
+def learned_start_cache(cfg, layer: int, rows: int, max_len: int, dtype):
     """Inside a block: the cache its mixer starts from, for `rows` = B P rows and `max_len` tokens after the start.
     Creates the layer's `stream_start` parameters."""
     spec = token_mixer_for_layer(cfg, layer).stream_start
     sec = cfg.parscale
-    start = LearnedStreamStart(spec.params(cfg, layer, sec.prefix_tokens), sec.streams, init_std,
+    start = LearnedStreamStart(spec.params(cfg, layer, sec.prefix_tokens), sec.streams, cfg.init_std,
                                name="stream_start")()
     return spec.cache(cfg, layer, stream_rows(start, rows // sec.streams), max_len, dtype)
 

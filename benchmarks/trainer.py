@@ -29,6 +29,8 @@ VARIANTS = {
     "microbatches=2": ["train.microbatches=2"],
     "8 fake devices data=8": ["mesh.data=8"],
     "8 fake devices data2 fsdp2 tensor2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    "ParScale streams=2 (16 prefix tokens)": ["model.parscale.streams=2", "model.parscale.prefix_tokens=16"],
+    "ParScale streams=4 (16 prefix tokens)": ["model.parscale.streams=4", "model.parscale.prefix_tokens=16"],
 }
 
 

@@ -175,7 +175,7 @@ def test_cli_training_with_zo_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ({"train.microbatches": 2}, "set train.microbatches=1"),
-    ({"train.zo.trainable": "lora"}, "LoRA adapters are not implemented"),
+    ({"train.zo.trainable": "lora"}, "train.zo.trainable=lora needs LoRA adapters: set train.lora.rank"),
     ({"train.qat.kind": "ternary"}, "does not combine with train.qat.kind='ternary'"),
     ({"train.sst.rank": 4}, "does not combine with train.sst.rank=4"),
 ])

@@ -20,6 +20,7 @@ from jaxeff.config import Config, ConfigError, read_saved_config
 from jaxeff.config.qat import QatConfig
 from jaxeff.models.frozen_int8 import dequantize_params, int8_abstract
 from jaxeff.models.params import abstract_params
+from jaxeff.models.lora import adapted_abstract, merge, scale_of
 from jaxeff.models.sst import factorised_abstract, materialise
 from jaxeff.models.qat import param_quantizer
 from jaxeff.paths import Path, PathLike, as_path, is_object_store
@@ -107,6 +108,9 @@ def _from_workdir(workdir: Path) -> Trained:
         abstract = abstract_params(model, task.model_input(cfg, meta))
         if cfg.train.sst.rank:  # Sparse Spectral Training keeps factors: restore those, multiply back below
             abstract = factorised_abstract(abstract, cfg.train.sst.layers, cfg.model.d_model)
+        lora = cfg.train.lora
+        if lora.rank:  # LoRA keeps the frozen base and the adapters: restore both, merge below
+            abstract = adapted_abstract(abstract, lora.layers, lora.rank, cfg.model.d_model)
         if cfg.train.optimizer == "zo" and cfg.train.zo.frozen_int8:  # frozen matrices in int8: dequantized below
             abstract = int8_abstract(abstract, cfg.train.zo.trainable)
         found = restore_newest(store, abstract, lambda step: store.restore_params(step, abstract))
@@ -116,4 +120,6 @@ def _from_workdir(workdir: Path) -> Trained:
         raise ConfigError(f"{workdir}/checkpoints holds no restorable checkpoint; train again (jaxeff train)")
     step, params = found
     params = dequantize_params(materialise(params))  # an ordinary model's tree (a no-op without train.sst / zo int8)
+    if cfg.train.lora.rank:
+        params = merge(params, scale_of(cfg.train.lora))  # W + (alpha / r) A B^T
     return Trained(cfg, task, model, params, meta, step, workdir, False, qat=cfg.train.qat)

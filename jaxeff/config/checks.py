@@ -24,9 +24,23 @@ def check_consistency(cfg: Config, mesh_shape: dict[str, int] | None = None) -> 
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}"
         )
+    if t.lora.rank:
+        _check_lora(cfg)
     if t.optimizer == "zo":
         _check_zo(cfg)
     TASK_CHECKS[cfg.task](cfg, mesh_shape)
+
+
+def _check_lora(cfg: Config) -> None:
+    """LoRA adds adapters to plain float matrices trained by gradients (or by the zeroth-order estimate)."""
+    t = cfg.train
+    if t.sst.rank:
+        raise ConfigError(f"train.lora.rank={t.lora.rank} and train.sst.rank={t.sst.rank} both reparameterise the "
+                          "model's matrices; use one of them (set the other's rank to 0)")
+    if t.qat.kind != "none":
+        raise ConfigError(f"train.lora.rank={t.lora.rank} does not combine with train.qat.kind={t.qat.kind!r}: the "
+                          "adapters would change the weights after quantization; set train.lora.rank=0 or "
+                          "train.qat.kind=none")
 
 
 def _check_zo(cfg: Config) -> None:
@@ -35,9 +49,13 @@ def _check_zo(cfg: Config) -> None:
     if t.microbatches > 1:
         raise ConfigError(f"train.optimizer=zo runs no backward pass and keeps no activations, so it does not "
                           f"accumulate microbatches: set train.microbatches=1 (got {t.microbatches})")
-    if t.zo.trainable == "lora":
-        raise ConfigError("train.zo.trainable=lora: LoRA adapters are not implemented in jaxeff yet; use "
-                          "train.zo.trainable=embeddings or a regular expression on parameter paths")
+    if t.lora.rank and (t.zo.trainable != "lora" or t.lora.freeze != "all"):
+        raise ConfigError(f"train.lora.rank={t.lora.rank} with train.optimizer=zo trains the adapters only: set "
+                          f"train.zo.trainable=lora and train.lora.freeze=all (got trainable={t.zo.trainable!r}, "
+                          f"freeze={t.lora.freeze!r})")
+    if t.zo.trainable == "lora" and not t.lora.rank:
+        raise ConfigError("train.zo.trainable=lora needs LoRA adapters: set train.lora.rank (e.g. "
+                          "train.lora.rank=8), or choose other trainable parameters")
     if t.qat.kind != "none":
         raise ConfigError(f"train.optimizer=zo does not combine with train.qat.kind={t.qat.kind!r} (fake quantization "
                           "needs straight-through gradients); use train.zo.frozen_int8=true for int8 frozen weights")

@@ -17,6 +17,7 @@ from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
 from jaxeff.config.layer_scaling import LayerScalingConfig
 from jaxeff.config.parscale import ParScaleConfig
+from jaxeff.config.lora import LoraConfig
 from jaxeff.config.qat import QatConfig
 from jaxeff.config.sst import SstConfig
 from jaxeff.config.zo import ZoConfig
@@ -228,6 +229,8 @@ class TrainConfig(Section):
     """quantization-aware training"""
     sst: SstConfig = Field(default_factory=SstConfig)
     """Sparse Spectral Training: selected matrices as U diag(s) V^T, r singular-vector pairs updated per step"""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA: selected matrices frozen, a trained low-rank adapter added to each"""
 
 
 class CheckpointConfig(Section):

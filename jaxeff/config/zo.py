@@ -27,7 +27,7 @@ class ZoConfig(Section):
     """nu: principal components are kept until they explain more than 1 - nu of the snapshots' variance; the rest
     (together at most nu of it) are projected off"""
     trainable: str = "all"
-    """what the estimate updates: `all`, `embeddings` (the token embedding table), `lora` (not available yet), or a
+    """what the estimate updates: `all`, `embeddings` (the token embedding table), `lora` (the adapters of `train.lora`), or a
     regular expression searched in parameter paths such as `layer_1/mixer/q/kernel`; everything else is frozen"""
     frozen_int8: bool = False
     """store the frozen matrices as int8 with one float32 scale per output channel (per row of an embedding),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.config import ConfigError
+from jaxeff.models.lora import is_adapter
 
 INT8_KEYS = frozenset({"int8", "scale"})
 QMAX = 127
@@ -58,10 +59,13 @@ def quantized_as_plain(params: Any) -> Any:
 
 
 def select_trainable(names: list[str], trainable: str) -> list[str]:
-    """The parameter paths `train.zo.trainable` selects; ConfigError when none (or LoRA)."""
+    """The parameter paths `train.zo.trainable` selects (`lora`: the adapters' A and B); ConfigError when none."""
     if trainable == "lora":
-        raise ConfigError("train.zo.trainable=lora: LoRA adapters are not implemented in jaxeff yet; use "
-                          "train.zo.trainable=embeddings or a regular expression on parameter paths")
+        chosen = [n for n in names if is_adapter(n)]
+        if not chosen:
+            raise ConfigError("train.zo.trainable=lora but the model has no LoRA adapters; set train.lora.rank "
+                              "(e.g. train.lora.rank=8) or choose other trainable parameters")
+        return chosen
     if trainable == "all":
         chosen = list(names)
     elif trainable == "embeddings":

@@ -62,11 +62,13 @@ def build_train_step(cfg, devices: list, *, with_data: bool = True) -> TrainStep
     from jaxeff.parallel.mesh import build_mesh, process_row_shards
     from jaxeff.tasks import build_task
     from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
+    from jaxeff.train.reparam import run_model
     from jaxeff.train.state import abstract_state_and_shardings
     from jaxeff.train.step import make_train_step
 
     validate(cfg, len(devices))
     task = build_task(cfg, devices[0].platform, with_data=with_data)
+    task.model = run_model(task.model, cfg, task.init_input)  # train.sst / train.lora store other layouts
     tx = make_optimizer(cfg.train)
     mesh = build_mesh(cfg, devices)
     process_row_shards(mesh, cfg.train.global_batch_size)  # each host can load its share of every batch

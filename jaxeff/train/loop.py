@@ -18,6 +18,7 @@ from jaxeff.data import use_row_share
 from jaxeff.models.params import count_params
 from jaxeff.models.parscale import is_parscale_param
 from jaxeff.models.qat import on_quantized_params, param_quantizer, qat_notes
+from jaxeff.models.lora import merged_abstract
 from jaxeff.models.sst import plain_abstract
 from jaxeff.parallel.collectives import collective_stats
 from jaxeff.parallel.mesh import build_mesh, process_row_shards
@@ -31,7 +32,8 @@ from jaxeff.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxeff.train.preemption import PreemptionGuard
 from jaxeff.train.state import (abstract_boxed_state, abstract_state_and_shardings, init_params, init_state,
                                 init_state_from_params, logical_axes)
-from jaxeff.train.sst import factorise_params, sst_model
+from jaxeff.train.lora import lora_notes
+from jaxeff.train.reparam import run_model, run_params
 from jaxeff.train.step import make_train_step
 from jaxeff.train.telemetry import StepTelemetry, Throughput, TrainingStopped  # noqa: F401 (re-exported)
 from jaxeff.train.zo import dequantize_params, passes_per_step, quantized_as_plain
@@ -103,7 +105,7 @@ def _setup(cfg: Config, workdir: PathLike, debug: bool) -> _Run:
     devices = jax.devices()[:1] if debug else jax.devices()
     validate(cfg, len(devices))
     task = build_task(cfg)
-    task.model = sst_model(task.model, cfg, task.init_input)  # train.sst: factorised kernels, multiplied back in apply
+    task.model = run_model(task.model, cfg, task.init_input)  # train.sst / train.lora: their layouts, the model's in apply
     workdir = make_writable_dir(workdir, "--workdir")
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -161,7 +163,7 @@ def _restore_or_init(run: _Run) -> None:
         run.data_iter = new_iterator()
         if cfg.train.init_from:
             params, note = _initial_params(run)
-            run.state = init_state_from_params(factorise_params(params, cfg), run.tx, run.shardings, cfg.train.seed)
+            run.state = init_state_from_params(run_params(params, cfg), run.tx, run.shardings, cfg.train.seed)
             run.notes.append(f"initialised from {cfg.train.init_from} (fresh optimizer{note})")
         else:
             run.state = init_state(run.task.model, run.tx, run.shardings, cfg.train.seed, run.task.init_input)
@@ -183,7 +185,7 @@ def _initial_params(run: _Run) -> tuple[Any, str]:
     if loaded.cfg.task != cfg.task:
         raise ConfigError(f"train.init_from={path} holds a model of task {loaded.cfg.task!r}, this run is task "
                           f"{cfg.task!r}; start from a {cfg.task} export")
-    ours = param_shapes(plain_abstract(quantized_as_plain(run.abstract["params"])))  # the model's own layout
+    ours = param_shapes(plain_abstract(merged_abstract(quantized_as_plain(run.abstract["params"]))))  # the model's own layout
     saved = param_shapes(loaded.params)
     adds_streams = cfg.model.parscale.enabled and not loaded.cfg.model.parscale.enabled  # refused outside LMs
     new = {name for name in ours if name not in saved and adds_streams and is_parscale_param(name)}
@@ -210,7 +212,7 @@ def _compile_steps(run: _Run):
                                  cfg.train.microbatches)
     eval_step = on_quantized_params(run.task.eval_metrics, quantize)
     eval_step = _on_model_params(eval_step)  # train.zo.frozen_int8: int8 matrices dequantized
-    run.notes += qat_notes(cfg.train.qat, run.abstract["params"])
+    run.notes += qat_notes(cfg.train.qat, run.abstract["params"]) + lora_notes(cfg, run.abstract["params"])
     if not cfg.train.jit:
         return train_step, eval_step, None
     compiled = aot_compile_train_step(train_step, run.abstract, run.shardings, mesh,

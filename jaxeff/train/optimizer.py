@@ -7,6 +7,7 @@ import optax
 
 from jaxeff.config import TrainConfig
 from jaxeff.train.zo import ZoOptimizer
+from jaxeff.train.lora import with_lora
 from jaxeff.train.sst import with_sst
 
 
@@ -28,6 +29,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation | ZoOptimiz
                         weight_decay=cfg.weight_decay, mask=_decay_mask)
     adamw = with_sst(adamw, cfg, learning_rate_schedule(cfg))  # factorised matrices (train.sst): their own update
     chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    chain = with_lora(chain, cfg)  # train.lora: the trainable leaves only; frozen ones get no update and no state
     # +1: we stop at the limit ourselves, before optax would start applying non-finite updates.
     guarded = optax.apply_if_finite(chain, max_consecutive_errors=cfg.max_consecutive_nonfinite + 1)
     # train.optimizer: zo: the same update on zeroth-order estimates of the trainable leaves (jaxeff/train/zo.py).

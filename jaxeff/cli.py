@@ -1,4 +1,4 @@
-"""The `jaxeff` command: train, export, generate, forecast, import, config-schema, comm-report, plan.
+"""The `jaxeff` command: train, export, quantize, generate, forecast, import, config-schema, comm-report, plan.
 
 Exit codes, decided here and only here: 0 done; 2 a user error (`jaxeff.errors.UserError`: config,
 data, paths, flags, workdir), printed as one line without a traceback; 1 training stopped (e.g.
@@ -46,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
     g.add_argument("--seed", type=int, default=0)
+
+    qz = sub.add_parser("quantize", help="post-training FlexQ quantization of a float export (W6A6, W6A8, W8A8, W4A16)",
+                        description="Calibration-free: weights symmetric per group of G input elements, packed densely; "
+                                    "activations quantized per token at run time. `jaxeff generate` runs the result. "
+                                    "See docs/serving/quantize.md.")
+    qz.add_argument("--from", dest="source", required=True, metavar="EXPORT", help="a float export (jaxeff export)")
+    qz.add_argument("--out", required=True, help="new output directory")
+    qz.add_argument("--scheme", required=True, metavar="SCHEME", help="w6a6, w6a8, w8a8 or w4a16")
+    qz.add_argument("--group-size", type=int, default=128, metavar="G", help="input elements per scale (default 128)")
+    qz.add_argument("--a8-layers", default=None, metavar="PATTERN[,PATTERN]",
+                    help="kernels whose inputs get 8-bit activations under w6a6 (default layer_*/channel/down/kernel, "
+                         "FlexQ's choice; '' for none)")
 
     fc = sub.add_parser("forecast", help="forecast with a trained forecasting run (task: forecast): print, plot")
     fc.add_argument("--workdir", required=True, help="a forecasting run's workdir or its export")
@@ -184,6 +196,16 @@ def _export(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from jaxeff.infer.quantize import quantize_export
+
+    a8 = None if args.a8_layers is None else [p for p in args.a8_layers.split(",") if p]
+    out, record = quantize_export(args.source, args.out, args.scheme, args.group_size, a8)
+    print(f"quantized {len(record['params'])} matrices of {args.source} to {record['scheme']} (groups of "
+          f"{record['group_size']}) in {out}; run it with `jaxeff generate --workdir {out}`")
+    return 0
+
+
 def _generate(args) -> int:
     from jaxeff.config import ConfigError
     from jaxeff.infer.generate import load_inference_model
@@ -228,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     # saves, grain workers) cannot print over it while the interpreter shuts down.
     try:
         commands = {"train": _train, "export": _export, "generate": _generate, "import": _import, "forecast": _forecast,
-                    "config-schema": _config_schema, "comm-report": _comm_report, "plan": _plan}
+                    "config-schema": _config_schema, "comm-report": _comm_report, "plan": _plan,
+                    "quantize": _quantize}
         return commands[args.command](args)
     except UserError as e:
         exit_now(f"jaxeff: error: {e}", EXIT_USER_ERROR)

@@ -1,4 +1,7 @@
-"""Ternary matrices in an export: 2-bit codes packed 4 per byte plus float32 scales (`jaxeff export` of a QAT run).
+"""Quantized matrices in an export. The record's "kind" says which format: "ternary" (below) or "flexq" (b-bit codes
+of `jaxeff quantize`, jaxeff/artifacts/packed_flexq.py); `packed_abstract` and `unpack_params` read either.
+
+Ternary matrices: 2-bit codes packed 4 per byte plus float32 scales (`jaxeff export` of a QAT run).
 
 In `params/`, a quantized parameter `.../kernel` of n elements becomes a dict
     .../kernel/codes   uint8 [ceil(n / 4)]: the tensor's values in row-major order, element 4i + j in bits 2j..2j+1
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.artifacts.packed_flexq import KIND as FLEXQ, flexq_abstract, unpack_flexq
 from jaxeff.config.qat import QatConfig
 from jaxeff.models.qat import dequantize, param_name, quantized_names
 
@@ -67,6 +71,8 @@ def pack_params(quantized_params, qcfg: QatConfig) -> tuple[Any, dict]:
 
 def packed_abstract(abstract_params, record: dict) -> Any:
     """The shapes of an export's packed params/ tree, from the model's float shapes and the record."""
+    if record.get("kind") == FLEXQ:
+        return flexq_abstract(abstract_params, record)
     names, group_size = set(record["params"]), record["group_size"]
 
     def one(path, a):
@@ -82,6 +88,8 @@ def packed_abstract(abstract_params, record: dict) -> Any:
 
 def unpack_params(packed, abstract_params, record: dict) -> Any:
     """The float32 params tree of a packed export: every quantized matrix code x scale, in its model shape."""
+    if record.get("kind") == FLEXQ:
+        return unpack_flexq(packed, abstract_params, record)
     names, group_size = set(record["params"]), record["group_size"]
 
     def one(path, a):
@@ -101,6 +109,8 @@ def _subtree(tree, path):
 
 
 def qat_of_record(record: dict) -> QatConfig:
-    """The QatConfig that selects exactly the recorded parameters."""
+    """The QatConfig that selects exactly the recorded parameters (none for a FlexQ export: not a training setting)."""
+    if record.get("kind") == FLEXQ:
+        return QatConfig()
     return QatConfig(kind=record["kind"], group_size=record["group_size"], params=list(record["params"]),
                      keep_float=[])

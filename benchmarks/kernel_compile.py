@@ -27,6 +27,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from jaxeff.parallel.hardware import compile_only_devices, get_target  # noqa: E402
 from pallas_kernels.gpu_resources import kernel_resources  # noqa: E402
+from pallas_kernels.infllm import infllm_attention  # noqa: E402
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
 from pallas_kernels.mlstm import mlstm  # noqa: E402
 from pallas_kernels.s2_attention import s2_attention  # noqa: E402
@@ -38,8 +39,10 @@ SHAPES = [
     ("mlstm", "128 x 128 heads (chunk 64)", 1, 8192, 8, 128, 128, None),
     ("mlstm", "xLSTM 7B heads (d_qk 256, d_v 512, chunk 64)", 1, 8192, 8, 256, 512, None),
     ("s2", "S2 GQA 32/8 heads of 128 (block 64, local 16, stride 8)", 1, 8192, 32, 128, 128, 8),
+    ("infllm", "InfLLM v2 GQA 32/8 heads of 128 (block 64, kernels 32/16, local 16, top-k 16)", 1, 8192, 32, 128, 128,
+     8),
 ]
-PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_"}
+PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_", "infllm": "infllm_"}
 
 
 def op_fn(op: str, heads: int):
@@ -48,12 +51,14 @@ def op_fn(op: str, heads: int):
                                                    block_size=64)
     if op == "mlstm":
         return lambda q, k, v, i, f: mlstm(q, k, v, i, f, impl="pallas", chunk_size=64)
+    if op == "infllm":
+        return lambda q, k, v: infllm_attention(q, k, v, block_size=64, local_blocks=16, topk=16, impl="pallas")
     return lambda q, k, v: s2_attention(q, k, v, block_size=64, local_blocks=16, vert_stride=8, impl="pallas")
 
 
 def args_for(op, b, s, h, dk, dv, g, sharding):
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)  # noqa: E731
-    if op == "s2":
+    if op in ("s2", "infllm"):
         return [bf16(b, s, h, dk), bf16(b, s, g, dk), bf16(b, s, g, dv)]
     args = [bf16(b, s, h, dk), bf16(b, s, h, dk), bf16(b, s, h, dv)]
     if op == "mlstm":

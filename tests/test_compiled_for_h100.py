@@ -12,6 +12,7 @@ from jax.sharding import SingleDeviceSharding
 
 from jaxeff.parallel.hardware import compile_only_devices, get_target
 from pallas_kernels.gpu_resources import kernel_resources
+from pallas_kernels.infllm import infllm_attention
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.mlstm import mlstm
 from pallas_kernels.s2_attention import s2_attention
@@ -35,7 +36,7 @@ H100_SHARED_BYTES_PER_BLOCK, MAX_REGISTERS = 227 * 1024, 255
 # Its forward carries the same float32 state (about 2 KB at block 64, 8 warps).
 ACCEPTED_SPILLS = {"lightning_attn_fwd": 8 * 1024, "lightning_attn_bwd_dq": 128 * 1024,
                    "lightning_attn_bwd_dkdv": 128 * 1024, "lightning_attn_bwd_intra": 4 * 1024, "mlstm_bwd_prep": 1024}
-PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_"}  # the kernels' function names
+PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_", "infllm": "infllm_"}  # the kernels' function names
 
 OPS = {
     "lightning": (lambda q, k, v: lightning_attention(q, k, v, jnp.linspace(0.05, 0.9, H), impl="pallas",
@@ -45,6 +46,8 @@ OPS = {
                             [(H, 256), (H, 256), (H, 512)] + [(H,)] * 2),
     "s2": (lambda q, k, v: s2_attention(q, k, v, block_size=64, local_blocks=4, vert_stride=4, impl="pallas"),
            [(H, D), (H // 2, D), (H // 2, D)]),
+    "infllm": (lambda q, k, v: infllm_attention(q, k, v, block_size=64, local_blocks=4, topk=16, impl="pallas"),
+               [(H, D), (H // 2, D), (H // 2, D)]),
 }
 
 
@@ -70,3 +73,26 @@ def test_op_forward_and_backward_compile_for_an_h100(h100, name, tmp_path):
     for k in kernels:
         assert k.spill_stores + k.spill_loads <= ACCEPTED_SPILLS.get(k.name, 0), f"{k.name} spills registers: {k}"
         assert k.shared_bytes <= H100_SHARED_BYTES_PER_BLOCK and k.registers <= MAX_REGISTERS, k
+
+
+# The quantized matmul (serving, forward only): W6A8 and W8A8 with int8 codes and int32 accumulation per group.
+QUANT_SHAPE = (256, 1024, 384, 128)  # tokens, inputs, outputs, group size
+
+
+@pytest.mark.parametrize("act_bits", [8, 6])
+def test_quant_matmul_compiles_for_an_h100(h100, act_bits, tmp_path):
+    from pallas_kernels.quant_matmul import quant_matmul
+
+    n, i, o, g = QUANT_SHAPE
+    args = [jax.ShapeDtypeStruct((n, i), jnp.bfloat16, sharding=h100),
+            jax.ShapeDtypeStruct((i, o), jnp.int8, sharding=h100),
+            jax.ShapeDtypeStruct((i // g, o), jnp.float32, sharding=h100)]
+    fn = lambda x, w, s: quant_matmul(x, w, s, group_size=g, act_bits=act_bits, impl="pallas")  # noqa: E731
+    compiled = jax.jit(fn).trace(*args).lower().compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    text = compiled.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "tpu_custom_call" not in text
+    kernels = kernel_resources(tmp_path, ("quant_matmul",))
+    assert len(kernels) == 1, [k.name for k in kernels]
+    k = kernels[0]
+    assert k.spill_stores + k.spill_loads == 0 and k.registers <= MAX_REGISTERS, k
+    assert k.shared_bytes <= H100_SHARED_BYTES_PER_BLOCK, k

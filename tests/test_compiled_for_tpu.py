@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import SingleDeviceSharding
 
+from pallas_kernels.infllm import infllm_attention
 from pallas_kernels.lightning_attention import lightning_attention
 from pallas_kernels.mlstm import mlstm
 from pallas_kernels.s2_attention import s2_attention
@@ -35,6 +36,8 @@ OPS = {
               [(H, D)] * 3 + [(H,)] * 2, 5),
     "s2": (lambda q, k, v: s2_attention(q, k, v, block_size=64, local_blocks=4, vert_stride=4, impl="pallas"),
            [(H, D), (H // 2, D), (H // 2, D)], 3),
+    "infllm": (lambda q, k, v: infllm_attention(q, k, v, block_size=64, local_blocks=4, topk=16, impl="pallas"),
+               [(H, D), (H // 2, D), (H // 2, D)], 3),
 }
 
 
@@ -53,3 +56,17 @@ def test_op_forward_and_backward_compile_for_a_v5e_chip(v5e_chip, name):
     assert text.count("tpu_custom_call") >= min_kernels, text.count("tpu_custom_call")
     assert "triton" not in text
     assert compiled.memory_analysis().temp_size_in_bytes < 16 * 2**30  # fits a v5e chip's HBM
+
+
+@pytest.mark.parametrize("act_bits", [8, 6])
+def test_quant_matmul_compiles_for_a_v5e_chip(v5e_chip, act_bits):
+    """The serving matmul (forward only): int8 codes, int32 accumulation per group of 128, as a Mosaic kernel."""
+    from pallas_kernels.quant_matmul import quant_matmul
+
+    n, i, o, g = 256, 1024, 384, 128
+    args = [jax.ShapeDtypeStruct((n, i), jnp.bfloat16, sharding=v5e_chip),
+            jax.ShapeDtypeStruct((i, o), jnp.int8, sharding=v5e_chip),
+            jax.ShapeDtypeStruct((i // g, o), jnp.float32, sharding=v5e_chip)]
+    fn = lambda x, w, s: quant_matmul(x, w, s, group_size=g, act_bits=act_bits, impl="pallas")  # noqa: E731
+    text = jax.jit(fn).trace(*args).lower().compile().as_text()
+    assert text.count("tpu_custom_call") == 1 and "triton" not in text

@@ -150,3 +150,29 @@ class S2Config(Section):
     """`sink_window`: the first this many blocks are always read (attention sinks)"""
     impl: Annotated[Literal["auto", "reference", "xla", "pallas"], MAY_CHANGE] = "auto"
     """`auto` (Pallas on GPU/TPU, xla on CPU), `reference` (dense attention, masked), `xla` (gathers kept blocks), `pallas`"""
+
+
+
+class InfllmConfig(Section):
+    """InfLLM v2 sparse attention (MiniCPM4): `model.mixer_pattern: [infllm]`; see [models/infllm.md](models/infllm.md).
+    No parameters of its own: each query scores mean-pooled keys, keeps the best blocks and attends only those.
+    Defaults are MiniCPM4's `sparse_config` (window 2048 = 32 blocks of 64)."""
+
+
+    kernel_size: PositiveInt = 32
+    """keys per pooled key ("semantic kernel"): the mean of `kernel_size` consecutive keys"""
+    kernel_stride: PositiveInt = 16
+    """tokens between the starts of consecutive pooled keys"""
+    block_size: PositiveInt = 64
+    """tokens per selectable KV block"""
+    init_blocks: Annotated[int, Field(ge=0)] = 1
+    """the first this many blocks are always read (they count towards `topk`, as in MiniCPM4's code)"""
+    local_blocks: PositiveInt = 32
+    """the query's own block and the `local_blocks - 1` before it are always read (the local window)"""
+    topk: Annotated[int, Field(ge=0)] = 64
+    """blocks chosen per query by score, init blocks included (the local window comes on top)"""
+    dense_len: Annotated[int, Field(ge=0)] = 8192
+    """a query whose context (position + 1) is shorter than this reads every causal block, so shorter sequences are
+    dense causal attention; 0 = always sparse"""
+    impl: Annotated[Literal["auto", "reference", "xla", "pallas"], MAY_CHANGE] = "auto"
+    """`auto` (Pallas on GPU/TPU, xla on CPU), `reference` (dense attention, masked), `xla` (masked, one query block at a time), `pallas`"""

@@ -21,7 +21,7 @@ from jaxeff.config.lora import LoraConfig
 from jaxeff.config.qat import QatConfig
 from jaxeff.config.sst import SstConfig
 from jaxeff.config.zo import ZoConfig
-from jaxeff.config.mixers import CompanionConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
+from jaxeff.config.mixers import CompanionConfig, InfllmConfig, LightningConfig, MlstmConfig, MoeConfig, S2Config
 # Importing jaxeff.layers (the package of this module) imports every layer file: the registries are complete.
 from jaxeff.layers.registry import CHANNEL_MIXERS, TOKEN_MIXERS, unknown_name_message
 
@@ -115,6 +115,8 @@ class ModelConfig(Section):
     """mixture-of-experts channel mixers"""
     s2: S2Config = Field(default_factory=S2Config)
     """S2-Attention and sink + window attention mixers"""
+    infllm: InfllmConfig = Field(default_factory=InfllmConfig)
+    """InfLLM v2 sparse attention mixers (MiniCPM4)"""
     spacetime: SpacetimeConfig = Field(default_factory=SpacetimeConfig)
     """SpaceTime forecaster (`architecture: spacetime`)"""
     linear: LinearForecasterConfig = Field(default_factory=LinearForecasterConfig)

@@ -73,3 +73,26 @@ def test_op_forward_and_backward_compile_for_an_h100(h100, name, tmp_path):
     for k in kernels:
         assert k.spill_stores + k.spill_loads <= ACCEPTED_SPILLS.get(k.name, 0), f"{k.name} spills registers: {k}"
         assert k.shared_bytes <= H100_SHARED_BYTES_PER_BLOCK and k.registers <= MAX_REGISTERS, k
+
+
+# The quantized matmul (serving, forward only): W6A8 and W8A8 with int8 codes and int32 accumulation per group.
+QUANT_SHAPE = (256, 1024, 384, 128)  # tokens, inputs, outputs, group size
+
+
+@pytest.mark.parametrize("act_bits", [8, 6])
+def test_quant_matmul_compiles_for_an_h100(h100, act_bits, tmp_path):
+    from pallas_kernels.quant_matmul import quant_matmul
+
+    n, i, o, g = QUANT_SHAPE
+    args = [jax.ShapeDtypeStruct((n, i), jnp.bfloat16, sharding=h100),
+            jax.ShapeDtypeStruct((i, o), jnp.int8, sharding=h100),
+            jax.ShapeDtypeStruct((i // g, o), jnp.float32, sharding=h100)]
+    fn = lambda x, w, s: quant_matmul(x, w, s, group_size=g, act_bits=act_bits, impl="pallas")  # noqa: E731
+    compiled = jax.jit(fn).trace(*args).lower().compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    text = compiled.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "tpu_custom_call" not in text
+    kernels = kernel_resources(tmp_path, ("quant_matmul",))
+    assert len(kernels) == 1, [k.name for k in kernels]
+    k = kernels[0]
+    assert k.spill_stores + k.spill_loads == 0 and k.registers <= MAX_REGISTERS, k
+    assert k.shared_bytes <= H100_SHARED_BYTES_PER_BLOCK, k

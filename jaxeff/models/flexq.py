@@ -22,7 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # FlexQ's clamp of the scale (CLIPMIN, and its upper bound)
+# The quantizer itself is the kernels' (one definition for the export, the forward and the matmul op).
+from pallas_kernels.quant_matmul.reference import dequantize_rows, quantize_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +43,6 @@ QUANTIZED = ["layer_*/mixer/*/kernel", "layer_*/channel/*/kernel"]
 KEEP_FLOAT = ["*/igate/kernel", "*/fgate/kernel"]
 
 
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
 def matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -58,29 +55,6 @@ def input_axes(shape: tuple[int, ...], d_model: int) -> int:
     """How many leading axes of a kernel are contracted with the input: the first when it is d_model wide (or the
     last is not), else all but the last (an output projection [H, K, D])."""
     return 1 if shape[0] == d_model or shape[-1] != d_model else len(shape) - 1
-
-
-def _pad_groups(v_NI, group_size: int):
-    """[N, I] -> [N, nG, G], zero padded (the ragged last group's padding changes neither its max nor its codes)."""
-    n, i = v_NI.shape
-    pad = -i % group_size
-    return jnp.pad(v_NI, ((0, 0), (0, pad))).reshape(n, (i + pad) // group_size, group_size)
-
-
-def quantize_rows(v_NI, bits: int, group_size: int):
-    """(codes int32 [N, I], scales float32 [N, nG]) of each row of v, grouped along I."""
-    n, i = v_NI.shape
-    v_NgG = _pad_groups(v_NI.astype(jnp.float32), group_size)
-    s_Ng = jnp.clip(jnp.max(jnp.abs(v_NgG), axis=-1) / qmax(bits), SCALE_MIN, SCALE_MAX)
-    codes_NgG = jnp.clip(jnp.round(v_NgG / s_Ng[..., None]), -qmax(bits) - 1, qmax(bits))
-    return codes_NgG.reshape(n, -1)[:, :i].astype(jnp.int32), s_Ng
-
-
-def dequantize_rows(codes_NI, s_Ng, group_size: int):
-    """codes x their group's scale, float32 [N, I]."""
-    n, i = codes_NI.shape
-    c_NgG = _pad_groups(codes_NI.astype(jnp.float32), group_size)
-    return (c_NgG * s_Ng[..., None]).reshape(n, -1)[:, :i]
 
 
 def quantize_kernel(w, n_in: int, bits: int, group_size: int):

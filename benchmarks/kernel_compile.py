@@ -30,6 +30,7 @@ from pallas_kernels.gpu_resources import kernel_resources  # noqa: E402
 from pallas_kernels.infllm import infllm_attention  # noqa: E402
 from pallas_kernels.lightning_attention import lightning_attention  # noqa: E402
 from pallas_kernels.mlstm import mlstm  # noqa: E402
+from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
 from pallas_kernels.s2_attention import s2_attention  # noqa: E402
 
 # (op, label, batch, seq, heads, d_qk, d_v, kv heads): the shapes of configs/*.yaml scaled to accelerators
@@ -42,7 +43,11 @@ SHAPES = [
     ("infllm", "InfLLM v2 GQA 32/8 heads of 128 (block 64, kernels 32/16, local 16, top-k 16)", 1, 8192, 32, 128, 128,
      8),
 ]
-PREFIX = {"lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_", "infllm": "infllm_"}
+# The serving matmul (forward only): (label, tokens, inputs, outputs, group size, activation bits); W6A8 and W8A8
+# share the kernel (int8 codes either way), W6A6 differs in the activations' clip only.
+QUANT_SHAPES = [("W6A8 / W8A8, 2048 tokens x 4096 -> 4096 (G 128)", 2048, 4096, 4096, 128, 8),
+                ("W6A6, 2048 tokens x 4096 -> 11008 (G 128)", 2048, 4096, 11008, 128, 6)]
+PREFIX = {"quant_matmul": "quant_matmul", "lightning": "lightning_attn", "mlstm": "mlstm_", "s2": "s2_", "infllm": "infllm_"}
 
 
 def op_fn(op: str, heads: int):
@@ -77,6 +82,17 @@ def compile_once(op, shape, sharding, dump_dir=None) -> float:
     return time.perf_counter() - start
 
 
+def compile_quant_matmul(shape, sharding, dump_dir=None) -> float:
+    n, i, o, g, bits = shape
+    args = [jax.ShapeDtypeStruct((n, i), jnp.bfloat16, sharding=sharding),
+            jax.ShapeDtypeStruct((i, o), jnp.int8, sharding=sharding),
+            jax.ShapeDtypeStruct((i // g, o), jnp.float32, sharding=sharding)]
+    fn = lambda x, w, s: quant_matmul(x, w, s, group_size=g, act_bits=bits, impl="pallas")  # noqa: E731
+    start = time.perf_counter()
+    jax.jit(fn).trace(*args).lower().compile(compiler_options={"xla_dump_to": str(dump_dir)} if dump_dir else None)
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, default=None)
@@ -103,6 +119,19 @@ def main(argv=None) -> None:
                                  f"{r.shared_bytes / 1024:.0f} | {r.threads} | {'x'.join(map(str, r.grid))} |")
                 print(resources[-1], flush=True)
         times.append(f"| {op} | {label} | {cells['h100']} | {cells['v5e']} |")
+        print(times[-1], flush=True)
+    for label, *shape in QUANT_SHAPES if not args.only or "quant_matmul" in args.only.split(",") else []:
+        cells = {}
+        with tempfile.TemporaryDirectory() as dump:
+            for name, sharding, dump_dir in (("h100", h100, dump), ("v5e", v5e, None)):
+                try:
+                    cells[name] = f"{compile_quant_matmul(shape, sharding, dump_dir):.1f}"
+                except Exception as e:
+                    cells[name] = "FAILS: " + str(e).strip().splitlines()[0][:120]
+            for r in kernel_resources(dump, (PREFIX["quant_matmul"],)):
+                resources.append(f"| {r.name} | {label} | {r.registers} | {r.spill_stores} / {r.spill_loads} | "
+                                 f"{r.shared_bytes / 1024:.0f} | {r.threads} | {'x'.join(map(str, r.grid))} |")
+        times.append(f"| quant_matmul (forward only) | {label} | {cells['h100']} | {cells['v5e']} |")
         print(times[-1], flush=True)
     body = (f"`python benchmarks/kernel_compile.py` on this 2-core CPU host (jax {jax.__version__}), forward + "
             f"backward, bf16, batch 1, 8192 tokens, impl=\"pallas\".\n\n" + "\n".join(times) + "\n\nTriton kernels "

@@ -42,5 +42,7 @@ class ActivationQuantized:
         with nn.intercept_methods(activation_interceptor(self.bits_of, self.group_size)):
             return self.model.apply(*args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for names not set in __init__
+        if name == "model":  # not yet set (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.model, name)

@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--draft", default=None, metavar="EXPORT",
+                   help="speculative decoding: a smaller LM with the same tokenizer (workdir or export) proposes "
+                        "tokens that this model checks; the output follows this model's distribution exactly "
+                        "(docs/serving/speculative.md)")
+    g.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="with --draft: tokens drafted per step")
+    g.add_argument("--draft-vocab", type=float, default=None, metavar="FRACTION",
+                   help="with --draft: FR-Spec, the draft proposes only the most frequent FRACTION of the vocabulary "
+                        "of its training corpus (e.g. 0.25; EOS always included)")
 
     qz = sub.add_parser("quantize", help="post-training FlexQ quantization of a float export (W6A6, W6A8, W8A8, W4A16)",
                         description="Calibration-free: weights symmetric per group of G input elements, packed densely; "
@@ -226,9 +234,21 @@ def _generate(args) -> int:
     report = cache_report(loaded.model_config, prompt_tokens + args.max_new_tokens)
     if report:
         print(f"jaxeff: {report}", file=sys.stderr, flush=True)
-    text = generate_text(loaded.model, loaded.params, loaded.tokenizer, args.prompt, args.max_new_tokens,
-                         args.temperature, args.top_k, args.seed)
+    if args.draft is None:
+        if args.draft_vocab is not None or args.draft_tokens != 4:
+            raise ConfigError("--draft-tokens and --draft-vocab need --draft EXPORT (the draft model)")
+        text = generate_text(loaded.model, loaded.params, loaded.tokenizer, args.prompt, args.max_new_tokens,
+                             args.temperature, args.top_k, args.seed)
+        print(text)
+        return 0
+    if args.draft_tokens < 1:
+        raise ConfigError(f"--draft-tokens {args.draft_tokens}: must be at least 1")
+    from jaxeff.infer.generate import speculative_text
+
+    text, stats = speculative_text(loaded, load_inference_model(args.draft), args.prompt, args.max_new_tokens,
+                                   args.temperature, args.top_k, args.seed, args.draft_tokens, args.draft_vocab)
     print(text)
+    print(f"jaxeff: {stats.line()} (compilation included)", file=sys.stderr, flush=True)
     return 0
 
 

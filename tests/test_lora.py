@@ -222,3 +222,18 @@ def test_a_pattern_that_adapts_nothing_is_refused():
     with pytest.raises(ConfigError, match="train.lora.layers='nothing' matches no parameter matrix"):
         compile_train_step(tiny_config(**{"train.lora.rank": 2, "train.lora.layers": "nothing"}), jax.devices()[:1],
                            with_data=False)
+
+
+def test_blocks_merge_their_own_adapters_so_no_merged_copy_outlives_its_layer(monkeypatch):
+    """With remat, merging every adapter before the model runs keeps a merged copy of all weights alive from the
+    forward to the backward pass; merging inside each block (DecoderLM.block_params) does not. A model whose
+    parameters outweigh its activations (d 128, 1 x 8 tokens), compiled for an H100 (`jaxeff plan`; XLA's CPU
+    scheduler keeps the copies either way): the temporaries differ by about the parameters' size."""
+    import jaxeff.train.lora as lora_module
+    from jaxeff.train.plan import make_plan
+    cfg = tiny_config(**{"model.d_model": 128, "model.mlp_dim": 512, "model.remat": "full", "data.seq_len": 8,
+                         "train.global_batch_size": 1, "train.lora.rank": 2})
+    inside = make_plan(cfg, "h100x1")
+    monkeypatch.setattr(lora_module, "DecoderLM", type("NotADecoder", (), {}))  # forces the merge before the model
+    outside = make_plan(cfg, "h100x1")
+    assert inside.temp_bytes < outside.temp_bytes - inside.param_bytes // 2, (inside.temp_bytes, outside.temp_bytes)

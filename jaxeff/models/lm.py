@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -137,6 +137,15 @@ class Block(nn.Module):
         return x_BSD + y_BSD, cache, aux
 
 
+def block_name(layer: int) -> str:
+    """The name (and parameter subtree) of a DecoderLM's block `layer`."""
+    return f"layer_{layer}"
+
+
+def is_block_name(name: str) -> bool:
+    return name.startswith("layer_") and name[len("layer_"):].isdigit()
+
+
 class DecoderLM(nn.Module):
     """Returns (logits_BSV in float32, new caches or None, aux dict of scalars summed over layers); given
     `targets_BS`, the per-token cross entropy [B, S] in place of the logits (training: `model.loss_chunk` bounds
@@ -145,6 +154,9 @@ class DecoderLM(nn.Module):
     cfg: ModelConfig
     vocab_size: int  # already padded
     dtype: Any = jnp.float32
+    # A transform of each block's parameters, run inside the block (and inside its remat): LoRA merges its adapters
+    # there, so a merged copy of one layer's weights lives only while that layer runs (jaxeff/train/lora.py).
+    block_params: Callable[[Any], Any] | None = None
 
     @nn.compact
     def __call__(self, tokens_BS, positions_BS=None, caches=None, targets_BS=None):
@@ -161,12 +173,14 @@ class DecoderLM(nn.Module):
         x_BSD = with_logical_constraint(x_BSD, RESIDUAL_AXES)
 
         block_cls = Block
+        if self.block_params is not None:
+            block_cls = nn.map_variables(Block, "params", trans_in_fn=self.block_params, mutable=False)
         if cfg.remat != "none":
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+            block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         new_caches, aux_total = [], {}
         for i in range(cfg.n_layers):
             cache = None if caches is None else caches[i]
-            x_BSD, cache, aux = block_cls(cfg, i, self.dtype, name=f"layer_{i}")(x_BSD, positions_BS, cache)
+            x_BSD, cache, aux = block_cls(cfg, i, self.dtype, name=block_name(i))(x_BSD, positions_BS, cache)
             x_BSD = with_logical_constraint(x_BSD, RESIDUAL_AXES)
             new_caches.append(cache)
             for k, v in aux.items():

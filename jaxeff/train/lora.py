@@ -9,6 +9,7 @@ the gradient norm are those of the adapters (plus, with `freeze: adapted`, the p
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxeff.config import ConfigError, TrainConfig
+from jaxeff.models.lm import DecoderLM, is_block_name
 from jaxeff.models.lora import adapt, adapted_names, merge, scale_of, trains
 from jaxeff.models.sst import path_name
 
@@ -41,8 +43,14 @@ class LoraModel:
                                              adapter_key(key))}
 
     def apply(self, variables, *args, **kwargs):
-        params = merge(variables["params"], scale_of(self.lora_cfg), self.lora_cfg.freeze)
-        return self.lora_model.apply({**variables, "params": params}, *args, **kwargs)
+        merge_ = functools.partial(merge, scale=scale_of(self.lora_cfg), freeze=self.lora_cfg.freeze)
+        model, params = self.lora_model, variables["params"]
+        if isinstance(model, DecoderLM):  # each block merges its own adapters, inside its remat
+            model = model.clone(block_params=merge_)
+            params = {name: tree if is_block_name(name) else merge_(tree) for name, tree in params.items()}
+        else:
+            params = merge_(params)
+        return model.apply({**variables, "params": params}, *args, **kwargs)
 
     def __getattr__(self, name):
         if name.startswith("lora_"):  # not set yet (copying): no recursion

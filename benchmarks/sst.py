@@ -1,12 +1,14 @@
-"""Sparse Spectral Training vs full-rank training on the debug model (configs/debug.yaml, CPU).
+"""Sparse Spectral Training vs full-rank training vs LoRA on the debug model (configs/debug.yaml, CPU).
 
     python benchmarks/sst.py [--steps 300] [--ranks 8 32] [--write docs/benchmarks.md]
 
-Every run trains the same steps on the same data with the same schedule and seed; SST factorises every mixer
-projection (train.sst.layers' default). Reported: eval loss at equal steps, the parameters the step updates
-(SST: per matrix r (m + n) vector entries and all k singular values; the embedding and norms train fully in
-every run), and the compiled step's memory per device as the run header prints it (params, optimizer state,
-train step temporaries). LoRA does not exist in jaxeff, so it is not in the table.
+Every run trains the same steps from scratch on the same data with the same schedule and seed; SST factorises, and
+LoRA adapts, every mixer projection (the default `layers` of both). LoRA of rank r runs with `freeze: adapted`
+(the randomly initialised projections frozen, their adapters, the embedding and the norms trained: the LoRA
+baseline of SST's paper) and has r (m + n) trainable entries per matrix, as many as SST's r active pairs update
+(SST adds the k singular values). Reported: eval loss at equal steps, the parameters the step updates (the
+embedding and norms train fully in every run), and the compiled step's memory per device as the run header prints
+it (params, optimizer state, train step temporaries).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 
 from jaxeff.config import load_config  # noqa: E402
+from jaxeff.models.lora import is_adapted  # noqa: E402
 from jaxeff.models.sst import is_factorised  # noqa: E402
 from jaxeff.train import train  # noqa: E402
 
@@ -34,8 +37,10 @@ from jaxeff.train import train  # noqa: E402
 def updated_per_step(params, rank: int) -> int:
     """Entries the optimizer changes in one step (SST: r active column pairs and all s of each factorised matrix)."""
     total = 0
-    for node in jax.tree.leaves(params, is_leaf=is_factorised):
-        if is_factorised(node) and rank:
+    for node in jax.tree.leaves(params, is_leaf=lambda x: is_factorised(x) or is_adapted(x)):
+        if is_adapted(node):  # LoRA: the adapters; the base is frozen
+            total += node["lora_A"].size + node["lora_B"].size
+        elif is_factorised(node) and rank:
             k = node["s"].shape[0]
             m, n = math.prod(node["U"].shape[:-1]), math.prod(node["V"].shape[:-1])
             total += min(rank, k) * (m + n) + k
@@ -44,10 +49,13 @@ def updated_per_step(params, rank: int) -> int:
     return total
 
 
-def run(steps: int, eval_every: int, rank: int) -> dict:
+def run(steps: int, eval_every: int, rank: int, method: str = "sst") -> dict:
     overrides = [f"train.steps={steps}", f"train.eval_every={eval_every}", "sample.max_new_tokens=0",
-                 "logging.progress_bar=false", "train.eval_batches=8", f"train.sst.rank={rank}",
-                 "train.sst.resample_every=25", "train.sst.svd_every=100"]
+                 "logging.progress_bar=false", "train.eval_batches=8"]
+    if method == "sst":
+        overrides += [f"train.sst.rank={rank}", "train.sst.resample_every=25", "train.sst.svd_every=100"]
+    else:
+        overrides += [f"train.lora.rank={rank}", f"train.lora.alpha={2.0 * rank}", "train.lora.freeze=adapted"]
     out = io.StringIO()
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(out):
         t0 = time.perf_counter()
@@ -69,6 +77,8 @@ def main() -> None:
     for r in args.ranks:
         results[f"SST r={r}"] = run(args.steps, eval_every, r)
         print(f"SST r={r}: done", flush=True)
+        results[f"LoRA r={r}"] = run(args.steps, eval_every, r, "lora")
+        print(f"LoRA r={r}: done", flush=True)
     picks = (eval_every, 2 * eval_every, args.steps)
     rows = ["| run | parameters stored | updated per step | eval loss @ " + " | @ ".join(map(str, picks))
             + " | per device (compiled step) | wall s |", "|---|---|---|---|---|---|---|---|"]
@@ -81,10 +91,11 @@ def main() -> None:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from common import write_section
 
-        write_section(args.write, "sst", "Sparse Spectral Training vs full rank (CPU, debug model)",
+        write_section(args.write, "sst", "Sparse Spectral Training vs full rank vs LoRA (CPU, debug model)",
                       f"Measured by `python benchmarks/sst.py --steps {args.steps}`: configs/debug.yaml, the same "
-                      "data, schedule and seed; SST on every mixer projection, resample_every 25, svd_every 100. "
-                      "LoRA is not implemented in jaxeff and is missing from the comparison. Method: "
+                      "data, schedule and seed; SST on every mixer projection, resample_every 25, svd_every 100; LoRA "
+                      "on the same matrices, alpha = 2 r, freeze: adapted (the embedding and norms train in every "
+                      "run). Methods: [methods/lora.md](methods/lora.md), "
                       f"[methods/sst.md](methods/sst.md).\n\n{table}")
 
 

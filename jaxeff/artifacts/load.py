@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 from jaxeff.artifacts.checkpoint import CheckpointStore, restore_newest
 from jaxeff.artifacts.export import is_export, read_config, read_quantization
 from jaxeff.artifacts.packed import packed_abstract, qat_of_record, unpack_params
-from jaxeff.artifacts.packed_flexq import KIND as FLEXQ, activation_bits_of
+from jaxeff.artifacts.packed_flexq import KIND as FLEXQ, activation_bits_of, unpack_flexq
 from jaxeff.config import Config, ConfigError, read_saved_config
 from jaxeff.config.qat import QatConfig
-from jaxeff.models.flexq_forward import ActivationQuantized
+from jaxeff.models.flexq_forward import CodedServing
 from jaxeff.models.frozen_int8 import dequantize_params, int8_abstract
 from jaxeff.models.params import abstract_params
 from jaxeff.models.lora import adapted_abstract, merge, scale_of
@@ -42,11 +42,14 @@ class Trained:
     qat: QatConfig = dataclasses.field(default_factory=QatConfig)  # the quantization the model runs with
     quantized: bool = False  # `params` already hold the quantized values (a packed export), else the float ones
     quantization: dict | None = None  # a packed export's config.json record (jaxeff/artifacts/packed.py)
+    served: Any = None  # the tree the (wrapped) model runs with when it is not `params` (FlexQ: int8 codes + scales)
 
     @functools.cached_property
     def run_params(self):
         """The parameters the model runs with: a QAT workdir's float weights quantized as in its training forward;
         otherwise `params` (a packed export's are the unpacked ternary matrices already)."""
+        if self.served is not None:
+            return self.served
         return self.params if self.quantized else param_quantizer(self.qat, self.params)(self.params)
 
     @property
@@ -85,10 +88,12 @@ def _from_export(export_dir: Path) -> Trained:
                                                 abstract if record is None else packed_abstract(abstract, record))
     if record is None:
         return Trained(cfg, task, model, stored, meta, step, export_dir, True)
-    if record.get("kind") == FLEXQ and activation_bits_of(record):  # per-token activation quantization too
-        model = ActivationQuantized(model, activation_bits_of(record), record["group_size"])
+    served = None
+    if record.get("kind") == FLEXQ:  # served as int8 codes through the quantized matmul; `params` hold the values
+        model = CodedServing(model, activation_bits_of(record), record["group_size"])
+        served = unpack_flexq(stored, abstract, record, dequantize=False)
     return Trained(cfg, task, model, unpack_params(stored, abstract, record), meta, step, export_dir, True,
-                   qat=qat_of_record(record), quantized=True, quantization=record)
+                   qat=qat_of_record(record), quantized=True, quantization=record, served=served)
 
 
 def checkpoint_task_meta(task: type[Task], cfg: Config, checkpoint_meta: dict, where: str) -> Meta:

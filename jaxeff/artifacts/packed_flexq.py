@@ -6,7 +6,8 @@ In `params/`, a quantized kernel of shape in_shape + out_shape (viewed as W_IO, 
 and config.json records {"quantization": {"kind": "flexq", "scheme", "weight_bits", "activation_bits",
 "group_size", "a8_layers", "params": {name: {"input_axes", "activation_bits"}}, "packing"}}. Element (i, o) is
 codes[i, o] x scales[i // G, o] (jaxeff/models/flexq.py). Loading unpacks them to float32 kernels; the activation
-bits of each kernel's input go to the model's forward (jaxeff/models/flexq_forward.py).
+bits of each kernel's input go to the model's forward (jaxeff/models/flexq_forward.py), which serves the kernels
+as int8 codes + scales through the quantized matmul.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def flexq_abstract(abstract_params, record: dict) -> Any:
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
-def unpack_flexq(packed, abstract_params, record: dict) -> Any:
-    """The float32 params tree of a FlexQ export: every quantized kernel codes x scales, in its model shape."""
+def unpack_flexq(packed, abstract_params, record: dict, dequantize: bool = True) -> Any:
+    """The float32 params tree of a FlexQ export: every quantized kernel codes x scales, in its model shape. With
+    `dequantize=False` (serving) each stays {"codes": int8 [I, O], "scales": float32 [nG, O]}."""
     entries, bits, g = record["params"], record["weight_bits"], record["group_size"]
 
     def one(path, a):
@@ -80,11 +82,13 @@ def unpack_flexq(packed, abstract_params, record: dict) -> Any:
             return node
         i, o = _io(a.shape, entries[_name(path)]["input_axes"])
         codes_IO = bitpack.unpack(node["codes"], bits, i * o).reshape(i, o)
+        if not dequantize:
+            return {"codes": codes_IO.astype(np.int8), "scales": node["scales"]}
         return dequantize_kernel(codes_IO, node["scales"], a.shape, g)
 
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
-def activation_bits_of(record: dict) -> dict[str, int]:
-    """{kernel name: bits of its input's per-token quantization}, for the kernels whose input is quantized."""
-    return {n: e["activation_bits"] for n, e in record["params"].items() if e["activation_bits"] is not None}
+def activation_bits_of(record: dict) -> dict[str, int | None]:
+    """{quantized kernel name: bits of its input's per-token quantization, None for float activations}."""
+    return {n: e["activation_bits"] for n, e in record["params"].items()}

@@ -26,6 +26,9 @@ def export_checkpoint(workdir: PathLike, out: PathLike, quantize: QatConfig | No
     matrices to ternary (a QAT run, or a packed export, is written packed without it)."""
     out = check_new_out_dir(out)
     loaded = load_trained(workdir)
+    if (loaded.quantization or {}).get("kind") == "flexq":  # it serves int8 codes: nothing to re-export
+        raise ConfigError(f"--workdir {workdir} is already a quantized export ({loaded.quantization['scheme']}); "
+                          "copy the directory, or export the float run and quantize it again")
     if quantize is not None and quantize.enabled:
         if loaded.qat.enabled:
             raise ConfigError(f"--workdir {workdir} is already quantized (train.qat.kind={loaded.qat.kind}); export "

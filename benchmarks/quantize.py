@@ -29,7 +29,7 @@ from jaxeff.artifacts.packed_flexq import activation_bits_of  # noqa: E402
 from jaxeff.config import load_config  # noqa: E402
 from jaxeff.infer import export_checkpoint  # noqa: E402
 from jaxeff.infer.quantize import quantize_export  # noqa: E402
-from jaxeff.models.flexq_forward import activation_interceptor  # noqa: E402
+from jaxeff.models.flexq_forward import coded_interceptor  # noqa: E402
 from jaxeff.tasks import build_task  # noqa: E402
 from jaxeff.train import train  # noqa: E402
 
@@ -50,7 +50,7 @@ def eval_loss(cfg, export: Path) -> float:
     task = build_task(cfg)
     metrics = jax.jit(task.eval_metrics)  # traced afresh per export, under that export's interceptor
     batches = task.eval_batches(cfg.train.global_batch_size, cfg.train.eval_batches)
-    with nn.intercept_methods(activation_interceptor(bits, record.get("group_size", 1))):
+    with nn.intercept_methods(coded_interceptor(bits, record.get("group_size", 1))):
         return float(np.mean([float(metrics(loaded.run_params, b)["loss"]) for b in batches]))
 
 

@@ -1,7 +1,7 @@
 """InfLLM v2: associative recall (dense vs S2 vs InfLLM v2 at equal kept blocks) and the op's forward + backward
 time vs dense attention on CPU.
 
-    python benchmarks/infllm.py [--steps 400] [--lengths 1024,2048,4096] [--write docs/benchmarks.md]
+    python benchmarks/infllm.py [--steps 400] [--lengths 1024,2048,4096] [--only 'dense,all S2'] [--write docs/benchmarks.md]
 
 Recall: benchmarks/s2_recall.py's task and model (64 tokens, 4 key-value pairs, 4 layers, d 64, 4 heads, blocks
 of 4), all layers of one mixer. Kept blocks per query at the end of the sequence: S2 local 2 + every 4th of 16 =
@@ -41,9 +41,11 @@ SCHEDULES = {
 TIMING = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=4, topk=8)
 
 
-def recall(steps: int) -> str:
+def recall(steps: int, only: str | None = None) -> str:
     rows = ["| schedule | answer loss | recall accuracy | seconds |", "|---|---|---|---|"]
     for name, overrides in SCHEDULES.items():
+        if only and not any(name.startswith(word) for word in only.split(",")):
+            continue
         t0 = time.perf_counter()
         loss, acc, _ = train_schedule(overrides, steps)
         rows.append(f"| {name} | {loss:.3f} | {acc:.1%} | {time.perf_counter() - t0:.0f} |")
@@ -86,14 +88,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--only", default=None, help="comma-separated prefixes: run the schedules whose name starts with one")
     parser.add_argument("--write", default=None, metavar="MARKDOWN")
     args = parser.parse_args()
     machine = f"{platform.machine()}, {jax.device_count()} CPU device(s), jax {jax.__version__}"
     time_table = timing([int(x) for x in args.lengths.split(",")])
-    recall_table = recall(args.steps)
+    recall_table = recall(args.steps, args.only)
     print(time_table, recall_table, sep="\n\n")
     if args.write:
-        body = (f"`python benchmarks/infllm.py --steps {args.steps} --write docs/benchmarks.md` on {machine}.\n\n"
+        only = f" --only '{args.only}'" if args.only else ""
+        body = (f"`python benchmarks/infllm.py --steps {args.steps}{only} --write docs/benchmarks.md` on {machine}.\n\n"
                 f"Associative recall (benchmarks/s2_recall.py's task, {SEQ} tokens, {PAIRS} pairs, batch {BATCH}, "
                 f"{args.steps} steps; loss and accuracy on the answers of 1024 fresh sequences, chance 1/64); 6 kept "
                 "blocks of 4 per query at the end of the sequence for both sparse mixers:\n\n"

@@ -225,6 +225,13 @@ def _generate(args) -> int:
         raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 = no top-k filter)")
+    if args.draft is None and (args.draft_vocab is not None or args.draft_tokens != 4):
+        raise ConfigError("--draft-tokens and --draft-vocab need --draft EXPORT (the draft model)")
+    if args.draft_tokens < 1:
+        raise ConfigError(f"--draft-tokens {args.draft_tokens}: must be at least 1")
+    if args.draft_vocab is not None and not 0 < args.draft_vocab <= 1:
+        raise ConfigError(f"--draft-vocab {args.draft_vocab}: must be in (0, 1] (a fraction of the vocabulary, "
+                          "e.g. 0.25)")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
@@ -235,14 +242,10 @@ def _generate(args) -> int:
     if report:
         print(f"jaxeff: {report}", file=sys.stderr, flush=True)
     if args.draft is None:
-        if args.draft_vocab is not None or args.draft_tokens != 4:
-            raise ConfigError("--draft-tokens and --draft-vocab need --draft EXPORT (the draft model)")
         text = generate_text(loaded.model, loaded.params, loaded.tokenizer, args.prompt, args.max_new_tokens,
                              args.temperature, args.top_k, args.seed)
         print(text)
         return 0
-    if args.draft_tokens < 1:
-        raise ConfigError(f"--draft-tokens {args.draft_tokens}: must be at least 1")
     from jaxeff.infer.generate import speculative_text
 
     text, stats = speculative_text(loaded, load_inference_model(args.draft), args.prompt, args.max_new_tokens,

@@ -1,6 +1,8 @@
 """Speculative decoding (jaxeff/infer/speculative.py): greedy output equals plain greedy decoding, the acceptance rule
 reproduces the target's distribution, FR-Spec's subset, and the CLI."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from jaxeff.infer.fr_spec import COUNTS_FILE, frequent_subset, write_token_count
 from jaxeff.infer.generate import load_inference_model
 from jaxeff.infer.speculative import accept_sampled, speculative_generate_ids, token_probs
 from jaxeff.models.decoding import generate_ids
+from jaxeff.models.lm import build_model
 from jaxeff.train.loop import train
 
 from helpers import assert_user_error, run_jaxeff, tiny_config
@@ -18,20 +21,22 @@ from helpers import assert_user_error, run_jaxeff, tiny_config
 PROMPT = [257, *b"def main():\n    "]
 
 
+RECURRENT = {"model.mixer_pattern": "[lightning,mlstm]", "model.lightning.block_size": 16,
+             "model.mlstm.chunk_size": 16}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Trained tiny targets (attention, lightning + mLSTM) and a smaller, barely trained draft, as exports."""
+    """A tiny attention target and a smaller draft, each trained 3 steps and exported."""
     root = tmp_path_factory.mktemp("spec")
     specs = {
-        "attention": {"train.steps": 6, "model.tie_embeddings": "false"},
-        "recurrent": {"train.steps": 6, "model.tie_embeddings": "false", "model.mixer_pattern": "[lightning,mlstm]",
-                      "model.lightning.block_size": 16, "model.mlstm.chunk_size": 16},
-        "draft": {"train.steps": 2, "train.warmup_steps": 0, "model.n_layers": 1, "model.d_model": 16, "model.n_heads": 2,
-                  "model.n_kv_heads": 1, "model.mlp_dim": 32},
+        "attention": {"model.tie_embeddings": "false"},
+        "draft": {"model.n_layers": 1, "model.d_model": 16, "model.n_heads": 2, "model.n_kv_heads": 1,
+                  "model.mlp_dim": 32},
     }
     out = {}
     for name, extra in specs.items():
-        extra = {"train.eval_every": 1000, "checkpoint.every": extra["train.steps"], **extra}
+        extra = {"train.steps": 3, "train.warmup_steps": 0, "train.eval_every": 1000, "checkpoint.every": 3, **extra}
         train(tiny_config(**extra), root / name, console=False)
         out[name] = export_checkpoint(root / name, root / f"{name}-export")[0]
         out[name + "-workdir"] = root / name
@@ -50,31 +55,37 @@ def _fresh(model, seed):
     return model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
 
 
-def _greedy_pair(target, target_params, draft, draft_params, k, subset=None, new=24):
-    plain = generate_ids(target.model, target_params, PROMPT, new, vocab_size=259, stop_id=258)
-    spec, stats = speculative_generate_ids(target.model, target_params, draft.model, draft_params, PROMPT, new,
-                                           draft_tokens=k, vocab_size=259, stop_id=258, draft_subset=subset)
-    return plain, spec, stats
+def _target_model(runs, name):
+    if name == "attention":
+        return load_inference_model(runs["attention"]).model
+    return build_model(tiny_config(**{"model.tie_embeddings": "false", **RECURRENT}).model, 259)
+
+
+def _speculative(target, t_params, draft, d_params, k, new=40, subset=None):
+    return speculative_generate_ids(target, t_params, draft, d_params, PROMPT, new, draft_tokens=k, vocab_size=259,
+                                    stop_id=258, draft_subset=subset)
 
 
 @pytest.mark.parametrize("target_name", ["attention", "recurrent"])
 def test_greedy_equals_plain_greedy(runs, target_name):
-    target = load_inference_model(runs[target_name])
-    draft = load_inference_model(runs["draft"])
+    target = _target_model(runs, target_name)
+    draft = load_inference_model(runs["draft"]).model
     # A few training steps teach a tiny model only that spaces are frequent (its greedy text is all spaces, and so
     # is the draft's), and a fresh one with tied embeddings repeats its input: fresh random weights with an untied
     # output layer give a target whose greedy text varies.
-    t_params = _fresh(target.model, 0)
-    plain, spec, stats = _greedy_pair(target, t_params, draft, _fresh(draft.model, 1), k=3)
-    assert spec == plain and len(plain) == 24 and len(set(plain)) > 3
+    t_params = _fresh(target, 0)
+    plain = generate_ids(target, t_params, PROMPT, 40, vocab_size=259, stop_id=258)
+    assert len(plain) == 40 and len(set(plain)) > 3
+    spec, stats = _speculative(target, t_params, draft, _fresh(draft, 1), k=3)
+    assert spec == plain
     assert stats.accepted < stats.drafted / 2, stats.accepted_per_round  # a different draft: mostly rejected
-    # The target with less noise as the draft: rejections after 0, 1, 2 accepted tokens and all 3 accepted.
-    plain, spec, stats = _greedy_pair(target, t_params, target, _noisy(t_params, 0.3, 2), k=3, new=40)
+    # The target with noise on its weights as the draft: rejections after 0 and after 1 or 2 accepted tokens.
+    spec, stats = _speculative(target, t_params, target, _noisy(t_params, 0.3, 2), k=3)
     assert spec == plain
-    assert 0 < stats.accepted < stats.drafted, stats.accepted_per_round
-    plain, spec, stats = _greedy_pair(target, t_params, target, t_params, k=4)  # draft = target: all kept
+    assert 0 in stats.accepted_per_round and {1, 2} & set(stats.accepted_per_round), stats.accepted_per_round
+    spec, stats = _speculative(target, t_params, target, t_params, k=3)  # draft = target: every draft kept
     assert spec == plain
-    assert stats.accepted == stats.drafted and stats.rounds == 5  # 24 tokens = 5 rounds of 4 + 1
+    assert stats.accepted == stats.drafted and stats.rounds == 10  # 40 tokens = 10 rounds of 3 + 1
 
 
 def _emitted_first_token(p_V, q_V, n_samples, rule=accept_sampled):
@@ -129,23 +140,43 @@ def test_fr_spec_subset_and_greedy(runs):
     assert 258 in subset and len(subset) == 65
     assert {int(i) for i in np.argsort(-counts, kind="stable")[:20]} <= set(subset.tolist())
     assert counts[ord(" ")] > 0 and ord(" ") in subset
-    target, draft = load_inference_model(runs["recurrent"]), load_inference_model(runs["draft"])
-    t_params = _fresh(target.model, 0)
-    plain, spec, _ = _greedy_pair(target, t_params, draft, draft.params, k=2, subset=subset)
-    assert spec == plain
+    target, draft = _target_model(runs, "recurrent"), load_inference_model(runs["draft"])
+    t_params = _fresh(target, 0)
+    spec, stats = _speculative(target, t_params, draft.model, draft.params, k=3, subset=subset)
+    assert spec == generate_ids(target, t_params, PROMPT, 40, vocab_size=259, stop_id=258)
 
 
 def test_cli_speculative_and_errors(runs, tmp_path):
-    proc = run_jaxeff("generate", "--workdir", str(runs["recurrent"]), "--draft", str(runs["draft"]), "--prompt",
+    proc = run_jaxeff("generate", "--workdir", str(runs["attention"]), "--draft", str(runs["draft"]), "--prompt",
                       "def", "--max-new-tokens", "12", "--temperature", "0", "--draft-tokens", "3",
                       "--draft-vocab", "0.5")
     assert proc.returncode == 0, proc.stderr
-    plain = run_jaxeff("generate", "--workdir", str(runs["recurrent"]), "--prompt", "def", "--max-new-tokens", "12",
-                       "--temperature", "0")
-    assert proc.stdout == plain.stdout
+    target = load_inference_model(runs["attention"])
+    plain = generate_ids(target.model, target.params, [257, *b"def"], 12, vocab_size=259, stop_id=258)
+    assert proc.stdout == "def" + target.tokenizer.decode(plain) + "\n"
     assert "acceptance" in proc.stderr and "tokens/s" in proc.stderr
     sampled = run_jaxeff("generate", "--workdir", str(runs["attention"]), "--draft", str(runs["draft"]), "--prompt",
                          "def", "--max-new-tokens", "8", "--seed", "3")
     assert sampled.returncode == 0, sampled.stderr
     assert_user_error(run_jaxeff("generate", "--workdir", str(runs["attention"]), "--prompt", "x", "--draft-vocab",
                                  "0.25"), "need --draft")
+
+
+def test_other_tokenizer_is_refused(runs, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from jaxeff.config import ConfigError
+    from jaxeff.data.tokenizer import load_tokenizer
+    from jaxeff.infer.generate import check_same_tokenizer
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["def f(x): return x\n" * 20], trainers.BpeTrainer(vocab_size=280,
+                                                                                special_tokens=["<unk>", "<s>", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    target = load_inference_model(runs["attention"])
+    other = dataclasses.replace(target, tokenizer=load_tokenizer(str(tmp_path / "tokenizer.json")))
+    check_same_tokenizer(target, target)
+    with pytest.raises(ConfigError, match=r"uses tokenizer .*tokenizer.json.* \(vocabulary \d+\) but .*'byte' "
+                                          r"\(vocabulary 259\)"):
+        check_same_tokenizer(target, other)

@@ -15,6 +15,7 @@ See docs/serving/speculative.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -88,26 +89,24 @@ def make_verify(model, vocab_size: int):
     return verify
 
 
-def make_draft_step(model, vocab_size: int, subset: np.ndarray | None):
-    """Jitted (params, tokens_1S, positions_1S, caches) -> (draft logits [V] at the last position, -inf outside
-    `subset`; caches). With a subset (FR-Spec) only its rows of the output layer are multiplied: the full logits are
-    never used, so XLA drops their matmul."""
+def draft_logits_fn(model, vocab_size: int, subset: np.ndarray | None):
+    """(params, tokens_1S, positions_1S, caches) -> (draft logits [V] at the last position, -inf outside `subset`;
+    caches). With a subset (FR-Spec) only its rows of the output layer are multiplied: the full logits are never
+    used, so XLA drops their matmul."""
     if subset is None or model.cfg.parscale.enabled:  # ParScale aggregates after the final norm: mask instead
         mask_V = None if subset is None else jnp.zeros(vocab_size, bool).at[subset].set(True)
 
-        @jax.jit
-        def step(params, tokens_1S, positions_1S, caches):
+        def logits(params, tokens_1S, positions_1S, caches):
             logits_1SV, caches, _ = model.apply({"params": params}, tokens_1S, positions_1S, caches)
             logits_V = _logits_in_vocab(logits_1SV[0, -1], vocab_size)
             return (logits_V if mask_V is None else jnp.where(mask_V, logits_V, -jnp.inf)), caches
 
-        return step
+        return logits
 
     cfg = model.cfg
     subset_U = jnp.asarray(subset, jnp.int32)
 
-    @jax.jit
-    def step(params, tokens_1S, positions_1S, caches):
+    def subset_logits(params, tokens_1S, positions_1S, caches):
         (_, caches, _), state = model.apply(
             {"params": params}, tokens_1S, positions_1S, caches,
             capture_intermediates=lambda mdl, method: mdl.name == "final_norm" and method == "__call__",
@@ -122,7 +121,31 @@ def make_draft_step(model, vocab_size: int, subset: np.ndarray | None):
             logits_U = cfg.logit_soft_cap * jnp.tanh(logits_U / cfg.logit_soft_cap)
         return jnp.full((vocab_size,), -jnp.inf, jnp.float32).at[subset_U].set(logits_U), caches
 
+    return subset_logits
+
+
+def make_draft_step(model, vocab_size: int, subset: np.ndarray | None, temperature: float, top_k: int):
+    """Jitted (params, tokens_1S, positions_1S, caches, key) -> (token [1, 1], q_V, caches): the draft's next token
+    and the distribution it was drawn from (greedy: its argmax; q_V is then unused)."""
+    logits_fn = draft_logits_fn(model, vocab_size, subset)
+
+    @jax.jit
+    def step(params, tokens_1S, positions_1S, caches, key):
+        logits_V, caches = logits_fn(params, tokens_1S, positions_1S, caches)
+        if temperature <= 0:
+            return jnp.argmax(logits_V).reshape(1, 1).astype(jnp.int32), logits_V, caches
+        q_V = token_probs(logits_V[None], temperature, top_k)[0]
+        return jax.random.categorical(key, jnp.log(q_V)).reshape(1, 1).astype(jnp.int32), q_V, caches
+
     return step
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
+def accept(key, drafts_K, q_KV, target_logits_K1V, *, temperature: float, top_k: int):
+    """(n accepted, next token) for the round: greedy or rejection sampling against the target's distribution."""
+    if temperature <= 0:
+        return accept_greedy(drafts_K, target_logits_K1V)
+    return accept_sampled(key, drafts_K, q_KV, token_probs(target_logits_K1V, temperature, top_k))
 
 
 # ------------------------------------------------------------------ the decoding loop
@@ -163,7 +186,7 @@ def speculative_generate_ids(target, target_params, draft, draft_params, prompt_
     # Room for the drafts past the last emitted token.
     max_len = len(prompt_ids) + max_new_tokens + k + 2
     verify = _cached(make_verify, target, vocab_size)
-    draft_step = _cached(make_draft_step, draft, vocab_size, draft_subset)
+    draft_step = _cached(make_draft_step, draft, vocab_size, draft_subset, float(temperature), int(top_k))
     t_caches = decode_caches(target, target_params, 1, max_len)
     d_caches = decode_caches(draft, draft_params, 1, max_len)
     prompt = np.asarray(prompt_ids, np.int32)
@@ -175,44 +198,36 @@ def speculative_generate_ids(target, target_params, draft, draft_params, prompt_
     t_pending, d_pending = [int(prompt[-1])], [int(prompt[-1])]
     key = jax.random.key(seed)
     stats, out = SpeculativeStats(), []
-    greedy = temperature <= 0
     while len(out) < max_new_tokens:
-        key, key_draft, key_accept = jax.random.split(key, 3)
-        # Draft k tokens, keeping the cache after each fed token.
-        logits_V, cache = draft_step(draft_params, _row(d_pending), _row(range(d_len, d_len + len(d_pending))),
-                                     d_caches)
-        d_cache_after, drafts, q_rows = [cache], [], []
+        round_key = jax.random.fold_in(key, stats.rounds)
+        # Draft k tokens, keeping the cache after each fed token; tokens stay on the device until verified.
+        token_11, q_V, cache = draft_step(draft_params, _row(d_pending), _row(range(d_len, d_len + len(d_pending))),
+                                          d_caches, jax.random.fold_in(round_key, 0))
+        d_cache_after, drafts, q_rows = [cache], [token_11], [q_V]
         pos = d_len + len(d_pending)
-        for j, sub in enumerate(jax.random.split(key_draft, k)):
-            if greedy:
-                token = int(jnp.argmax(logits_V))
-            else:
-                q_V = token_probs(logits_V[None], temperature, top_k)[0]
-                q_rows.append(q_V)
-                token = int(jax.random.categorical(sub, jnp.log(q_V)))
-            drafts.append(token)
-            if j + 1 < k:
-                logits_V, cache = draft_step(draft_params, _row([token]), _row([pos + j]), cache)
-                d_cache_after.append(cache)
+        for j in range(1, k):
+            token_11, q_V, cache = draft_step(draft_params, token_11, _row([pos + j - 1]), cache,
+                                              jax.random.fold_in(round_key, j))
+            d_cache_after.append(cache)
+            drafts.append(token_11)
+            q_rows.append(q_V)
+        drafts_1K = jnp.concatenate(drafts, axis=1)
         # Score pending + drafts in one target call.
-        drafts_1K = _row(drafts)
+        start = t_len + len(t_pending)
         p_logits_K1V, t_after_pending, t_after_all = verify(
-            target_params, _row(t_pending), _row(range(t_len, t_len + len(t_pending))), drafts_1K,
-            _row(range(t_len + len(t_pending), t_len + len(t_pending) + k)), t_caches)
-        if greedy:
-            n, token = accept_greedy(drafts_1K[0], p_logits_K1V)
-        else:
-            p_K1V = token_probs(p_logits_K1V, temperature, top_k)
-            n, token = accept_sampled(key_accept, drafts_1K[0], jnp.stack(q_rows), p_K1V)
-        n, token = int(n), int(token)
+            target_params, _row(t_pending), _row(range(t_len, start)), drafts_1K, _row(range(start, start + k)),
+            t_caches)
+        n, token = accept(jax.random.fold_in(round_key, k), drafts_1K[0], jnp.stack(q_rows), p_logits_K1V,
+                          temperature=float(temperature), top_k=int(top_k))
+        n, token, drafts = int(n), int(token), np.asarray(drafts_1K[0]).tolist()
         stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + k, stats.accepted + n
         stats.accepted_per_round.append(n)
         if n == k:
-            t_caches, t_len, t_pending = t_after_all, t_len + len(t_pending) + k, [token]
-            d_caches, d_len, d_pending = d_cache_after[k - 1], d_len + len(d_pending) + k - 1, [drafts[-1], token]
+            t_caches, t_len, t_pending = t_after_all, start + k, [token]
+            d_caches, d_len, d_pending = d_cache_after[k - 1], pos + k - 1, [drafts[-1], token]
         else:
-            t_caches, t_len, t_pending = t_after_pending, t_len + len(t_pending), drafts[:n] + [token]
-            d_caches, d_len, d_pending = d_cache_after[n], d_len + len(d_pending) + n, [token]
+            t_caches, t_len, t_pending = t_after_pending, start, drafts[:n] + [token]
+            d_caches, d_len, d_pending = d_cache_after[n], pos + n, [token]
         new = drafts[:n] + [token]
         if stop_id is not None and stop_id in new:
             out.extend(new[:new.index(stop_id)])

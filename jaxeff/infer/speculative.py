@@ -75,16 +75,23 @@ def _logits_in_vocab(logits_NV, vocab_size: int):
     return logits_NV[..., :vocab_size]  # the tokenizer's ids: both models' padded tables agree up to here
 
 
-def make_verify(model, vocab_size: int):
-    """Jitted (params, pending_1P, pos_1P, drafts_1K, pos_1K, caches) -> (target logits [K+1, V] for the k drafted
-    positions and the bonus, cache after `pending`, cache after `pending` + drafts)."""
+def make_verify(model, vocab_size: int, temperature: float, top_k: int):
+    """Jitted (params, pending_1P, pending_start, drafts ([1, 1] each), q_rows ([V] each), caches, key, round) ->
+    (n accepted, next token, drafts [K], cache after `pending`, cache after `pending` + drafts): the target's one call
+    of a round, with the acceptance rule applied to its logits at the k drafted positions and the bonus."""
 
     @jax.jit
-    def verify(params, pending_1P, pos_1P, drafts_1K, pos_1K, caches):
-        logits_1PV, caches_p, _ = model.apply({"params": params}, pending_1P, pos_1P, caches)
-        logits_1KV, caches_all, _ = model.apply({"params": params}, drafts_1K, pos_1K, caches_p)
-        logits_K1V = jnp.concatenate([logits_1PV[0, -1:], logits_1KV[0]])
-        return _logits_in_vocab(logits_K1V, vocab_size), caches_p, caches_all
+    def verify(params, pending_1P, pending_start, drafts, q_rows, caches, key, round_index):
+        p, k = pending_1P.shape[1], len(drafts)
+        drafts_1K = jnp.concatenate(drafts, axis=1)
+        positions_1P = (pending_start + jnp.arange(p))[None]
+        positions_1K = (pending_start + p + jnp.arange(k))[None]
+        logits_1PV, caches_p, _ = model.apply({"params": params}, pending_1P, positions_1P, caches)
+        logits_1KV, caches_all, _ = model.apply({"params": params}, drafts_1K, positions_1K, caches_p)
+        logits_K1V = _logits_in_vocab(jnp.concatenate([logits_1PV[0, -1:], logits_1KV[0]]), vocab_size)
+        key = jax.random.fold_in(jax.random.fold_in(key, round_index), k)
+        n, token = accept(key, drafts_1K[0], jnp.stack(q_rows), logits_K1V, temperature=temperature, top_k=top_k)
+        return n, token, drafts_1K[0], caches_p, caches_all
 
     return verify
 
@@ -125,12 +132,15 @@ def draft_logits_fn(model, vocab_size: int, subset: np.ndarray | None):
 
 
 def make_draft_step(model, vocab_size: int, subset: np.ndarray | None, temperature: float, top_k: int):
-    """Jitted (params, tokens_1S, positions_1S, caches, key) -> (token [1, 1], q_V, caches): the draft's next token
-    and the distribution it was drawn from (greedy: its argmax; q_V is then unused)."""
+    """Jitted (params, tokens_1S, start, caches, key, round, j) -> (token [1, 1], q_V, caches): the draft's next
+    token (the j-th of the round) and the distribution it was drawn from (greedy: its argmax; q_V is then unused).
+    Positions and keys are made inside: every eager op outside a jitted call is a dispatch in the decoding loop."""
     logits_fn = draft_logits_fn(model, vocab_size, subset)
 
     @jax.jit
-    def step(params, tokens_1S, positions_1S, caches, key):
+    def step(params, tokens_1S, start, caches, key, round_index, j):
+        positions_1S = (start + jnp.arange(tokens_1S.shape[1]))[None]
+        key = jax.random.fold_in(jax.random.fold_in(key, round_index), j)
         logits_V, caches = logits_fn(params, tokens_1S, positions_1S, caches)
         if temperature <= 0:
             return jnp.argmax(logits_V).reshape(1, 1).astype(jnp.int32), logits_V, caches
@@ -185,7 +195,7 @@ def speculative_generate_ids(target, target_params, draft, draft_params, prompt_
         raise ValueError(f"draft_tokens={k}: must be at least 1")
     # Room for the drafts past the last emitted token.
     max_len = len(prompt_ids) + max_new_tokens + k + 2
-    verify = _cached(make_verify, target, vocab_size)
+    verify = _cached(make_verify, target, vocab_size, float(temperature), int(top_k))
     draft_step = _cached(make_draft_step, draft, vocab_size, draft_subset, float(temperature), int(top_k))
     t_caches = decode_caches(target, target_params, 1, max_len)
     d_caches = decode_caches(draft, draft_params, 1, max_len)
@@ -199,27 +209,22 @@ def speculative_generate_ids(target, target_params, draft, draft_params, prompt_
     key = jax.random.key(seed)
     stats, out = SpeculativeStats(), []
     while len(out) < max_new_tokens:
-        round_key = jax.random.fold_in(key, stats.rounds)
+        r = stats.rounds
         # Draft k tokens, keeping the cache after each fed token; tokens stay on the device until verified.
-        token_11, q_V, cache = draft_step(draft_params, _row(d_pending), _row(range(d_len, d_len + len(d_pending))),
-                                          d_caches, jax.random.fold_in(round_key, 0))
+        token_11, q_V, cache = draft_step(draft_params, _row(d_pending), d_len, d_caches, key, r, 0)
         d_cache_after, drafts, q_rows = [cache], [token_11], [q_V]
         pos = d_len + len(d_pending)
         for j in range(1, k):
-            token_11, q_V, cache = draft_step(draft_params, token_11, _row([pos + j - 1]), cache,
-                                              jax.random.fold_in(round_key, j))
+            token_11, q_V, cache = draft_step(draft_params, token_11, pos + j - 1, cache, key, r, j)
             d_cache_after.append(cache)
             drafts.append(token_11)
             q_rows.append(q_V)
-        drafts_1K = jnp.concatenate(drafts, axis=1)
-        # Score pending + drafts in one target call.
+        # Score pending + drafts in one target call, which also applies the acceptance rule.
         start = t_len + len(t_pending)
-        p_logits_K1V, t_after_pending, t_after_all = verify(
-            target_params, _row(t_pending), _row(range(t_len, start)), drafts_1K, _row(range(start, start + k)),
-            t_caches)
-        n, token = accept(jax.random.fold_in(round_key, k), drafts_1K[0], jnp.stack(q_rows), p_logits_K1V,
-                          temperature=float(temperature), top_k=int(top_k))
-        n, token, drafts = int(n), int(token), np.asarray(drafts_1K[0]).tolist()
+        n, token, drafts_K, t_after_pending, t_after_all = verify(
+            target_params, _row(t_pending), t_len, tuple(drafts), tuple(q_rows), t_caches, key, r)
+        n, token, drafts = jax.device_get((n, token, drafts_K))
+        n, token, drafts = int(n), int(token), drafts.tolist()
         stats.rounds, stats.drafted, stats.accepted = stats.rounds + 1, stats.drafted + k, stats.accepted + n
         stats.accepted_per_round.append(n)
         if n == k:

@@ -163,7 +163,8 @@ def test_fine_tuning_an_export_keeps_frozen_weights_resumes_bitwise_and_exports_
     resumed = rewind(tmp_path / "run", tmp_path / "resumed", 5)
     again = train(tiny_config(**overrides), resumed, console=False)
     assert again.losses[6] == result.losses[6] and again.losses[10] == result.losses[10]
-    for (path, x), y in zip(jax.tree.leaves_with_path(saved), jax.tree.leaves(_checkpoint(resumed / "checkpoints" / "10"))):
+    again_saved = _checkpoint(resumed / "checkpoints" / "10")
+    for (path, x), y in zip(jax.tree.leaves_with_path(saved), jax.tree.leaves(again_saved)):
         assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
     export(tmp_path / "run", tmp_path / "export")

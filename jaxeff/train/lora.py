@@ -9,7 +9,6 @@ the gradient norm are those of the adapters (plus, with `freeze: adapted`, the p
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ import optax
 from jaxeff.config import ConfigError, TrainConfig
 from jaxeff.models.lm import DecoderLM, is_block_name
 from jaxeff.models.lora import adapt, adapted_names, merge, scale_of, trains
+from jaxeff.models.stored_layout import StoredLayoutModel
 from jaxeff.models.sst import path_name
 
 ADAPTER_SEED = 0x4C6F5241  # folded into the parameter-init key for the adapters' A matrices ("LoRA")
@@ -29,33 +29,28 @@ def adapter_key(init_key: jax.Array) -> jax.Array:
     return jax.random.fold_in(init_key, ADAPTER_SEED)
 
 
-class LoraModel:
+class LoraModel(StoredLayoutModel):
     """A model whose selected kernels carry adapters: `init` adds them to the model's fresh parameters, `apply`
-    merges them first. Everything else is the wrapped model's."""
+    merges them first (a DecoderLM: each block merges its own, inside its remat)."""
 
     def __init__(self, model, lora_cfg, d_model: int):
-        self.lora_model, self.lora_cfg, self.lora_d_model = model, lora_cfg, d_model
+        super().__init__(model)
+        self.lora_cfg, self.lora_d_model = lora_cfg, d_model  # prefixed: other names reach the wrapped model
 
-    def init(self, key, *args, **kwargs):
-        variables = self.lora_model.init(key, *args, **kwargs)
+    def stored_params(self, params, key):
         c = self.lora_cfg
-        return {**variables, "params": adapt(variables["params"], c.layers, c.rank, self.lora_d_model,
-                                             adapter_key(key))}
+        return adapt(params, c.layers, c.rank, self.lora_d_model, adapter_key(key))
+
+    def model_params(self, params):
+        return merge(params, scale_of(self.lora_cfg), self.lora_cfg.freeze)
 
     def apply(self, variables, *args, **kwargs):
-        merge_ = functools.partial(merge, scale=scale_of(self.lora_cfg), freeze=self.lora_cfg.freeze)
-        model, params = self.lora_model, variables["params"]
-        if isinstance(model, DecoderLM):  # each block merges its own adapters, inside its remat
-            model = model.clone(block_params=merge_)
-            params = {name: tree if is_block_name(name) else merge_(tree) for name, tree in params.items()}
-        else:
-            params = merge_(params)
+        if not isinstance(self.wrapped, DecoderLM):
+            return super().apply(variables, *args, **kwargs)
+        model = self.wrapped.clone(block_params=self.model_params)
+        params = {name: tree if is_block_name(name) else self.model_params(tree)
+                  for name, tree in variables["params"].items()}
         return model.apply({**variables, "params": params}, *args, **kwargs)
-
-    def __getattr__(self, name):
-        if name.startswith("lora_"):  # not set yet (copying): no recursion
-            raise AttributeError(name)
-        return getattr(self.lora_model, name)
 
 
 def lora_model(model, cfg, init_input) -> Any:

@@ -31,6 +31,7 @@ import optax
 
 from jaxeff.config import ConfigError, TrainConfig
 from jaxeff.models.sst import factorise, is_factorised, materialise, selected_names
+from jaxeff.models.stored_layout import StoredLayoutModel
 
 
 class SstState(NamedTuple):
@@ -157,24 +158,19 @@ def with_sst(dense: optax.GradientTransformation, cfg: TrainConfig,
     return optax.GradientTransformation(init, update)
 
 
-class SstModel:
+class SstModel(StoredLayoutModel):
     """A model whose parameters hold the selected kernels as factors: `init` factorises the model's fresh
-    parameters, `apply` multiplies them back first. Everything else is the wrapped model's."""
+    parameters, `apply` multiplies them back first."""
 
     def __init__(self, model, pattern: str, d_model: int):
-        self.sst_model, self.sst_pattern, self.sst_d_model = model, pattern, d_model
+        super().__init__(model)
+        self.sst_pattern, self.sst_d_model = pattern, d_model  # prefixed: other names reach the wrapped model
 
-    def init(self, key, *args, **kwargs):
-        variables = self.sst_model.init(key, *args, **kwargs)
-        return {**variables, "params": factorise(variables["params"], self.sst_pattern, self.sst_d_model)}
+    def stored_params(self, params, key):
+        return factorise(params, self.sst_pattern, self.sst_d_model)
 
-    def apply(self, variables, *args, **kwargs):
-        return self.sst_model.apply({**variables, "params": materialise(variables["params"])}, *args, **kwargs)
-
-    def __getattr__(self, name):
-        if name.startswith("sst_"):  # not set yet (copying): no recursion
-            raise AttributeError(name)
-        return getattr(self.sst_model, name)
+    def model_params(self, params):
+        return materialise(params)
 
 
 def sst_model(model, cfg, init_input) -> Any:

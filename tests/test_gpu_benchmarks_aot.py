@@ -1,5 +1,5 @@
 """The GPU benchmark scripts cannot rot before a GPU is lent: `benchmarks/gpu/run_all.py --aot h100` compiles every
-program the five scripts would run for one H100 (the CUDA plugin's compile-only device; nothing runs, nothing is
+program the seven scripts would run for one H100 (the CUDA plugin's compile-only device; nothing runs, nothing is
 written) and runs the scripts' own checks and table code on zeros. Each program is compiled at the first shape
 only; a few minutes on a busy 2-core host, most of it in the Triton compiles of the Pallas kernels."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["companion_gpu", "lightning_gpu", "mlstm_gpu", "moe_gpu", "s2_gpu"]
+SCRIPTS = ["companion_gpu", "infllm_gpu", "lightning_gpu", "mlstm_gpu", "moe_gpu", "quant_matmul_gpu", "s2_gpu"]
 
 
 @pytest.mark.slow
@@ -24,5 +24,5 @@ def test_gpu_benchmarks_compile_for_an_h100():
     assert proc.returncode == 0, tail
     for name in SCRIPTS:
         assert f"[run_all] {name}: ok in " in out, tail
-    assert "[run_all] 5/5 scripts ok" in out, tail
+    assert "[run_all] 7/7 scripts ok" in out, tail
     assert "max relative error" in out and "| nan |" in out  # the scripts' checks and tables ran on zeros

@@ -3,7 +3,7 @@
     python benchmarks/gpu/run_all.py [--write docs/benchmarks.md] [--only s2_gpu,moe_gpu]
     python benchmarks/gpu/run_all.py --aot h100     # dry run on any host: compile everything for an H100
 
-Time budget: under 8 minutes on one H100 for all five scripts (a lent machine gives at most 10 minutes per call;
+Time budget: under 8 minutes on one H100 for all seven scripts (a lent machine gives at most 10 minutes per call;
 benchmarks/README.md lists each script's share). Each script's `main(argv)` runs with `--write MARKDOWN` when
 given; a line per script reports its wall time, a summary follows, and a failing script is reported and the rest
 still run (exit status 1 if any failed).
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
 
-SCRIPTS = ["companion_gpu", "lightning_gpu", "mlstm_gpu", "moe_gpu", "s2_gpu"]
+SCRIPTS = ["companion_gpu", "infllm_gpu", "lightning_gpu", "mlstm_gpu", "moe_gpu", "quant_matmul_gpu", "s2_gpu"]
 BUDGET_S = 8 * 60  # all scripts on one H100
 AOT_TARGETS = {"h100": "h100x1"}  # --aot name -> jaxeff.parallel.hardware target (one device)
 

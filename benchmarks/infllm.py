@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import write_section  # noqa: E402
+from common import plot_eval_curves, write_section  # noqa: E402
 from pallas_kernels.infllm import infllm_attention, selection  # noqa: E402
 from pallas_kernels.infllm.reference import kept_fraction  # noqa: E402
 from s2_recall import BATCH, PAIRS, SEQ, train_schedule  # noqa: E402
@@ -41,16 +41,18 @@ SCHEDULES = {
 TIMING = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=4, topk=8)
 
 
-def recall(steps: int, only: str | None = None) -> str:
+def recall(steps: int, only: str | None = None) -> tuple[str, dict]:
+    """(the table, each schedule's eval-loss curve)."""
     rows = ["| schedule | answer loss | recall accuracy | seconds |", "|---|---|---|---|"]
+    curves = {}
     for name, overrides in SCHEDULES.items():
         if only and not any(name.startswith(word) for word in only.split(",")):
             continue
         t0 = time.perf_counter()
-        loss, acc, _ = train_schedule(overrides, steps)
+        loss, acc, curves[name] = train_schedule(overrides, steps)
         rows.append(f"| {name} | {loss:.3f} | {acc:.1%} | {time.perf_counter() - t0:.0f} |")
         print(rows[-1], flush=True)
-    return "\n".join(rows)
+    return "\n".join(rows), curves
 
 
 def _time(fn, *args, reps: int = 5) -> float:
@@ -93,20 +95,23 @@ def main() -> None:
     args = parser.parse_args()
     machine = f"{platform.machine()}, {jax.device_count()} CPU device(s), jax {jax.__version__}"
     time_table = timing([int(x) for x in args.lengths.split(",")])
-    recall_table = recall(args.steps, args.only)
+    recall_table, curves = recall(args.steps, args.only)
     print(time_table, recall_table, sep="\n\n")
     if args.write:
+        markdown = Path(__file__).resolve().parents[1] / args.write
+        plot_eval_curves(curves, f"associative recall, {SEQ} tokens, {PAIRS} pairs", markdown.parent / "img" /
+                         "infllm_recall.png", dpi=110)
         only = f" --only '{args.only}'" if args.only else ""
         body = (f"`python benchmarks/infllm.py --steps {args.steps}{only} --write docs/benchmarks.md` on {machine}.\n\n"
                 f"Associative recall (benchmarks/s2_recall.py's task, {SEQ} tokens, {PAIRS} pairs, batch {BATCH}, "
                 f"{args.steps} steps; loss and accuracy on the answers of 1024 fresh sequences, chance 1/64); 6 kept "
                 "blocks of 4 per query at the end of the sequence for both sparse mixers:\n\n"
-                f"{recall_table}\n\n"
+                f"{recall_table}\n\n![recall](img/infllm_recall.png)\n\n"
                 "Forward + backward of the op on CPU (B 1, 8 / 2 heads of 64, block 64, pooled keys 32 / 16, init 1, "
                 "local 4, topk 8; float32; median of 5). The xla form computes every score (masked), so it cannot "
                 "beat dense on CPU; the block skipping is the Pallas kernel's, not timed here (no GPU / TPU):\n\n"
                 f"{time_table}")
-        write_section(Path(__file__).resolve().parents[1] / args.write, "infllm",
+        write_section(markdown, "infllm",
                       "InfLLM v2: recall vs dense and S2, op time (CPU)", body)
 
 

@@ -16,7 +16,6 @@ The training side (the model wrapper, the optimizer that leaves frozen parameter
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxeff.models.sst import input_axes, path_name
+from jaxeff.models.sst import input_axes, is_selected, path_name, value_of
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 ADAPTED_KEYS = frozenset({"base", *ADAPTER_KEYS})
@@ -45,24 +44,6 @@ def trains(name: str, freeze: str) -> bool:
     return last in ADAPTER_KEYS or (freeze == "adapted" and last != "base")
 
 
-def _value(x):
-    return x.value if isinstance(x, nn.LogicallyPartitioned) else x
-
-
-def _boxed(x) -> bool:
-    return isinstance(x, nn.LogicallyPartitioned)
-
-
-def _selected(name: str, shape: tuple[int, ...], pattern: str) -> bool:
-    return len(shape) >= 2 and re.search(pattern, name) is not None
-
-
-def adapted_names(params, pattern: str) -> list[str]:
-    """Paths of the (plain or boxed) matrices that `pattern` gives an adapter, in tree order."""
-    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_boxed)
-    return [path_name(p) for p, x in leaves if _selected(path_name(p), tuple(jnp.shape(_value(x))), pattern)]
-
-
 def adapter_matrices(kernel_shape: tuple[int, ...], rank: int, d_model: int, key: jax.Array) -> dict[str, jax.Array]:
     """Fresh A (uniform in +-1/sqrt(m)) and B (zeros) for a kernel of `kernel_shape`; r is capped at min(m, n)."""
     a = input_axes(kernel_shape, d_model)
@@ -81,18 +62,18 @@ def adapt(params, pattern: str, rank: int, d_model: int, key: jax.Array):
     counter = iter(range(1 << 30))
 
     def one(path, x):
-        shape = tuple(jnp.shape(_value(x)))
-        if not _selected(path_name(path), shape, pattern):
+        shape = tuple(jnp.shape(value_of(x)))
+        if not is_selected(path_name(path), shape, pattern):
             return x
         new = adapter_matrices(shape, rank, d_model, jax.random.fold_in(key, next(counter)))
-        if not _boxed(x):
+        if not isinstance(x, nn.LogicallyPartitioned):
             return {"base": x, **new}
         a = new["lora_A"].ndim - 1
         return {"base": x,
                 "lora_A": nn.LogicallyPartitioned(new["lora_A"], (*x.names[:a], None)),
                 "lora_B": nn.LogicallyPartitioned(new["lora_B"], (*x.names[a:], None))}
 
-    return jax.tree_util.tree_map_with_path(one, params, is_leaf=_boxed)
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def merged_matrix(node: Mapping[str, jax.Array], scale: float) -> jax.Array:

@@ -41,17 +41,18 @@ def input_axes(shape: tuple[int, ...], d_model: int) -> int:
     return 1 if shape[0] == d_model or shape[-1] != d_model else len(shape) - 1
 
 
-def _selected(name: str, shape: tuple[int, ...], pattern: str) -> bool:
+def is_selected(name: str, shape: tuple[int, ...], pattern: str) -> bool:
+    """Whether `pattern` selects the parameter at path `name` (a matrix: two or more axes)."""
     return len(shape) >= 2 and re.search(pattern, name) is not None
 
 
 def selected_names(params, pattern: str) -> list[str]:
-    """Paths of the (plain or boxed) parameters that `pattern` factorises."""
+    """Paths of the (plain or boxed) matrices that `pattern` selects (SST's factorised, LoRA's adapted ones)."""
     leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    return [path_name(p) for p, x in leaves if _selected(path_name(p), tuple(jnp.shape(_value(x))), pattern)]
+    return [path_name(p) for p, x in leaves if is_selected(path_name(p), tuple(jnp.shape(value_of(x))), pattern)]
 
 
-def _value(x):
+def value_of(x):
     return x.value if isinstance(x, nn.LogicallyPartitioned) else x
 
 
@@ -69,7 +70,7 @@ def factorise(params, pattern: str, d_model: int):
     """The parameter tree with every selected kernel replaced by its factors. Boxed (logically partitioned)
     kernels give boxed factors: U and V keep the kernel's axis names, the rank axis is replicated."""
     def one(path, x):
-        if not _selected(path_name(path), tuple(jnp.shape(_value(x))), pattern):
+        if not is_selected(path_name(path), tuple(jnp.shape(value_of(x))), pattern):
             return x
         if not isinstance(x, nn.LogicallyPartitioned):
             return factorise_matrix(x, d_model)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 
 class StoredLayoutModel:
     """Subclasses say how fresh parameters are stored (`stored_params`) and how a forward pass runs from them
@@ -31,3 +34,10 @@ class StoredLayoutModel:
         if name == "wrapped":  # not set yet (copying, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.wrapped, name)
+
+
+def boxed_init_params(model, init_input: jax.ShapeDtypeStruct) -> Any:
+    """The shapes of `model`'s fresh parameters, boxed in their logical axis names (nothing allocated): what a
+    method checks its selection of matrices against."""
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(init_input.shape, init_input.dtype)))
+    return variables["params"]

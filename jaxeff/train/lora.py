@@ -13,14 +13,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxeff.config import ConfigError, TrainConfig
 from jaxeff.models.lm import DecoderLM, is_block_name
-from jaxeff.models.lora import adapt, adapted_names, merge, scale_of, trains
-from jaxeff.models.stored_layout import StoredLayoutModel
-from jaxeff.models.sst import path_name
+from jaxeff.models.lora import adapt, merge, scale_of, trains
+from jaxeff.models.stored_layout import StoredLayoutModel, boxed_init_params
+from jaxeff.models.sst import path_name, selected_names
 
 ADAPTER_SEED = 0x4C6F5241  # folded into the parameter-init key for the adapters' A matrices ("LoRA")
 
@@ -59,8 +58,7 @@ def lora_model(model, cfg, init_input) -> Any:
     c = cfg.train.lora
     if not c.rank:
         return model
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(init_input.shape, init_input.dtype)))
-    if not adapted_names(boxed["params"], c.layers):
+    if not selected_names(boxed_init_params(model, init_input), c.layers):
         raise ConfigError(f"train.lora.layers={c.layers!r} matches no parameter matrix; use a pattern on paths such "
                           "as layer_0/mixer/q/kernel (the default adapts every mixer's projections)")
     return LoraModel(model, c, cfg.model.d_model)
@@ -100,5 +98,5 @@ def lora_notes(cfg, params) -> list[str]:
     leaves = jax.tree_util.tree_leaves_with_path(params)
     total = sum(x.size for _, x in leaves)
     trained = sum(x.size for p, x in leaves if trains(path_name(p), c.freeze))
-    return [f"LoRA r={c.rank}, alpha={c.alpha:g} on {len(adapted_names(params, r'/lora_A$'))} matrices: "
+    return [f"LoRA r={c.rank}, alpha={c.alpha:g} on {len(selected_names(params, r'/lora_A$'))} matrices: "
             f"{trained / 1e6:.3f}M of {total / 1e6:.3f}M parameters train (freeze: {c.freeze})"]

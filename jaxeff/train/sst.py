@@ -31,7 +31,7 @@ import optax
 
 from jaxeff.config import ConfigError, TrainConfig
 from jaxeff.models.sst import factorise, is_factorised, materialise, selected_names
-from jaxeff.models.stored_layout import StoredLayoutModel
+from jaxeff.models.stored_layout import StoredLayoutModel, boxed_init_params
 
 
 class SstState(NamedTuple):
@@ -179,8 +179,7 @@ def sst_model(model, cfg, init_input) -> Any:
     c = cfg.train.sst
     if not c.rank:
         return model
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(init_input.shape, init_input.dtype)))
-    if not selected_names(boxed["params"], c.layers):
+    if not selected_names(boxed_init_params(model, init_input), c.layers):
         raise ConfigError(f"train.sst.layers={c.layers!r} matches no parameter matrix; use a pattern on paths such "
                           "as layer_0/mixer/q/kernel (the default selects every mixer's projections)")
     if c.svd_every and c.svd_every % c.resample_every:

@@ -52,6 +52,7 @@ from jaxeff.config import ConfigError
 from jaxeff.config.zo import ZoConfig
 from jaxeff.models.frozen_int8 import (channel_axis, dequantize, dequantize_params, is_quantized,  # noqa: F401
                                        quantize, quantized_as_plain, select_trainable)
+from jaxeff.models.sst import value_of
 
 DEFINED_VARIANCE = 1e-6  # a component with less than this fraction of the largest variance has no direction
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -132,10 +133,6 @@ def _unflat(flat: dict[str, Any]) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _value(x):
-    return x.value if isinstance(x, nn.LogicallyPartitioned) else x
-
-
 def _rebox(like, value, names=None):
     """`value` boxed with `like`'s logical names (or `names`) when `like` is boxed."""
     if not isinstance(like, nn.LogicallyPartitioned):
@@ -159,14 +156,14 @@ class ZoOptimizer:
         flat = _flat(params)
         names = self.trainable(flat)
         if self.cfg.frozen_int8:
-            frozen = [n for n, x in flat.items() if n not in names and _value(x).ndim >= 2]
+            frozen = [n for n, x in flat.items() if n not in names and value_of(x).ndim >= 2]
             if not frozen:
                 raise ConfigError(f"train.zo.frozen_int8=true but train.zo.trainable={self.cfg.trainable!r} leaves no "
                                   "frozen matrix to store in int8; train fewer parameters (e.g. trainable=embeddings) "
                                   "or set frozen_int8=false")
             for n in frozen:
                 x = flat[n]
-                w = _value(x)
+                w = value_of(x)
                 axis = channel_axis(n, w.ndim)
                 q, s = quantize(w, axis)
                 scale_names = None
@@ -179,7 +176,7 @@ class ZoOptimizer:
         if tau:
             def ring(x):
                 names_ = None if not isinstance(x, nn.LogicallyPartitioned) else (None, *x.names)
-                return _rebox(x, jnp.zeros((tau, *_value(x).shape), jnp.float32), names_)
+                return _rebox(x, jnp.zeros((tau, *value_of(x).shape), jnp.float32), names_)
 
             ring_tree = jax.tree.map(ring, train, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
             zo["snapshots"], zo["basis"] = ring_tree, ring_tree

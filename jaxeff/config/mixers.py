@@ -152,12 +152,10 @@ class S2Config(Section):
     """`auto` (Pallas on GPU/TPU, xla on CPU), `reference` (dense attention, masked), `xla` (gathers kept blocks), `pallas`"""
 
 
-
 class InfllmConfig(Section):
     """InfLLM v2 sparse attention (MiniCPM4): `model.mixer_pattern: [infllm]`; see [models/infllm.md](models/infllm.md).
     No parameters of its own: each query scores mean-pooled keys, keeps the best blocks and attends only those.
     Defaults are MiniCPM4's `sparse_config` (window 2048 = 32 blocks of 64)."""
-
 
     kernel_size: PositiveInt = 32
     """keys per pooled key ("semantic kernel"): the mean of `kernel_size` consecutive keys"""

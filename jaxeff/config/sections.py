@@ -16,8 +16,8 @@ from jaxeff.config.base import (MAY_CHANGE, ConfigError, Float, NonNegativeFloat
                                 PositiveInt, Section)
 from jaxeff.config.forecast import ForecastConfig, LinearForecasterConfig, SpacetimeConfig
 from jaxeff.config.layer_scaling import LayerScalingConfig
-from jaxeff.config.parscale import ParScaleConfig
 from jaxeff.config.lora import LoraConfig
+from jaxeff.config.parscale import ParScaleConfig
 from jaxeff.config.qat import QatConfig
 from jaxeff.config.sst import SstConfig
 from jaxeff.config.zo import ZoConfig

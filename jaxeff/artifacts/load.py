@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import orbax.checkpoint as ocp
@@ -34,7 +34,7 @@ class Trained:
     cfg: Config  # the model section and the task's sections as trained
     task: type[Task]
     model: nn.Module
-    params: Any
+    stored_params: Any  # the float parameters, or None where `unpack_params` gives them on first use
     meta: Meta
     step: int
     directory: Path
@@ -43,6 +43,13 @@ class Trained:
     quantized: bool = False  # `params` already hold the quantized values (a packed export), else the float ones
     quantization: dict | None = None  # a packed export's config.json record (jaxeff/artifacts/packed.py)
     served: Any = None  # the tree the (wrapped) model runs with when it is not `params` (FlexQ: int8 codes + scales)
+    # FlexQ: the float weights are built only when asked for (init_from, evaluation), so serving holds the codes alone
+    unpack_params: Callable[[], Any] | None = None
+
+    @functools.cached_property
+    def params(self):
+        """The float parameters in the model's own tree."""
+        return self.unpack_params() if self.stored_params is None else self.stored_params
 
     @functools.cached_property
     def run_params(self):
@@ -88,12 +95,13 @@ def _from_export(export_dir: Path) -> Trained:
                                                 abstract if record is None else packed_abstract(abstract, record))
     if record is None:
         return Trained(cfg, task, model, stored, meta, step, export_dir, True)
-    served = None
+    common = dict(qat=qat_of_record(record), quantized=True, quantization=record)
     if record.get("kind") == FLEXQ:  # served as int8 codes through the quantized matmul; `params` hold the values
-        model = CodedServing(model, activation_bits_of(record), record["group_size"])
         served = unpack_flexq(stored, abstract, record, dequantize=False)
-    return Trained(cfg, task, model, unpack_params(stored, abstract, record), meta, step, export_dir, True,
-                   qat=qat_of_record(record), quantized=True, quantization=record, served=served)
+        return Trained(cfg, task, CodedServing(model, activation_bits_of(record), record["group_size"]), None, meta,
+                       step, export_dir, True, **common, served=served,
+                       unpack_params=lambda: unpack_params(stored, abstract, record))
+    return Trained(cfg, task, model, unpack_params(stored, abstract, record), meta, step, export_dir, True, **common)
 
 
 def checkpoint_task_meta(task: type[Task], cfg: Config, checkpoint_meta: dict, where: str) -> Meta:

@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--target", required=True, metavar="NAME",
                     help="h100x1, h100x8, h100x16, h100x32, or a TPU slice by jax's topology name (v5e:2x2, "
                          "v5p:2x2x1, v6e:4x4, ...)")
+    pl.add_argument("--serve", default=None, metavar="SCHEME",
+                    help="plan serving instead of training: the model as `jaxeff generate` runs it on one chip, in "
+                         "bf16 and in SCHEME (w6a6, w6a8, w8a8, w4a16: `jaxeff quantize`) side by side; or bf16 alone")
+    pl.add_argument("--batch", type=int, default=1, help="--serve: sequences decoded together (default 1)")
+    pl.add_argument("--context", type=int, default=4096, help="--serve: tokens of prompt + output (default 4096)")
+    pl.add_argument("--group-size", type=int, default=128, help="--serve: inputs per weight scale (default 128)")
     pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.microbatches=4")
 
     c = sub.add_parser("config-schema", help="print the JSON schema of config files (for editors' YAML language server)")
@@ -186,7 +192,16 @@ def _plan(args) -> int:
     from jaxeff.train.plan import format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
-    for line in format_plan(make_plan(cfg, args.target), Path(args.config).name):
+    if args.serve is not None:
+        from jaxeff.infer.serve_plan import BASELINE, format_serve_plans, make_serve_plan
+
+        schemes = [BASELINE] + ([args.serve] if args.serve != BASELINE else [])
+        plans = [make_serve_plan(cfg, args.target, s, batch=args.batch, context=args.context,
+                                 group_size=args.group_size) for s in schemes]
+        lines = format_serve_plans(plans, Path(args.config).name)
+    else:
+        lines = format_plan(make_plan(cfg, args.target), Path(args.config).name)
+    for line in lines:
         print(line, flush=True)
     return 0
 

@@ -38,13 +38,17 @@ def test_xla_and_kernel_equal_the_dequantized_matmul(n, i, o, g, w_bits, act_bit
         np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=impl)
 
 
-def test_tpu_layout_in_the_interpreter():
-    """The TPU body's blocks (128-row tokens, 128-lane outputs) through the same kernel, interpreted."""
-    rng = np.random.default_rng(7)
-    x = jnp.asarray(rng.standard_normal((33, 256)), jnp.float32)
-    codes, scales = _weights(rng, 256, 200, 128, 6)
-    got = qops._pallas(x, codes, scales, 128, 8, "tpu", interpret=True)
-    np.testing.assert_allclose(np.asarray(got), _numpy_matmul(x, codes, scales, 128, 8), atol=1e-4)
+@pytest.mark.parametrize("i,g,steps", [(256, 128, 1), (180, 16, 2), (176, 16, 11)])
+def test_tpu_layout_in_the_interpreter(i, g, steps):
+    """The TPU body's blocks (128-row tokens, 128-lane outputs) through the same kernel, interpreted, with the output
+    tile summed over `steps` sequential grid steps of up to 8 groups (12 groups: 2 x 6, 11: 11 x 1; 180: ragged)."""
+    assert -(-i // g) // qops._groups_per_step(-(-i // g), "tpu") == steps
+    rng = np.random.default_rng(i)
+    x = jnp.asarray(rng.standard_normal((33, i)), jnp.float32)
+    codes, scales = _weights(rng, i, 200, g, 6)
+    got = qops._pallas(x, codes, scales, g, 8, "tpu", interpret=True)
+    want = _numpy_matmul(x, codes, scales, g, 8)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_quantizer_round_trips_codes():

@@ -35,15 +35,19 @@ def pack_flexq(params, scheme: Scheme, group_size: int, a8_layers: list[str], d_
     for name in n_in:
         node = _subtree(packed, name.split("/"))
         node["codes"] = bitpack.pack(node["codes"], scheme.weight_bits)
+    return packed, flexq_record(n_in, scheme, group_size, a8_layers)
+
+
+def flexq_record(n_in: dict[str, int], scheme: Scheme, group_size: int, a8_layers: list[str]) -> dict:
+    """The config.json record of kernels `n_in` ({name: input axes}) quantized under `scheme`."""
     a_bits = scheme.activation_bits
-    record = {"kind": KIND, "scheme": scheme.name, "weight_bits": scheme.weight_bits, "activation_bits": a_bits,
-              "group_size": group_size, "a8_layers": list(a8_layers),
-              "params": {n: {"input_axes": k,
-                             "activation_bits": a_bits if a_bits is None or not matches(n, a8_layers)
-                             else max(a_bits, 8)}
-                         for n, k in n_in.items()},
-              "packing": bitpack.PACKING[scheme.weight_bits]}
-    return packed, record
+    return {"kind": KIND, "scheme": scheme.name, "weight_bits": scheme.weight_bits, "activation_bits": a_bits,
+            "group_size": group_size, "a8_layers": list(a8_layers),
+            "params": {n: {"input_axes": k,
+                           "activation_bits": a_bits if a_bits is None or not matches(n, a8_layers)
+                           else max(a_bits, 8)}
+                       for n, k in n_in.items()},
+            "packing": bitpack.PACKING[scheme.weight_bits]}
 
 
 def _subtree(tree, keys):

@@ -20,6 +20,7 @@ import sys
 from jaxeff.errors import UserError
 
 GiB = 2**30
+HEADROOM = 0.90  # a plan fits when its peak is at most this fraction of the chip's HBM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,10 @@ class UnknownTarget(UserError):
 
 class MissingCompiler(UserError):
     """The plugin that compiles for a target is not installed."""
+
+
+class CompileFailed(UserError):
+    """The target's compiler rejected a program for another reason than its memory (e.g. a kernel's tile)."""
 
 
 def hosts_of(devices: list) -> int:

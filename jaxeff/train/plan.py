@@ -30,15 +30,12 @@ from typing import Any
 
 import jax
 
-from jaxeff.errors import UserError
 from jaxeff.parallel.collectives import collective_stats
-from jaxeff.parallel.hardware import Target, compile_only_devices, get_target, hosts_of
+from jaxeff.parallel.hardware import HEADROOM, CompileFailed, Target, compile_only_devices, get_target, hosts_of
 from jaxeff.parallel.report import tree_bytes_per_device
 from jaxeff.parallel.sharding import batch_sharding
 from jaxeff.train.comm_report import build_train_step, comm_summary
 from jaxeff.train.zo import passes_per_step
-
-HEADROOM = 0.90  # a plan fits when its peak is at most this fraction of the chip's HBM
 
 
 @dataclasses.dataclass
@@ -168,10 +165,6 @@ def make_plan(cfg, target_name: str) -> Plan:
                               else passes_per_step(tcfg) * per_example * tcfg.global_batch_size),
         xla_flops_per_device=cost.get("flops"), xla_bytes_per_device=cost.get("bytes accessed"),
         compile_s=compile_s, refused=None if refused is None else refused[0])
-
-
-class CompileFailed(UserError):
-    """The target's compiler rejected the train step for another reason than its memory (e.g. a kernel's tile)."""
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

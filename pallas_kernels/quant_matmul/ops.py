@@ -39,6 +39,11 @@ def _blocks(n: int, platform: str) -> tuple[int, int]:
     return block_n, 128 if platform == "tpu" else 64
 
 
+def _groups_per_step(n_groups: int, platform: str) -> int | None:
+    """TPU: the largest divisor of nG up to 8 (VMEM holds that many groups' blocks); GPU: all (None)."""
+    return max(k for k in range(1, 9) if n_groups % k == 0) if platform == "tpu" else None
+
+
 def _pallas(x_NI, w_codes_IO, w_scales_gO, group_size, act_bits, platform, interpret=False):
     n, o = x_NI.shape[0], w_codes_IO.shape[1]
     block_n, block_o = _blocks(n, platform)
@@ -49,7 +54,8 @@ def _pallas(x_NI, w_codes_IO, w_scales_gO, group_size, act_bits, platform, inter
     wc_gGO = jnp.pad(wc_gGO, ((0, 0), (0, 0), (0, op - o)))
     ws_g1O = jnp.pad(w_scales_gO.astype(jnp.float32), ((0, 0), (0, op - o)))[:, None, :]
     out = _kernel.quant_matmul_kernel(xc_gNG, xs_gN1, wc_gGO, ws_g1O, block_n=block_n, block_o=block_o,
-                                      platform=platform, interpret=interpret)
+                                      platform=platform, interpret=interpret,
+                                      groups_per_step=_groups_per_step(w_scales_gO.shape[0], platform))
     return out[:n, :o]
 
 

@@ -66,8 +66,10 @@ def grouped_codes(x_NI, w_codes_IO, group_size: int, act_bits: int):
     ragged groups zero padded."""
     xc_NI, xs_Ng = quantize_rows(x_NI, act_bits, group_size)
     xc_NgG = pad_groups(xc_NI, group_size).astype(jnp.int8)
-    wc_OgG = pad_groups(w_codes_IO.T.astype(jnp.int32), group_size).astype(jnp.int8)
-    return xc_NgG, xs_Ng, wc_OgG.transpose(1, 2, 0)
+    i, o = w_codes_IO.shape
+    pad = -i % group_size  # rows of zero codes, only for a ragged last group: otherwise a free reshape, no copy of W
+    wc_IO = jnp.pad(w_codes_IO.astype(jnp.int8), ((0, pad), (0, 0))) if pad else w_codes_IO.astype(jnp.int8)
+    return xc_NgG, xs_Ng, wc_IO.reshape((i + pad) // group_size, group_size, o)
 
 
 def xla_matmul(x_NI, w_codes_IO, w_scales_gO, group_size: int, act_bits: int):

@@ -413,3 +413,20 @@ def test_the_routing_comparison_catches_a_wrong_gate_and_a_missing_loss(mistake)
     wrong = jax.jit(objective(lambda p, x: two_routing_reference(p, x, cfg.model, mistake=mistake)))(params, x)
     with pytest.raises(AssertionError):
         _assert_same_layer(got, wrong)
+
+
+def test_decoding_is_dropless_so_a_call_over_many_tokens_equals_one_token_calls():
+    """With a capacity, which tokens an expert drops depends on the tokens sharing a call: a prefill or a speculative
+    verify over k tokens would differ from k one-token calls. The model `jaxeff generate` builds routes every token."""
+    from helpers import full_and_stepped_logits, tiny_config
+    from jaxeff.models.lm import decoding_config
+    from jaxeff.tasks.lm import LanguageModelTask
+
+    cfg = tiny_config(**{"model.channel_mixer_pattern": "[moe]", "model.moe.n_experts": 4, "model.moe.top_k": 2,
+                         "model.moe.capacity_factor": 0.25})
+    full, stepped, _ = full_and_stepped_logits(cfg.model, prompt=1)
+    assert float(jnp.max(jnp.abs(full - stepped))) > 1e-3 * float(jnp.max(jnp.abs(full)))  # training: drops
+    full, stepped, _ = full_and_stepped_logits(decoding_config(cfg.model), prompt=1)
+    np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), atol=1e-5)
+    served = LanguageModelTask.build_inference_model(cfg, {"vocab_size": 259})
+    assert served.cfg.moe.capacity_factor is None and cfg.model.moe.capacity_factor == 0.25

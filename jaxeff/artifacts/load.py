@@ -87,7 +87,7 @@ def load_trained(path: PathLike) -> Trained:
 def _from_export(export_dir: Path) -> Trained:
     cfg, meta, step = read_config(export_dir)
     task = task_class(cfg.task)
-    model = task.build_model(cfg, meta)
+    model = task.build_inference_model(cfg, meta)
     params_dir = export_dir / "params"
     abstract = abstract_params(model, task.model_input(cfg, meta))
     record = read_quantization(export_dir)
@@ -122,7 +122,7 @@ def _from_workdir(workdir: Path) -> Trained:
         if not steps:
             raise ConfigError(f"{workdir}/checkpoints holds no complete checkpoint yet; train first (jaxeff train)")
         meta = checkpoint_task_meta(task, cfg, store.read_meta(steps[0]), f"{workdir} checkpoint {steps[0]}")
-        model = task.build_model(cfg, meta)
+        model = task.build_inference_model(cfg, meta)
         abstract = abstract_params(model, task.model_input(cfg, meta))
         if cfg.train.sst.rank:  # Sparse Spectral Training keeps factors: restore those, multiply back below
             abstract = factorised_abstract(abstract, cfg.train.sst.layers, cfg.model.d_model)

@@ -362,5 +362,11 @@ def check_moe(cfg: Config, key: str, mesh_shape=None) -> None:
                           "expert-parallel device holds the same number of experts")
 
 
+def dropless_for_decoding(cfg: ModelConfig) -> ModelConfig:
+    """Decoding routes every token to its experts (capacity_factor None): with a capacity, a call over several
+    tokens drops some of them and its logits differ from one-token calls' (speculative verification, prefill)."""
+    return cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"capacity_factor": None})})
+
+
 register_channel_mixer(ChannelMixerSpec("moe", MoE, moe_flops_per_token, section="moe", check=check_moe,
-                                        inactive_params=inactive_expert_params))
+                                        inactive_params=inactive_expert_params, for_decoding=dropless_for_decoding))

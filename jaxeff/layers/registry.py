@@ -75,6 +75,10 @@ class ChannelMixerSpec:
     check: Check | None = None
     # (cfg, layer) -> parameters of this layer a token does not use (MoE: the experts it is not routed to).
     inactive_params: Callable[[ModelConfig, int], int] | None = None
+    # cfg -> the config decoding builds the model from, when this mixer must run otherwise there: a token's output
+    # may not depend on which other tokens share its call (MoE: no capacity, so no token is dropped), or one call
+    # over k tokens (a prefill, a speculative verify) would differ from k one-token calls.
+    for_decoding: Callable[[ModelConfig], ModelConfig] | None = None
 
 
 TOKEN_MIXERS: dict[str, TokenMixerSpec] = {}

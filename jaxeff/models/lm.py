@@ -217,6 +217,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) 
     return DecoderLM(cfg, padded_vocab_size(vocab, cfg.vocab_multiple), compute_dtype(cfg, platform))
 
 
+def decoding_config(cfg: ModelConfig) -> ModelConfig:
+    """The config a model that decodes is built from: each channel mixer's `for_decoding` applied (MoE: dropless),
+    so that a call over several tokens gives each token what one-token calls give it."""
+    for spec in {channel_mixer_for_layer(cfg, i).name: channel_mixer_for_layer(cfg, i)
+                 for i in range(cfg.n_layers)}.values():
+        if spec.for_decoding is not None:
+            cfg = spec.for_decoding(cfg)
+    return cfg
+
+
 def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype) -> list:
     """Empty decode caches (a ParScale model starts from its learned ones: jaxeff.models.decoding.decode_caches)."""
     return [token_mixer_for_layer(cfg, i).init_cache(cfg.for_layer(i), i, batch, max_len, dtype)

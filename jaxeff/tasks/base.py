@@ -45,6 +45,12 @@ class Task(abc.ABC):
         """The Flax module: `model.init(key, model_input) -> {"params": ...}`."""
 
     @classmethod
+    def build_inference_model(cls, cfg: Config, meta: Meta, platform: str | None = None) -> nn.Module:
+        """The module a trained model is served with (`jaxeff generate` / `forecast`): the training one, unless the
+        task runs its layers otherwise for inference. Same parameters."""
+        return cls.build_model(cfg, meta, platform)
+
+    @classmethod
     @abc.abstractmethod
     def model_input(cls, cfg: Config, meta: Meta) -> jax.ShapeDtypeStruct:
         """A batch-of-one model input for `model.init` (only its shape and dtype matter)."""

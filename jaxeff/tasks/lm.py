@@ -14,7 +14,7 @@ from jaxeff.config import Config
 from jaxeff.data import build_corpus, eval_batches, load_tokenizer, train_dataset
 from jaxeff.data.tokenizer import Tokenizer
 from jaxeff.models.decoding import generate_text
-from jaxeff.models.lm import build_model, flops_per_token, inactive_params
+from jaxeff.models.lm import build_model, decoding_config, flops_per_token, inactive_params
 from jaxeff.models.parscale import parscale_params
 from jaxeff.paths import Path, as_path
 from jaxeff.tasks.base import Batch, Meta, Task
@@ -41,6 +41,10 @@ class LanguageModelTask(Task):
     @classmethod
     def build_model(cls, cfg: Config, meta: Meta, platform: str | None = None):
         return build_model(cfg.model, meta["vocab_size"], platform)
+
+    @classmethod
+    def build_inference_model(cls, cfg: Config, meta: Meta, platform: str | None = None):
+        return build_model(decoding_config(cfg.model), meta["vocab_size"], platform)  # MoE: dropless
 
     @classmethod
     def model_input(cls, cfg: Config, meta: Meta) -> jax.ShapeDtypeStruct:

@@ -1,6 +1,9 @@
 """The quantized matmul op: its XLA form and its Pallas kernel (CPU interpreter, both kernel bodies' layouts) equal
 the dequantized matmul on fresh random inputs, at shapes that are not multiples of the blocks or of the group."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +52,26 @@ def test_tpu_layout_in_the_interpreter(i, g, steps):
     got = qops._pallas(x, codes, scales, g, 8, "tpu", interpret=True)
     want = _numpy_matmul(x, codes, scales, g, 8)
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("i,o,g", [(200, 130, 64), (256, 256, 128)])
+def test_serving_layout_gives_the_same_product_without_padding_per_call(i, o, g):
+    """Codes padded once (zero rows to whole groups, zero columns to 128): every impl returns the same product in its
+    first O columns and zeros after; the kernel's operands are then a reshape of the codes, no pad of W."""
+    rng = np.random.default_rng(i + o)
+    x = jnp.asarray(rng.standard_normal((9, i)), jnp.float32)
+    codes, scales = _weights(rng, i, o, g, 6)
+    served_codes, served_scales = qops.serving_layout(np.asarray(codes, np.int8), np.asarray(scales), g)
+    assert (served_codes.shape, served_scales.shape) == qops.serving_shapes(i, o, g)
+    want = _numpy_matmul(x, codes, scales, g, 8)
+    for impl in ("reference", "xla", "pallas"):
+        got = np.asarray(quant_matmul(x, served_codes, served_scales, group_size=g, act_bits=8, impl=impl))
+        np.testing.assert_allclose(got[:, :o], want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=impl)
+        assert not got[:, o:].any(), impl
+    jaxpr = str(jax.make_jaxpr(lambda c: qops._pallas(x, c, jnp.asarray(served_scales), g, 8, "triton",
+                                                      interpret=True))(jnp.asarray(served_codes)))
+    padded_int8 = [math.prod(map(int, m.group(1).split(","))) for m in re.finditer(r"i8\[([\d,]+)\] = pad\[", jaxpr)]
+    assert padded_int8 and max(padded_int8) < served_codes.size, padded_int8  # x's codes only, never W's
 
 
 def test_quantizer_round_trips_codes():

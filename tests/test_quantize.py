@@ -152,7 +152,10 @@ def test_cli_quantize_w6a8_then_generate(float_export):
     for path, w in jax.tree_util.tree_leaves_with_path(ref_params):
         assert np.array_equal(np.asarray(w), np.asarray(_at(quant_model.params, path))), param_name(path)
     served = quant_model.run_params["layer_0"]["channel"]["down"]["kernel"]
-    assert served["codes"].dtype == jnp.int8 and served["codes"].shape == (64, 32)
+    # the serving layout: [64, 32] padded once, to whole groups of 128 rows and 128 columns, with zero codes
+    assert served["codes"].dtype == jnp.int8 and served["codes"].shape == (128, 128)
+    assert served["scales"].shape == (1, 128) and not np.asarray(served["codes"])[64:].any()
+    assert not np.asarray(served["codes"])[:, 32:].any()
     ref_model = ActivationQuantized(float_model.model, {n: 8 for n in record["params"]}, 128)
     positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
     ref_logits = ref_model.apply({"params": ref_params}, tokens, positions, None)[0]
@@ -184,3 +187,21 @@ def test_refuses_a_quantized_export(float_export):
         quantize_export(out, float_export / "again", "w6a8")
     with pytest.raises(ConfigError, match="is already a quantized export \\(w4a16\\)"):
         export_checkpoint(out, float_export / "again")
+
+
+def test_a_quantized_target_decodes_speculatively_as_it_decodes_plainly(float_export):
+    """The W6A8 export served through the quantized matmul as the target, its float export as the draft: greedy
+    speculative output is the quantized model's own plain greedy output."""
+    from jaxeff.infer.generate import load_inference_model
+    from jaxeff.infer.quantize import quantize_export
+    from jaxeff.infer.speculative import speculative_generate_ids
+    from jaxeff.models.decoding import generate_ids
+
+    out = float_export / "w6a8-target"
+    quantize_export(float_export / "float", out, "w6a8")
+    target, draft = load_inference_model(out), load_inference_model(float_export / "float")
+    prompt, kw = [257, *b"def main():\n"], dict(vocab_size=259, stop_id=258)
+    plain = generate_ids(target.model, target.params, prompt, 24, **kw)
+    spec, stats = speculative_generate_ids(target.model, target.params, draft.model, draft.params, prompt, 24,
+                                           draft_tokens=3, **kw)
+    assert spec == plain and stats.drafted > 0

@@ -50,9 +50,11 @@ def test_a_w6a8_serve_plan_for_an_h100_counts_its_bytes_by_hand():
              for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
     coded = set(serving_params(abstract, "w6a8", G, [], cfg.model.d_model)[1])
     d = cfg.model.d_model
-    io = {n: (d, math.prod(names[n].shape) // d) for n in coded}  # every kernel here contracts d_model or H K = d
-    assert w6.weight_bytes["codes"] == sum(i * o for i, o in io.values())  # one int8 per weight on the device
-    assert w6.weight_bytes["scales"] == 4 * sum(-(-i // G) * o for i, o in io.values())
+    mlp = cfg.model.mlp_dim  # the down projection contracts mlp_dim; the others d_model (or H K = d_model)
+    io = {n: (i, math.prod(names[n].shape) // i) for n in coded for i in [mlp if n.endswith("down/kernel") else d]}
+    padded = {n: (-(-i // G) * G, -(-o // 128) * 128) for n, (i, o) in io.items()}  # the serving layout
+    assert w6.weight_bytes["codes"] == sum(i * o for i, o in padded.values())  # one int8 per weight on the device
+    assert w6.weight_bytes["scales"] == 4 * sum(i // G * o for i, o in padded.values())
     rest = sum(a.size for n, a in names.items() if n not in coded)
     assert w6.weight_bytes["float"] == 2 * rest and bf16.weights_total == 2 * sum(a.size for a in names.values())
     caches = jax.eval_shape(lambda: init_caches(cfg.model, 2, 64, jnp.bfloat16))

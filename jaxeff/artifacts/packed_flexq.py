@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxeff.artifacts import bitpack
 from jaxeff.models.flexq import Scheme, dequantize_kernel, matches, quantize_params
+from pallas_kernels.quant_matmul import serving_layout
 
 KIND = "flexq"
 
@@ -77,7 +78,8 @@ def flexq_abstract(abstract_params, record: dict) -> Any:
 
 def unpack_flexq(packed, abstract_params, record: dict, dequantize: bool = True) -> Any:
     """The float32 params tree of a FlexQ export: every quantized kernel codes x scales, in its model shape. With
-    `dequantize=False` (serving) each stays {"codes": int8 [I, O], "scales": float32 [nG, O]}."""
+    `dequantize=False` (serving) each stays {"codes": int8, "scales": float32} in quant_matmul's serving layout
+    ([nG G, Op] and [nG, Op]: zero rows to whole groups, zero columns to a multiple of 128)."""
     entries, bits, g = record["params"], record["weight_bits"], record["group_size"]
 
     def one(path, a):
@@ -86,8 +88,9 @@ def unpack_flexq(packed, abstract_params, record: dict, dequantize: bool = True)
             return node
         i, o = _io(a.shape, entries[_name(path)]["input_axes"])
         codes_IO = bitpack.unpack(node["codes"], bits, i * o).reshape(i, o)
-        if not dequantize:
-            return {"codes": codes_IO.astype(np.int8), "scales": node["scales"]}
+        if not dequantize:  # padded once here, so that no matmul pads (copies) the weight per call
+            codes, scales = serving_layout(codes_IO.astype(np.int8), np.asarray(node["scales"]), g)
+            return {"codes": codes, "scales": scales}
         return dequantize_kernel(codes_IO, node["scales"], a.shape, g)
 
     return jax.tree_util.tree_map_with_path(one, abstract_params)

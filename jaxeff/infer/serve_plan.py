@@ -3,8 +3,9 @@ bfloat16 and quantized (FlexQ, `jaxeff quantize`) side by side, and the decode s
 
 What `jaxeff generate` runs, compiled by the target's real compiler on abstract arrays (nothing allocated, no
 checkpoint read):
-* weights: every matrix `jaxeff quantize` quantizes held as int8 codes [I, O] + float32 scales [nG, O], as the loader
-  holds an export on the device (6- and 4-bit codes sit in int8 there: the packing is for disk), the rest bfloat16;
+* weights: every matrix `jaxeff quantize` quantizes held as int8 codes + float32 scales in quant_matmul's serving
+  layout, as the loader holds an export on the device (6- and 4-bit codes sit in int8 there: the packing is for
+  disk; rows padded to whole groups, columns to 128), the rest bfloat16;
 * decode caches for `batch` sequences of `context` tokens, in the model's compute dtype;
 * two programs: the prefill of a `context`-token prompt and one decode step, caches donated, both through the
   quantized forward (jaxeff/models/flexq_forward.py: the Pallas quant_matmul on GPU/TPU).
@@ -30,6 +31,7 @@ from jaxeff.models.decoding import decode_caches
 from jaxeff.models.flexq import DEFAULT_A8_LAYERS, SCHEMES, input_axes, quantized_names
 from jaxeff.models.flexq_forward import CodedServing
 from jaxeff.parallel.hardware import HEADROOM, CompileFailed, Target, compile_only_devices, get_target
+from pallas_kernels.quant_matmul import serving_shapes
 
 BASELINE = "bf16"
 
@@ -87,7 +89,7 @@ class ServePlan:
 
 def serving_params(abstract_params, scheme: str, group_size: int, a8_layers: list[str], d_model: int):
     """(the params tree `jaxeff generate` holds for a model served in `scheme`, {coded kernel: activation bits}):
-    quantized kernels as {"codes": int8 [I, O], "scales": float32 [nG, O]}, every other float leaf bfloat16."""
+    quantized kernels as {"codes": int8, "scales": float32} in the serving layout, every other float leaf bf16."""
     shapes = {_name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
     names = [] if scheme == BASELINE else quantized_names(shapes)
     n_in = {n: input_axes(shapes[n], d_model) for n in names}
@@ -96,9 +98,8 @@ def serving_params(abstract_params, scheme: str, group_size: int, a8_layers: lis
         name = _name(path)
         if name not in n_in:
             return jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype)
-        i, o = math.prod(a.shape[:n_in[name]]), math.prod(a.shape[n_in[name]:])
-        return {"codes": jax.ShapeDtypeStruct((i, o), jnp.int8),
-                "scales": jax.ShapeDtypeStruct((-(-i // group_size), o), jnp.float32)}
+        codes, scales = serving_shapes(math.prod(a.shape[:n_in[name]]), math.prod(a.shape[n_in[name]:]), group_size)
+        return {"codes": jax.ShapeDtypeStruct(codes, jnp.int8), "scales": jax.ShapeDtypeStruct(scales, jnp.float32)}
 
     params = jax.tree_util.tree_map_with_path(one, abstract_params)
     if scheme == BASELINE:
@@ -155,7 +156,7 @@ def make_serve_plan(cfg, target_name: str, scheme: str, *, batch: int = 1, conte
     target = get_target(target_name)
     device = compile_only_devices(target)[0]  # serving one model on one chip, whatever the slice
     task = build_task(cfg, device.platform, with_data=False)
-    model = task.model
+    model = task.build_inference_model(cfg, task.meta, device.platform)
     abstract = nn.meta.unbox(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros(task.init_input.shape, task.init_input.dtype)))["params"])
     params, bits_of = serving_params(abstract, scheme, group_size,

@@ -4,8 +4,9 @@ interceptor that takes over each Dense / DenseGeneral whose kernel is quantized 
 Two forms, one per class:
 * `ActivationQuantized` (the reference): the kernel is already dequantized to float; the input is fake-quantized
   per token along the layer's contracted axes, then the layer runs as usual.
-* `CodedServing` (what `jaxeff generate` runs): the kernel stays integer codes [I, O] (int8) + scales [nG, O] in the
-  params tree; the layer's output is `pallas_kernels.quant_matmul` of its input (quantized per token inside the op:
+* `CodedServing` (what `jaxeff generate` runs): the kernel stays integer codes (int8) + scales in the params tree, in
+  quant_matmul's serving layout (padded to whole groups and 128 columns when loaded); the layer's output is
+  `pallas_kernels.quant_matmul` of its input (quantized per token inside the op:
   the Pallas kernel on GPU/TPU, the int32 XLA form on CPU) or, for weight-only schemes, the input times the kernel
   dequantized in the matmul. Equal to the reference up to the order of float32 sums.
 Everything else (attention scores, norms, the head) stays float.
@@ -57,12 +58,13 @@ def coded_interceptor(bits_of: dict[str, int | None], group_size: int):
         lead = x.shape[:x.ndim - n_in]
         x_NI = x.reshape(-1, math.prod(x.shape[x.ndim - n_in:]))
         bits = bits_of["/".join(module.path) + "/kernel"]
-        if bits is None:  # weight-only: the kernel dequantized inside the matmul's jit, never stored in float
-            w_IO = dequantize_rows(codes_IO.T, scales_gO.T, group_size).T
-            y_NO = jnp.dot(x_NI.astype(jnp.float32), w_IO)
-        else:
-            y_NO = quant_matmul(x_NI, codes_IO, scales_gO, group_size=group_size, act_bits=bits)
         features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+        n_out = math.prod(features)
+        if bits is None:  # weight-only: the kernel dequantized inside the matmul's jit, never stored in float
+            w_IO = dequantize_rows(codes_IO.T, scales_gO.T, group_size).T[:x_NI.shape[1], :n_out]
+            y_NO = jnp.dot(x_NI.astype(jnp.float32), w_IO)
+        else:  # the codes are in the serving layout (padded columns: dropped here)
+            y_NO = quant_matmul(x_NI, codes_IO, scales_gO, group_size=group_size, act_bits=bits)[:, :n_out]
         y = y_NO.reshape(*lead, *features)
         if module.use_bias:
             y = y + module.variables["params"]["bias"]

@@ -6,7 +6,7 @@
 kernel.
 """
 
-from .ops import IMPLS, quant_matmul
+from .ops import IMPLS, quant_matmul, serving_layout, serving_shapes
 from .reference import dequantize_rows, qmax, quantize_rows
 
-__all__ = ["IMPLS", "dequantize_rows", "qmax", "quant_matmul", "quantize_rows"]
+__all__ = ["IMPLS", "dequantize_rows", "qmax", "quant_matmul", "quantize_rows", "serving_layout", "serving_shapes"]

@@ -57,7 +57,7 @@ def dequantize_rows(codes_NI, s_Ng, group_size: int):
 def dequantized_matmul(x_NI, w_codes_IO, w_scales_gO, group_size: int, act_bits: int):
     """The definition: (x quantized per token and dequantized) @ (W dequantized), float32 at HIGHEST precision."""
     xq_NI = dequantize_rows(*quantize_rows(x_NI, act_bits, group_size), group_size)
-    w_IO = dequantize_rows(w_codes_IO.T, w_scales_gO.T, group_size).T
+    w_IO = dequantize_rows(w_codes_IO.T, w_scales_gO.T, group_size).T[:x_NI.shape[1]]  # zero rows of a serving layout
     return jnp.dot(xq_NI, w_IO, precision=lax.Precision.HIGHEST, preferred_element_type=F32)
 
 

@@ -184,21 +184,21 @@ def test_dense_len_switches_the_whole_call_in_minicpm4_and_each_query_in_jaxeff(
 
 def test_minicpm4_sparse_config_maps_onto_the_default_config():
     defaults = InfllmConfig()
-    first = jaxeff_settings(MINICPM4_SPARSE_CONFIG, "2025-06")
-    assert first == dict(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, local_blocks=32, topk=64,
-                         dense_len=8192)  # window_size 2048 -> 32 local blocks of 64
-    assert {key: getattr(defaults, key) for key in first} == first
-    assert load_config(None, []).model.infllm == defaults  # model.infllm starts from these defaults
-    # the current code keeps the same 96 blocks per late query, split 1 + 33 forced + 62 scored
     current = jaxeff_settings(MINICPM4_SPARSE_CONFIG, "2025-09")
-    assert (current["local_blocks"], current["topk"]) == (33, 63)
+    # window_size 2048 -> the query's block and the 32 before it; 96 blocks per late query: 1 + 33 forced, 62 scored
+    assert current == dict(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, local_blocks=33, topk=63,
+                           dense_len=8192)
+    assert {key: getattr(defaults, key) for key in current} == current
+    assert load_config(None, []).model.infllm == defaults  # model.infllm starts from these defaults
+    first = jaxeff_settings(MINICPM4_SPARSE_CONFIG, "2025-06")  # the first release: 32 local on top of topk 64
+    assert (first["local_blocks"], first["topk"]) == (32, 64)
     assert current["topk"] + current["local_blocks"] == first["topk"] + first["local_blocks"] == 96
 
 
-def test_the_defaults_differ_from_the_current_code_by_one_block():
-    """With local = window/block and topk as configured (the defaults' mapping), a late query keeps as many blocks
-    as the current MiniCPM4 code, and at most one differs: jaxeff may drop block i - window/block (forced there) and
-    keep its next-best scored block instead."""
+def test_the_first_releases_mapping_differs_from_the_current_code_by_one_block():
+    """With local = window/block and topk as configured (the first release's mapping, jaxeff's defaults before this
+    comparison), a late query keeps as many blocks as the current MiniCPM4 code, and at most one differs: jaxeff may
+    drop block i - window/block (forced there) and keep its next-best scored block instead."""
     sc = _small(dict(init_blocks=1, window_size=48, topk=5))
     window = sc["window_size"] // sc["block_size"]
     q, k = _qk(2, 203, 4, 2, 16, seed=7)

@@ -155,7 +155,8 @@ class S2Config(Section):
 class InfllmConfig(Section):
     """InfLLM v2 sparse attention (MiniCPM4): `model.mixer_pattern: [infllm]`; see [models/infllm.md](models/infllm.md).
     No parameters of its own: each query scores mean-pooled keys, keeps the best blocks and attends only those.
-    Defaults are MiniCPM4's `sparse_config` (window 2048 = 32 blocks of 64)."""
+    Defaults keep the blocks MiniCPM4's current code keeps for its `sparse_config` (topk 64, window 2048 = 32 blocks
+    of 64): the query's block and the 32 before it forced, 1 init block, 62 chosen: 96 per late query."""
 
     kernel_size: PositiveInt = 32
     """keys per pooled key ("semantic kernel"): the mean of `kernel_size` consecutive keys"""
@@ -165,10 +166,12 @@ class InfllmConfig(Section):
     """tokens per selectable KV block"""
     init_blocks: Annotated[int, Field(ge=0)] = 1
     """the first this many blocks are always read (they count towards `topk`, as in MiniCPM4's code)"""
-    local_blocks: PositiveInt = 32
-    """the query's own block and the `local_blocks - 1` before it are always read (the local window)"""
-    topk: Annotated[int, Field(ge=0)] = 64
-    """blocks chosen per query by score, init blocks included (the local window comes on top)"""
+    local_blocks: PositiveInt = 33
+    """the query's own block and the `local_blocks - 1` before it are always read (the local window; MiniCPM4's
+    `window_size / block_size` + 1)"""
+    topk: Annotated[int, Field(ge=0)] = 63
+    """blocks chosen per query by score, init blocks included (the local window comes on top; MiniCPM4's `topk` - 1,
+    as its top-k also holds the forced local blocks)"""
     dense_len: Annotated[int, Field(ge=0)] = 8192
     """a query whose context (position + 1) is shorter than this reads every causal block, so shorter sequences are
     dense causal attention; 0 = always sparse"""

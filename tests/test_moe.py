@@ -424,9 +424,9 @@ def test_decoding_is_dropless_so_a_call_over_many_tokens_equals_one_token_calls(
 
     cfg = tiny_config(**{"model.channel_mixer_pattern": "[moe]", "model.moe.n_experts": 4, "model.moe.top_k": 2,
                          "model.moe.capacity_factor": 0.25})
-    full, stepped, _ = full_and_stepped_logits(cfg.model, prompt=1)
+    full, stepped, _ = full_and_stepped_logits(cfg.model, prompt=2, seq=6)
     assert float(jnp.max(jnp.abs(full - stepped))) > 1e-3 * float(jnp.max(jnp.abs(full)))  # training: drops
-    full, stepped, _ = full_and_stepped_logits(decoding_config(cfg.model), prompt=1)
+    full, stepped, _ = full_and_stepped_logits(decoding_config(cfg.model), prompt=2, seq=6)
     np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), atol=1e-5)
     served = LanguageModelTask.build_inference_model(cfg, {"vocab_size": 259})
     assert served.cfg.moe.capacity_factor is None and cfg.model.moe.capacity_factor == 0.25

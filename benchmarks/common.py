@@ -174,6 +174,35 @@ def max_relative_error(reference, candidate) -> float:
                for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(candidate)))
 
 
+def gpu_script_start(description: str, argv: list[str] | None, check, what: str = "pallas vs reference"):
+    """A GPU script's first steps: (args with --write parsed from `argv`, the target device, the error its `check()`
+    returns), and the line that reports them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--write", default=None, metavar="MARKDOWN")
+    args = parser.parse_args(argv)
+    device = target_device()
+    err = check()
+    print(f"device: {device.device_kind}; {what} max relative error {err:.2e}", flush=True)
+    return args, device, err
+
+
+def attention_pallas_error(attention, **settings) -> float:
+    """Max relative error of `attention(q, k, v, impl="pallas", **settings)` against impl="reference", forward and
+    the three gradients, float32: 2 x 1000 tokens (ragged against 64-token blocks), 8 query / 2 KV heads of 64."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = normal(keys[0], (2, 1000, 8, 64), jnp.float32)
+    k, v = (normal(kk, (2, 1000, 2, 64), jnp.float32) for kk in keys[1:3])
+    ct = normal(keys[3], q.shape)
+
+    def loss(impl):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, impl=impl, **settings) * ct),
+                                  argnums=(0, 1, 2))
+
+    return max_relative_error(run(loss("reference"), q, k, v), run(loss("pallas"), q, k, v))
+
+
 def bench_softmax(grad, q, k, v, reps: int = 10) -> float:
     """Forward+backward time of causal softmax attention (cuDNN flash attention where it runs, else XLA's).
     `grad(fn)` turns fn(q, k, v) -> output into the jitted gradient to time."""

@@ -5,14 +5,14 @@
 1. Correctness on the GPU: the Pallas op (forward and gradients) against the dense masked reference, float32, a
    ragged length, GQA, the same run-time selection.
 2. Timing, bfloat16, batch 1, 32 query / 8 KV heads of width 128, MiniCPM4's settings (blocks of 64, pooled keys
-   32 wide at stride 16, 1 initial block, 32 local blocks, top-64 blocks, i.e. at most 4096 keys per query),
-   8K-64K tokens: forward + backward of the Pallas InfLLM kernels (selection included) vs dense causal attention
-   (`jax.nn.dot_product_attention`, cuDNN flash attention where available), 3 timed calls each. Table last.
+   32 wide at stride 16, 1 initial block, the query's block and the 32 before it, 62 more chosen: at most 96 blocks,
+   6144 keys per query), 8K-64K tokens: forward + backward of the Pallas InfLLM kernels (selection included) vs
+   dense causal attention (`jax.nn.dot_product_attention`, cuDNN flash attention where available), 3 timed calls
+   each. Table last.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,8 +22,8 @@ import jaxeff  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import (bench, bench_softmax, fwd_bwd, max_relative_error, normal, run, shapes, target_device,  # noqa: E402
-                    write_section)
+from common import (attention_pallas_error, bench, bench_softmax, fwd_bwd, gpu_script_start, normal,  # noqa: E402
+                    shapes, write_section)
 from pallas_kernels.infllm import infllm_attention  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -33,26 +33,13 @@ LENGTHS = [8192, 16384, 32768, 65536]
 
 
 def check_correctness() -> float:
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = normal(keys[0], (2, 1000, 8, 64), jnp.float32)
-    k, v = (normal(kk, (2, 1000, 2, 64), jnp.float32) for kk in keys[1:3])
-    ct = normal(keys[3], q.shape)
-    kw = {"block_size": 64, "kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "local_blocks": 2, "topk": 6}
-
-    def loss(impl):
-        return jax.value_and_grad(lambda q, k, v: jnp.sum(infllm_attention(q, k, v, impl=impl, **kw) * ct),
-                                  argnums=(0, 1, 2))
-
-    return max_relative_error(run(loss("reference"), q, k, v), run(loss("pallas"), q, k, v))
+    return attention_pallas_error(infllm_attention, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1,
+                                  local_blocks=2, topk=6)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", default=None, metavar="MARKDOWN")
-    args = parser.parse_args(argv)
-    device = target_device()
-    err = check_correctness()
-    print(f"device: {device.device_kind}; pallas vs reference (fwd + grads) max relative error {err:.2e}", flush=True)
+    args, device, err = gpu_script_start(__doc__.splitlines()[0], argv, check_correctness,
+                                         "pallas vs reference (fwd + grads)")
     sparse = fwd_bwd(lambda q, k, v: infllm_attention(q, k, v, impl="pallas", **SETTINGS))
     rows = ["| length | keys kept per query (at most) | InfLLM pallas fwd+bwd ms | dense fwd+bwd ms | dense / InfLLM |",
             "|---|---|---|---|---|"]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import jaxeff  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import bench, max_relative_error, normal, run, shapes, target_device, write_section  # noqa: E402
+from common import bench, gpu_script_start, max_relative_error, normal, run, shapes, write_section  # noqa: E402
 from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
 
 G = 128
@@ -37,12 +36,7 @@ def check_correctness() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", default=None, metavar="MARKDOWN")
-    args = parser.parse_args(argv)
-    device = target_device()
-    err = check_correctness()
-    print(f"device: {device.device_kind}; pallas vs reference max relative error {err:.2e}", flush=True)
+    args, device, err = gpu_script_start(__doc__.splitlines()[0], argv, check_correctness)
     rows = ["| tokens x in -> out | bf16 matmul ms | W8A8 pallas ms | W6A8 pallas ms | W8A8 xla ms "
             "| bf16 / W8A8 pallas |",
             "|---|---|---|---|---|---|"]

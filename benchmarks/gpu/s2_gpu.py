@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import jaxeff  # noqa: E402,F401
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import (bench, bench_softmax, fwd_bwd, max_relative_error, normal, run, shapes, target_device,  # noqa: E402
-                    write_section)
+from common import (attention_pallas_error, bench, bench_softmax, fwd_bwd, gpu_script_start, normal,  # noqa: E402
+                    shapes, write_section)
 from pallas_kernels.s2_attention import s2_attention  # noqa: E402
 
 HQ, HKV, D, BLOCK, LOCAL, STRIDE = 32, 8, 128, 64, 16, 8
@@ -31,26 +30,12 @@ LENGTHS = [8192, 16384, 32768, 65536, 131072]
 
 
 def check_correctness() -> float:
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = normal(keys[0], (2, 1000, 8, 64), jnp.float32)
-    k, v = (normal(kk, (2, 1000, 2, 64), jnp.float32) for kk in keys[1:3])
-    ct = normal(keys[3], q.shape)
-    kw = {"block_size": 64, "local_blocks": 2, "vert_stride": 4}
-
-    def loss(impl):
-        return jax.value_and_grad(lambda q, k, v: jnp.sum(s2_attention(q, k, v, impl=impl, **kw) * ct),
-                                  argnums=(0, 1, 2))
-
-    return max_relative_error(run(loss("reference"), q, k, v), run(loss("pallas"), q, k, v))
+    return attention_pallas_error(s2_attention, block_size=64, local_blocks=2, vert_stride=4)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", default=None, metavar="MARKDOWN")
-    args = parser.parse_args(argv)
-    device = target_device()
-    err = check_correctness()
-    print(f"device: {device.device_kind}; pallas vs reference (fwd + grads) max relative error {err:.2e}", flush=True)
+    args, device, err = gpu_script_start(__doc__.splitlines()[0], argv, check_correctness,
+                                         "pallas vs reference (fwd + grads)")
     s2 = fwd_bwd(lambda q, k, v: s2_attention(q, k, v, block_size=BLOCK, local_blocks=LOCAL, vert_stride=STRIDE,
                                               impl="pallas"))
     rows = ["| length | S2 pallas fwd+bwd ms | dense fwd+bwd ms | dense / S2 |", "|---|---|---|---|"]

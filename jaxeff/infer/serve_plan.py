@@ -21,7 +21,6 @@ import math
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +29,7 @@ from jaxeff.config import ConfigError
 from jaxeff.models.decoding import decode_caches
 from jaxeff.models.flexq import DEFAULT_A8_LAYERS, SCHEMES, input_axes, quantized_names
 from jaxeff.models.flexq_forward import CodedServing
+from jaxeff.models.params import abstract_params
 from jaxeff.parallel.hardware import HEADROOM, CompileFailed, Target, compile_only_devices, get_target
 from pallas_kernels.quant_matmul import serving_shapes
 
@@ -157,8 +157,7 @@ def make_serve_plan(cfg, target_name: str, scheme: str, *, batch: int = 1, conte
     device = compile_only_devices(target)[0]  # serving one model on one chip, whatever the slice
     task = build_task(cfg, device.platform, with_data=False)
     model = task.build_inference_model(cfg, task.meta, device.platform)
-    abstract = nn.meta.unbox(jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros(task.init_input.shape, task.init_input.dtype)))["params"])
+    abstract = abstract_params(model, task.init_input, jax.sharding.SingleDeviceSharding(device))
     params, bits_of = serving_params(abstract, scheme, group_size,
                                      DEFAULT_A8_LAYERS if a8_layers is None else a8_layers, cfg.model.d_model)
     served = CodedServing(model, bits_of, group_size) if bits_of else model

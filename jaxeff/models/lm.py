@@ -13,7 +13,7 @@ import jaxeff.layers  # noqa: F401  (registers the built-in mixers)
 from jaxeff.config import ConfigError, ModelConfig
 from jaxeff.layers.common import normal_init
 from jaxeff.layers.norms import NORMS
-from jaxeff.layers.registry import channel_mixer_for_layer, token_mixer_for_layer
+from jaxeff.layers.registry import channel_mixer_for_layer, specs_in_use, token_mixer_for_layer
 from jaxeff.models.parscale import (StreamAggregate, aggregate_flops_per_token, learned_start_cache, repeat_streams,
                                     start_flops_per_token)
 from jaxeff.parallel.sharding import sequence_shards, with_logical_constraint
@@ -220,9 +220,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, platform: str | None = None) 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
     """The config a model that decodes is built from: each channel mixer's `for_decoding` applied (MoE: dropless),
     so that a call over several tokens gives each token what one-token calls give it."""
-    for spec in {channel_mixer_for_layer(cfg, i).name: channel_mixer_for_layer(cfg, i)
-                 for i in range(cfg.n_layers)}.values():
-        if spec.for_decoding is not None:
+    for spec in specs_in_use(cfg):
+        if getattr(spec, "for_decoding", None) is not None:  # a channel mixer's hook
             cfg = spec.for_decoding(cfg)
     return cfg
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,11 +41,10 @@ def serving_layout(w_codes_IO, w_scales_gO, group_size: int):
     """Codes and scales padded once, when a model is loaded, with zero rows to whole groups and zero columns to a
     multiple of SERVING_LANES: each call then views the codes group-major with a reshape instead of padding (a copy
     of W per matmul, per decoded token). quant_matmul on this layout returns the padded columns too (zeros): slice
-    them off. NumPy in, NumPy out (jax arrays: jnp)."""
-    xp = jnp if isinstance(w_codes_IO, jax.Array) else np
+    them off. On the host (NumPy), once."""
     (rows, cols), _ = serving_shapes(*w_codes_IO.shape, group_size)
-    codes = xp.pad(w_codes_IO, ((0, rows - w_codes_IO.shape[0]), (0, cols - w_codes_IO.shape[1])))
-    return codes, xp.pad(w_scales_gO, ((0, 0), (0, cols - w_scales_gO.shape[1])))
+    codes = np.pad(np.asarray(w_codes_IO), ((0, rows - w_codes_IO.shape[0]), (0, cols - w_codes_IO.shape[1])))
+    return codes, np.pad(np.asarray(w_scales_gO), ((0, 0), (0, cols - w_scales_gO.shape[1])))
 
 
 def kernel_fits(group_size: int) -> bool:
